@@ -1,0 +1,155 @@
+"""The configuration tree every mode reads, and the named architectures of the paper.
+
+Config files in `configs/` call `make_config(arch)` and override what they need; every field can be
+overridden from the command line as `--config.section.field=value`. Sections:
+
+  model    ArchSpec fields (archscale.arch.ArchSpec)
+  compute  how the model runs: dtype, param_dtype, scan_layers, remat, attention
+  data     corpus, tokenizer and windows          train    optimiser, schedule, checkpoints
+  mesh     device mesh axis sizes (-1 = the rest) bench    decode-latency harness
+  fit      scaling-law fitter                     search   Algorithm 1
+  sweep    grid of architectures per scale        distributed  multi-host initialisation
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+
+# Table 1 of the paper (DESIGN.md section 4) plus a tiny CPU demo. Values are ArchSpec fields.
+_LLAMA = dict(vocab_size=128256, tie_embeddings=True, rope_theta=500000.0, rope_scaling="llama3",
+              norm_eps=1e-5, max_seq_len=131072)
+ARCHS: dict[str, dict] = {
+    "llama3_2_1b": dict(_LLAMA, d_model=2048, d_ff=8192, n_layers=16, n_heads=32, n_kv_heads=8,
+                        d_head=64),
+    "panda_1b": dict(_LLAMA, d_model=2560, d_ff=4096, n_layers=16, n_heads=72, n_kv_heads=18,
+                     d_head=64),
+    "surefire_1b": dict(_LLAMA, d_model=2560, d_ff=6144, n_layers=16, n_heads=36, n_kv_heads=4,
+                        d_head=64),
+    "llama3_2_3b": dict(_LLAMA, d_model=3072, d_ff=8192, n_layers=28, n_heads=24, n_kv_heads=8,
+                        d_head=128),
+    "panda_3b": dict(_LLAMA, d_model=4096, d_ff=4096, n_layers=28, n_heads=36, n_kv_heads=12,
+                     d_head=128),
+    "surefire_3b": dict(_LLAMA, d_model=4096, d_ff=4096, n_layers=28, n_heads=42, n_kv_heads=6,
+                        d_head=128),
+    "demo": dict(d_model=64, d_ff=256, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16,
+                 vocab_size=256, tie_embeddings=True, rope_theta=10000.0, rope_scaling="none",
+                 norm_eps=1e-5, max_seq_len=512),
+}
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
+  """The full default configuration for one named architecture."""
+  if arch not in ARCHS:
+    raise ValueError(f"arch={arch!r} is not a known architecture; choose one of {sorted(ARCHS)}")
+  c = ml_collections.ConfigDict()
+  c.name = arch
+  c.mode = "describe"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(ARCHS[arch]))
+
+  c.compute = ml_collections.ConfigDict(dict(
+      dtype="float32",          # activations / matmul inputs: float32 | bfloat16
+      param_dtype="float32",    # stored parameters and optimiser state
+      scan_layers=True,         # nn.scan over layers: compile time flat in depth
+      remat="none",             # none | full | dots | dots_no_batch (archscale.model.REMAT_POLICIES)
+      attention="xla",          # xla | dpa | cudnn (archscale.model.ATTENTION_IMPLS)
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="",                # raw text: files, folders, .jsonl[.gz]; "kjv" = bundled demo corpus
+      text_field="text",        # JSONL field holding the document text
+      path="",                  # prepared token shards (output of --mode=prepare_data)
+      tokenizer="byte",         # byte | bpe (trained on the corpus) | path to a tokenizer.json
+      bpe_vocab_size=1024,
+      eval_fraction=0.01,       # held-out share of documents
+      seq_len=128,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=200,
+      global_batch_size=16,
+      grad_accum=1,
+      lr=3e-3,
+      min_lr_ratio=0.1,
+      warmup_steps=20,
+      schedule="cosine",        # cosine | wsd | constant
+      decay_fraction=0.2,       # wsd: share of steps spent decaying
+      weight_decay=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      grad_clip=1.0,
+      z_loss=0.0,
+      log_every=10,
+      eval_every=100,
+      eval_batches=4,
+      checkpoint_every=100,
+      keep_checkpoints=2,
+      tensorboard=False,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="", num_processes=0, process_id=-1, initialize="auto"))
+
+  c.bench = ml_collections.ConfigDict(dict(
+      archs=arch,               # comma-separated architecture names (archscale.config_lib.ARCHS)
+      batch_sizes=(1, 16, 64),
+      input_len=4096,
+      output_len=1024,
+      repeats=5,
+      dtype="bfloat16",
+  ))
+
+  c.fit = ml_collections.ConfigDict(dict(
+      results="",               # results table, JSONL or CSV
+      form="multiplicative",    # multiplicative | additive | joint | chinchilla
+      l_opt="chinchilla",       # chinchilla | empirical
+      r_range=(0.5, 5.0),
+  ))
+
+  c.search = ml_collections.ConfigDict(dict(
+      law="",                   # fit.json (hand-written coefficients accepted)
+      n_nonembed=0,             # 0: the N of the config's model
+      tokens=0,                 # 0: 100 x N
+      n_layers=0,               # 0: the config's model
+      d_head=0,
+      target="baseline:llama3_2_1b",
+      throughput="model:a100-40gb",
+      batch_size=16,
+      input_len=4096,
+      output_len=1024,
+  ))
+
+  c.sweep = ml_collections.ConfigDict()
+  return c
+
+
+def arch_config(name: str) -> dict:
+  """ArchSpec fields for `name`: a known architecture or a path to a config file."""
+  if name in ARCHS:
+    return dict(ARCHS[name])
+  path = pathlib.Path(name)
+  if not path.suffix:
+    path = CONFIG_DIR / f"{name}.py"
+  if not path.exists():
+    raise ValueError(
+        f"architecture {name!r} is neither a known name ({sorted(ARCHS)}) nor a config file")
+  return load_config_file(path).model.to_dict()
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Runs a config file's `get_config()`, as `--config=path` does."""
+  import importlib.util
+
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"archscale_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

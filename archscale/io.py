@@ -1,0 +1,123 @@
+"""Small, safe file helpers shared by every stage: atomic JSON, append-only JSONL, provenance."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import time
+from typing import Any, Iterator
+
+PathLike = str | os.PathLike
+
+
+def write_json_atomic(path: PathLike, obj: Any, indent: int = 2) -> None:
+  """Writes JSON to a temporary file and renames it over `path`, so readers never see half a file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=indent, default=_json_default)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+  """Atomically replaces `path` with `text`."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def append_jsonl(path: PathLike, row: dict[str, Any]) -> None:
+  """Appends one row as a single write under an exclusive lock.
+
+  Concurrent writers never interleave, and a crash can at worst leave a torn final line, which
+  `read_jsonl` skips; rows already in the file are never touched.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  line = (json.dumps(row, default=_json_default) + "\n").encode("utf-8")
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    # A torn last line from an earlier crash must not swallow this row: start on a fresh line.
+    size = os.fstat(fd).st_size
+    if size:
+      with open(path, "rb") as f:
+        f.seek(size - 1)
+        if f.read(1) != b"\n":
+          line = b"\n" + line
+    os.write(fd, line)
+    os.fsync(fd)
+  finally:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def read_jsonl(path: PathLike) -> Iterator[dict[str, Any]]:
+  """Yields the well-formed rows of a JSONL file, skipping blank or torn lines."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict):
+        yield row
+
+
+def code_revision() -> str | None:
+  """The git commit of the archscale checkout (with `+dirty` when modified), or None."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+  try:
+    rev = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+        timeout=5, check=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+        text=True, timeout=5, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return rev + ("+dirty" if dirty else "")
+
+
+def provenance(config: Any = None) -> dict[str, Any]:
+  """Where a result came from: code revision, host, device, time and (optionally) the config."""
+  import jax  # Imported lazily: provenance is also written by jax-free tools.
+
+  devices = jax.devices()
+  out = {
+      "code_revision": code_revision(),
+      "host": socket.gethostname(),
+      "device_kind": devices[0].device_kind,
+      "platform": devices[0].platform,
+      "device_count": jax.device_count(),
+      "process_count": jax.process_count(),
+      "jax_version": jax.__version__,
+      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+  }
+  if config is not None:
+    out["config"] = config.to_dict() if hasattr(config, "to_dict") else config
+  return out
+
+
+def _json_default(obj: Any) -> Any:
+  if hasattr(obj, "tolist"):
+    return obj.tolist()
+  if isinstance(obj, pathlib.Path):
+    return str(obj)
+  raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,42 @@
+"""archscale command line: `python -m archscale.main --config=configs/X.py --mode=MODE --workdir=DIR`."""
+
+import importlib
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# mode -> "module:function"; each function takes (config, workdir) and does the whole job.
+MODES = {
+    "describe": "archscale.arch:run_describe",
+    "prepare_data": "archscale.data:run_prepare_data",
+    "train": "archscale.train:run_train",
+    "decode_bench": "archscale.decode:run_decode_bench",
+    "sweep": "archscale.sweep:run_sweep",
+    "fit": "archscale.law:run_fit",
+    "search": "archscale.search:run_search",
+    "pipeline": "archscale.pipeline:run_pipeline",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_MODE = flags.DEFINE_enum("mode", None, list(MODES), "What to run (default: the config's `mode`).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
+  mode = _MODE.value or config.mode
+  if mode not in MODES:
+    raise app.UsageError(f"mode {mode!r} is unknown; choose one of {sorted(MODES)}")
+  workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / config.name)
+  logging.info("archscale: mode=%s workdir=%s", mode, workdir)
+  module_name, fn_name = MODES[mode].split(":")
+  getattr(importlib.import_module(module_name), fn_name)(config, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

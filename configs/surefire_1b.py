@@ -1,0 +1,7 @@
+"""surefire_1b: the paper's Table 1 architecture (DESIGN.md section 4)."""
+
+from archscale import config_lib
+
+
+def get_config():
+  return config_lib.make_config("surefire_1b")

