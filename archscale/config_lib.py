@@ -56,7 +56,7 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
       dtype="float32",          # activations / matmul inputs: float32 | bfloat16
       param_dtype="float32",    # stored parameters and optimiser state
       scan_layers=True,         # nn.scan over layers: compile time flat in depth
-      remat="none",             # none | full | dots | dots_no_batch (archscale.model.REMAT_POLICIES)
+      remat="none",             # none | full | dots | dots_no_batch (model.REMAT_POLICIES)
       attention="xla",          # xla | dpa | cudnn (archscale.model.ATTENTION_IMPLS)
   ))
 

@@ -9,13 +9,14 @@ import pathlib
 import socket
 import subprocess
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 PathLike = str | os.PathLike
 
 
 def write_json_atomic(path: PathLike, obj: Any, indent: int = 2) -> None:
-  """Writes JSON to a temporary file and renames it over `path`, so readers never see half a file."""
+  """Writes JSON to a temporary file and renames it over `path`: readers never see half a file."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")

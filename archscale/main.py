@@ -1,4 +1,4 @@
-"""archscale command line: `python -m archscale.main --config=configs/X.py --mode=MODE --workdir=DIR`."""
+"""archscale command line: `python -m archscale.main --config=configs/X.py --mode=MODE`."""
 
 import importlib
 import pathlib

@@ -1,0 +1,377 @@
+"""A LLaMA-3.2-style decoder in Flax Linen, sized by an ArchSpec.
+
+RMSNorm, rotary embeddings (with LLaMA-3 frequency scaling), grouped-query attention whose width
+n_heads * d_head is independent of d_model, SwiGLU, no biases, tied or untied LM head. Layers run
+under `nn.scan` (or a Python loop) with an optional remat policy. Every parameter and activation
+carries logical axis names; `archscale.sharding` maps them onto a device mesh.
+
+The KV cache is an explicit pytree (`KVCache`) passed in and returned, never a mutable collection:
+
+  model = Transformer(spec, ModelOptions())
+  params = init_params(model, jax.random.key(0))
+  logits_BTV = forward(model, params, tokens_BT)
+  logits_BTV, cache = prefill(model, params, prompt_BT, max_len=1024)
+  logits_BV, cache = decode_step(model, params, cache, next_token_B)
+
+Shape suffixes: B batch, T query positions, S cached (key) positions, D d_model, N query heads,
+K KV heads, G query heads per KV head, H d_head, F d_ff, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from archscale.arch import ArchSpec
+
+ATTENTION_IMPLS = ("xla", "dpa", "cudnn")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+_INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """How the model runs (not what it is): numerics, layer stacking, remat and attention kernel.
+
+  attention: "xla" is the reference einsum path; "dpa" calls `jax.nn.dot_product_attention` and
+  lets JAX choose the kernel; "cudnn" forces cuDNN flash attention (GPU only).
+  """
+
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+  attention: str = "xla"
+
+  def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      if value not in DTYPES:
+        raise ValueError(f"compute.{name} must be one of {sorted(DTYPES)}, got {value!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"compute.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(
+          f"compute.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+
+  @classmethod
+  def from_config(cls, config: Any) -> ModelOptions:
+    """Options from `config.compute`."""
+    return cls(**config.compute.to_dict())
+
+  @property
+  def jnp_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return DTYPES[self.param_dtype]
+
+
+class KVCache(NamedTuple):
+  """Keys and values for every layer, preallocated to `max_len`; `end` = positions filled."""
+
+  k_LBSKH: jax.Array
+  v_LBSKH: jax.Array
+  end: jax.Array  # int32 scalar
+
+  @property
+  def max_len(self) -> int:
+    return self.k_LBSKH.shape[2]
+
+
+def init_cache(spec: ArchSpec, batch_size: int, max_len: int, dtype: Any = jnp.bfloat16) -> KVCache:
+  """An empty cache for `batch_size` sequences of up to `max_len` positions."""
+  if max_len > spec.max_seq_len:
+    raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={spec.max_seq_len}")
+  shape = (spec.n_layers, batch_size, max_len, spec.n_kv_heads, spec.d_head)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+# ----------------------------------------------------------------------------------- pieces
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+           init: Any, options: ModelOptions) -> jax.Array:
+  """A parameter with logical axis names, cast to the compute dtype."""
+  value = module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                       options.jnp_param_dtype)
+  return jnp.asarray(value, options.jnp_dtype)
+
+
+def _normal(std: float):
+  return nn.initializers.truncated_normal(stddev=std)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm with a learned scale, computed in float32."""
+
+  eps: float
+  options: ModelOptions
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                         (x_BTD.shape[-1],), self.options.jnp_param_dtype)
+    x32_BTD = x_BTD.astype(jnp.float32)
+    y_BTD = x32_BTD * jax.lax.rsqrt(jnp.mean(x32_BTD**2, axis=-1, keepdims=True) + self.eps)
+    return (y_BTD * scale_D.astype(jnp.float32)).astype(self.options.jnp_dtype)
+
+
+def rope_inv_frequencies(spec: ArchSpec) -> jax.Array:
+  """Rotary inverse frequencies [H/2], with LLaMA-3's long-context rescaling when asked for.
+
+  llama3 scaling (factor 32, low/high frequency factors 1 and 4, original context 8192) divides
+  low frequencies by the factor, keeps high ones, and interpolates smoothly in between.
+  """
+  inv_freq = 1.0 / (spec.rope_theta ** (jnp.arange(0, spec.d_head, 2, dtype=jnp.float32)
+                                        / spec.d_head))
+  if spec.rope_scaling == "none":
+    return inv_freq
+  factor, low_freq_factor, high_freq_factor, original_context = 32.0, 1.0, 4.0, 8192.0
+  wavelen = 2 * math.pi / inv_freq
+  low_freq_wavelen = original_context / low_freq_factor
+  high_freq_wavelen = original_context / high_freq_factor
+  smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  in_between = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(in_between, interpolated, scaled)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates pairs (i, i + H/2) of each head by position-dependent angles (LLaMA convention)."""
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  sin_BT1h = jnp.sin(angles_BTh)[:, :, None, :]
+  cos_BT1h = jnp.cos(angles_BTh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], -1)
+  return rotated.astype(x_BTNH.dtype)
+
+
+def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
+  """Reference grouped-query attention: softmax(q k^T / sqrt(H)) v, scores in float32."""
+  b, t, n, h = q_BTNH.shape
+  k = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32) / math.sqrt(h)
+  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with rotary positions and an optional KV cache."""
+
+  spec: ArchSpec
+  options: ModelOptions
+  decode: bool = False  # True: attend over the cache; False: over this call's own tokens
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, end, cache_k_BSKH=None, cache_v_BSKH=None):
+    s, o = self.spec, self.options
+    d, n, k, h = s.d_model, s.n_heads, s.n_kv_heads, s.d_head
+    init = _normal(_INIT_STD)
+    out_init = _normal(_INIT_STD / math.sqrt(2 * s.n_layers))
+    wq_DNH = _param(self, "q", (d, n, h), ("embed", "q_heads", "head_dim"), init, o)
+    wk_DKH = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), init, o)
+    wv_DKH = _param(self, "v", (d, k, h), ("embed", "kv_heads", "head_dim"), init, o)
+    wo_NHD = _param(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), out_init, o)
+
+    inv_freq = rope_inv_frequencies(s)
+    q_BTNH = apply_rope(jnp.einsum("btd,dnh->btnh", x_BTD, wq_DNH), positions_BT, inv_freq)
+    k_BTKH = apply_rope(jnp.einsum("btd,dkh->btkh", x_BTD, wk_DKH), positions_BT, inv_freq)
+    v_BTKH = jnp.einsum("btd,dkh->btkh", x_BTD, wv_DKH)
+    q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "seq", "q_heads", "head_dim"))
+    k_BTKH = nn.with_logical_constraint(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
+    v_BTKH = nn.with_logical_constraint(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
+
+    if cache_k_BSKH is not None:  # Write this call's keys and values at positions [end, end+T).
+      cache_k_BSKH = jax.lax.dynamic_update_slice_in_dim(
+          cache_k_BSKH, k_BTKH.astype(cache_k_BSKH.dtype), end, axis=1)
+      cache_v_BSKH = jax.lax.dynamic_update_slice_in_dim(
+          cache_v_BSKH, v_BTKH.astype(cache_v_BSKH.dtype), end, axis=1)
+
+    if self.decode:
+      keys_BSKH = cache_k_BSKH.astype(q_BTNH.dtype)
+      values_BSKH = cache_v_BSKH.astype(q_BTNH.dtype)
+      key_pos_S = jnp.arange(keys_BSKH.shape[1])
+    else:
+      keys_BSKH, values_BSKH, key_pos_S = k_BTKH, v_BTKH, positions_BT[0]
+    out_BTNH = self._attend(q_BTNH, keys_BSKH, values_BSKH, positions_BT, key_pos_S, end)
+    out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "seq", "q_heads", "head_dim"))
+    y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD)
+    return y_BTD, (cache_k_BSKH, cache_v_BSKH)
+
+  def _attend(self, q_BTNH, k_BSKH, v_BSKH, positions_BT, key_pos_S, end):
+    t = q_BTNH.shape[1]
+    if self.options.attention != "xla" and not self.decode:
+      impl = "cudnn" if self.options.attention == "cudnn" else None
+      return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
+                                          implementation=impl)
+    if self.options.attention != "xla" and t == 1:
+      impl = "cudnn" if self.options.attention == "cudnn" else None
+      lengths_B = jnp.full((q_BTNH.shape[0],), end + 1, jnp.int32)
+      return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, key_value_seq_lengths=lengths_B,
+                                          implementation=impl)
+    mask_BTS = key_pos_S[None, None, :] <= positions_BT[:, :, None]
+    return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  spec: ArchSpec
+  options: ModelOptions
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    s, o = self.spec, self.options
+    init = _normal(_INIT_STD)
+    w_gate_DF = _param(self, "gate", (s.d_model, s.d_ff), ("embed", "mlp"), init, o)
+    w_up_DF = _param(self, "up", (s.d_model, s.d_ff), ("embed", "mlp"), init, o)
+    w_down_FD = _param(self, "down", (s.d_ff, s.d_model), ("mlp", "embed"),
+                       _normal(_INIT_STD / math.sqrt(2 * s.n_layers)), o)
+    h_BTF = jax.nn.silu(x_BTD @ w_gate_DF) * (x_BTD @ w_up_DF)
+    h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "seq", "mlp"))
+    return h_BTF @ w_down_FD
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+  spec: ArchSpec
+  options: ModelOptions
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, end, layer_cache):
+    cache_k, cache_v = layer_cache if layer_cache is not None else (None, None)
+    attn_out_BTD, new_cache = Attention(self.spec, self.options, self.decode, name="attn")(
+        RMSNorm(self.spec.norm_eps, self.options, name="attn_norm")(x_BTD),
+        positions_BT, end, cache_k, cache_v)
+    x_BTD = x_BTD + attn_out_BTD
+    x_BTD = x_BTD + MLP(self.spec, self.options, name="mlp")(
+        RMSNorm(self.spec.norm_eps, self.options, name="mlp_norm")(x_BTD))
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
+    return x_BTD, (new_cache if layer_cache is not None else None)
+
+
+class Transformer(nn.Module):
+  """The decoder. Returns float32 logits and, when a cache is given, the updated cache."""
+
+  spec: ArchSpec
+  options: ModelOptions = ModelOptions()
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens_BT: jax.Array, cache: KVCache | None = None):
+    s, o = self.spec, self.options
+    t = tokens_BT.shape[1]
+    if t > s.max_seq_len:
+      raise ValueError(f"sequence length {t} exceeds model.max_seq_len={s.max_seq_len}")
+    if self.decode and cache is None:
+      raise ValueError("a decoding Transformer needs a KV cache")
+    end = cache.end if cache is not None else jnp.zeros((), jnp.int32)
+    positions_BT = jnp.broadcast_to(end + jnp.arange(t, dtype=jnp.int32), tokens_BT.shape)
+
+    embedding_VD = self.param(
+        "embedding", nn.with_logical_partitioning(_normal(_INIT_STD), ("vocab", "embed")),
+        (s.vocab_size, s.d_model), o.jnp_param_dtype)
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(o.jnp_dtype)
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
+
+    layer_caches = (cache.k_LBSKH, cache.v_LBSKH) if cache is not None else None
+    block = Block
+    if o.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[o.remat], prevent_cse=not o.scan_layers)
+    if o.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, 0), length=s.n_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, new_caches = stack(s, o, self.decode, name="layers")(
+          x_BTD, positions_BT, end, layer_caches)
+    else:
+      outs = []
+      for i in range(s.n_layers):
+        layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
+        x_BTD, out = block(s, o, self.decode, name=f"layers_{i}")(
+            x_BTD, positions_BT, end, layer_cache)
+        outs.append(out)
+      new_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    x_BTD = RMSNorm(s.norm_eps, o, name="final_norm")(x_BTD)
+    if s.tie_embeddings:
+      head_DV = embedding_VD.astype(o.jnp_dtype).T
+    else:
+      head_DV = _param(self, "lm_head", (s.d_model, s.vocab_size), ("embed", "vocab"),
+                       _normal(_INIT_STD), o)
+    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV, preferred_element_type=jnp.float32)
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
+    if cache is None:
+      return logits_BTV, None
+    return logits_BTV, KVCache(new_caches[0], new_caches[1], end + t)
+
+
+# ------------------------------------------------------------------------------- functional API
+
+
+def init_params(model: Transformer, rng: jax.Array) -> dict:
+  """Initialised parameters (plain arrays, logical-axis boxes removed)."""
+  return nn.unbox(init_boxed(model, rng))
+
+
+def init_boxed(model: Transformer, rng: jax.Array) -> dict:
+  """Initialised parameters still wrapped in `nn.LogicallyPartitioned` (for sharding)."""
+  tokens_BT = jnp.zeros((1, 1), jnp.int32)
+  return model.init(rng, tokens_BT)["params"]
+
+
+def logical_axes(model: Transformer) -> dict:
+  """A pytree like the params holding each parameter's logical axis names (a PartitionSpec)."""
+  boxed = jax.eval_shape(lambda: init_boxed(model, jax.random.key(0)))
+  return nn.get_partition_spec(boxed)
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter pytree."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+def forward(model: Transformer, params: dict, tokens_BT: jax.Array) -> jax.Array:
+  """Logits [B, T, V] of a full causal forward pass (training and evaluation)."""
+  logits_BTV, _ = model.apply({"params": params}, tokens_BT)
+  return logits_BTV
+
+
+def prefill(model: Transformer, params: dict, tokens_BT: jax.Array, max_len: int | None = None,
+            cache_dtype: Any = None) -> tuple[jax.Array, KVCache]:
+  """Runs the prompt, returning its logits [B, T, V] and a cache with room for `max_len`."""
+  b, t = tokens_BT.shape
+  max_len = max_len or model.spec.max_seq_len
+  if max_len < t:
+    raise ValueError(f"max_len={max_len} is shorter than the prompt ({t} tokens)")
+  cache = init_cache(model.spec, b, max_len, cache_dtype or model.options.jnp_dtype)
+  return model.clone(decode=False).apply({"params": params}, tokens_BT, cache)
+
+
+def decode_step(model: Transformer, params: dict, cache: KVCache,
+                tokens_B: jax.Array) -> tuple[jax.Array, KVCache]:
+  """Feeds one token per sequence; returns next-token logits [B, V] and the updated cache."""
+  logits_B1V, cache = model.clone(decode=True).apply(
+      {"params": params}, tokens_B[:, None], cache)
+  return logits_B1V[:, 0], cache
