@@ -63,8 +63,10 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="",                # raw text: files, folders, .jsonl[.gz]; "kjv" = bundled demo corpus
       text_field="text",        # JSONL field holding the document text
+      text_docs="file",         # documents of plain text files: file | paragraph | line
       path="",                  # prepared token shards (output of --mode=prepare_data)
       tokenizer="byte",         # byte | bpe (trained on the corpus) | path to a tokenizer.json
+      eos_token="",             # tokenizer.json: token ending a document ("" = usual names)
       bpe_vocab_size=1024,
       eval_fraction=0.01,       # held-out share of documents
       seq_len=128,
