@@ -432,7 +432,8 @@ def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
   never leaves something that looks complete. Metadata keys: format, recipe (what decides the
   content; compared for idempotency), source, source_files, tokenizer ("byte" | "bpe" | "hf"),
   tokenizer_file, eos_token, vocab_size, eos_id, dtype, tokens and docs ({"train", "eval"}
-  counts; tokens include one EOS per document), seconds, created, code_revision.
+  counts; tokens include one EOS per document), seconds, created, code_revision; the returned
+  dict, like `dataset_info`'s, also has "path".
   """
   out_dir = pathlib.Path(out_dir).expanduser()
   files = _resolve_inputs(source)
@@ -500,7 +501,7 @@ def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
                out_dir, metadata["docs"]["train"], metadata["docs"]["eval"],
                metadata["tokens"]["train"], metadata["tokens"]["eval"], metadata["vocab_size"],
                time.time() - start)
-  return metadata
+  return dict(metadata, path=str(out_dir))
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:

@@ -129,6 +129,25 @@ def test_hf_tokenizer_eos_is_detected_or_configured(tmp_path):
     data.load_tokenizer(str(path), eos_token="<|nope|>")
 
 
+def test_large_vocab_tokenizer_writes_uint32(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  # Word-level, 70k ids with EOS at the top, laid out like LLaMA-3's (ids past 65535).
+  vocab = {f"w{i}": i for i in range(70_000)} | {"<unk>": 70_000, "<|end_of_text|>": 70_001}
+  hf = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  hf.save(str(tmp_path / "tokenizer.json"))
+  texts = [" ".join(f"w{69_990 + (i * j) % 10}" for j in range(20)) for i in range(10)]
+  _write_jsonl(tmp_path / "c.jsonl", texts)
+  info = data.prepare(str(tmp_path / "c.jsonl"), tmp_path / "ds", str(tmp_path / "tokenizer.json"),
+                      eval_fraction=0.2)
+  assert (info["dtype"], info["vocab_size"], info["eos_id"]) == ("uint32", 70_002, 70_001)
+  stream = _stream(tmp_path / "ds", "train")
+  assert stream.max() == 70_001 and stream.min() >= 69_990
+  rows = data.Batches(tmp_path / "ds", "train", seq_len=8, global_batch_size=2, seed=0)(0)
+  assert rows.min() >= 69_990
+
+
 # ---------------------------------------------------------------------------- sources and splits
 
 
@@ -277,7 +296,7 @@ def test_prepare_is_idempotent_and_refuses_to_mix_datasets(tmp_path):
   first = data.prepare(str(tmp_path / "c.jsonl"), out, eval_fraction=0.2)
   stamp = (out / "train.bin").stat().st_mtime_ns
   second = data.prepare(str(tmp_path / "c.jsonl"), out, eval_fraction=0.2)
-  assert {k: v for k, v in second.items() if k != "path"} == first
+  assert second == first and first["path"] == str(out)
   assert (out / "train.bin").stat().st_mtime_ns == stamp
   with pytest.raises(ValueError, match=r"data.path.*eval_fraction"):
     data.prepare(str(tmp_path / "c.jsonl"), out, eval_fraction=0.3)
