@@ -1,0 +1,6 @@
+"""Shared test setup: CPU only, quiet logs, deterministic XLA."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
