@@ -92,11 +92,15 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
       eval_batches=4,
       checkpoint_every=100,
       keep_checkpoints=2,
+      async_checkpoint=True,    # write checkpoints in the background
       tensorboard=False,
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axis sizes (-1 = the rest); rules: overrides of archscale.sharding.LOGICAL_RULES as
+  # "logical=axis[+axis],...", e.g. "embed=,mlp=fsdp+tensor" (empty right side: replicated).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=""))
 
+  # initialize: auto (when a launcher or coordinator_address says so) | always | never
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=0, process_id=-1, initialize="auto"))
 
