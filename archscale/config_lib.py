@@ -121,19 +121,50 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   ))
 
   c.search = ml_collections.ConfigDict(dict(
-      law="",                   # fit.json (hand-written coefficients accepted)
-      n_nonembed=0,             # 0: the N of the config's model
+      law="",                   # fit.json (hand-written coefficients accepted); "" = fit one
+      results="",               # results table to fit when `law` is empty ("" = fit.results)
+      n_nonembed=0,             # 0: the baseline's N (target "baseline:..."), else the model's
       tokens=0,                 # 0: 100 x N
-      n_layers=0,               # 0: the config's model
-      d_head=0,
-      target="baseline:llama3_2_1b",
-      throughput="model:a100-40gb",
+      n_layers=0,               # 0: the baseline's (else the model's) depth
+      d_head=0,                 # 0: the baseline's (else the model's) head size
+      target="baseline:llama3_2_1b",  # a loss, or "baseline:<arch or config>" (its prediction)
+      throughput="model:a100-40gb",   # model:<accelerator> (costmodel.ACCELERATORS) | measure
+      calibration="",           # costmodel calibration JSON ("" = WORKDIR/calibration.json if any)
       batch_size=16,
       input_len=4096,
       output_len=1024,
+      dtype_bytes=2,            # bytes per weight / KV element in the cost model
+      d_model_multiple=64,      # d_model candidates are multiples of this
+      d_ff_multiple=256,        # d_ff is rounded to a multiple of this
+      width_range=(0.7, 1.4),   # d_model/sqrt(N) from 0.7 x the lower to 1.4 x the upper of the
+                                # law's optimum and the baseline
+      r_range=(0.5, 5.0),       # r outside the law's fitted range is not extrapolated to
+      n_tolerance=0.05,         # a candidate's N may differ from the budget by this fraction
+      gqa=0,                    # GQA of the enumeration (0: the baseline's, else the model's)
+      patience=2,               # GQA walk: stop after this many steps without a throughput gain
+      top_k=0,                  # GQA walks around the k fastest candidates only (0 = all)
   ))
 
-  c.sweep = ml_collections.ConfigDict()
+  # scales: "N:n_layers:d_head" comma-separated (N as 80e6, 80M, 1.2B, 50k); "" = the model's
+  # N, depth and head size. Each (scale, d_over_sqrt_n, r, gqa) point is built by
+  # ArchSpec.from_budget; points off the budget by more than the tolerances are dropped.
+  c.sweep = ml_collections.ConfigDict(dict(
+      scales="",
+      tokens=0,                 # tokens per run; 0 = tokens_per_param x N
+      tokens_per_param=100.0,   # the paper trains every run on 100 x N tokens
+      d_over_sqrt_n=(0.04, 0.06, 0.08, 0.1, 0.12),
+      r=(0.5, 1.0, 2.0, 3.0, 5.0),
+      gqa=(4,),
+      d_model_multiple=64,
+      d_ff_multiple=256,
+      n_tolerance=0.05,         # largest relative error of the realised N
+      r_tolerance=0.25,         # largest relative error of the realised r
+      launch="local",           # local: train here, one after another | emit: launch_commands.sh
+      isolation="process",      # process: each run in its own Python process | none: in-process
+      loss="eval",              # a row's `loss`: eval (held-out) | train (final train loss)
+      only="",                  # comma-separated run ids: run just these (emitted commands do)
+      retry_failed=True,        # rerun runs whose last attempt failed
+  ))
   return c
 
 
