@@ -10,7 +10,8 @@ The harness measures, per architecture and batch size (random weights, random-to
 
   compile_s            ahead-of-time compile of the generation program
   prefill_s            generate(n_new=0) at the same shapes: prefill + sampling the first token
-  total_s              generate(n_new=output_len) with end-of-sequence ignored (the protocol)
+  total_s              generate(n_new=output_len) with end-of-sequence ignored (the protocol),
+                       after an untimed warm-up prefill and a pass of chunked decode steps
   output_tokens_per_s  batch * output_len / total_s (mean of `repeats` runs, as the paper does)
   step_ms_median/p90   decode steps timed in chunks of k steps: a jitted `fori_loop` of k
                        `decode_step` calls per dispatch, one host sync per chunk, so dispatch
@@ -373,22 +374,22 @@ def _bench_batch(spec, params, options, decode_options, sampler, batch, input_le
                          + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   run = lambda n_new: _timed(program, params, prompt_BT, new_cache(), keys[1], jnp.int32(n_new))
 
-  (tokens_BN, _, cache), _ = run(0)  # Warm-up; the cache and first token to time chunks from.
+  (tokens_BN, _, cache), _ = run(0)  # Warm-up; also gives a cache to compile the chunk with.
   chunk_fn = _decode_chunk_jit.lower(params, cache, tokens_BN[:, 0], spec=spec,
                                      options=decode_options, n_steps=chunk).compile()
   del tokens_BN, cache
-  run(output_len)  # Warm-up of the full generation.
 
   prefill_s, total_s, step_s = [], [], []
-  for _ in range(repeats):
-    prefill_s.append(run(0)[1])
-    total_s.append(run(output_len)[1])
-    (tokens_BN, _, cache), _ = run(0)
+  for repeat in range(repeats):
+    (tokens_BN, _, cache), t = run(0)
+    prefill_s.append(t)
     tok_B = tokens_BN[:, 0]
-    for _ in range(n_chunks):
+    for i in range(n_chunks):  # The first chunk ever run is a warm-up, not a sample.
       (cache, tok_B), t = _timed(chunk_fn, params, cache, tok_B)
-      step_s.append(t / chunk)
+      if repeat or i or n_chunks == 1:
+        step_s.append(t / chunk)
     del tokens_BN, cache, tok_B
+    total_s.append(run(output_len)[1])
 
   _, peak = _device_memory()
   total_mean = float(np.mean(total_s))
