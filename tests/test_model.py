@@ -8,6 +8,12 @@ import pytest
 from archscale import model as M
 from archscale.arch import ArchSpec
 
+# Jitted entry points: compiling once per shape is much cheaper than eager dispatch of each op.
+init_params = jax.jit(M.init_params, static_argnums=0)
+forward = jax.jit(M.forward, static_argnums=0)
+prefill = jax.jit(M.prefill, static_argnums=0, static_argnames=("max_len", "cache_dtype"))
+decode_step = jax.jit(M.decode_step, static_argnums=0)
+
 
 def tiny_spec(**overrides):
   base = dict(d_model=48, n_layers=3, n_heads=4, n_kv_heads=2, d_head=16, d_ff=96,
@@ -50,7 +56,7 @@ def test_param_count_matches_archspec_exactly(spec):
 def test_param_count_unscanned_matches_too():
   spec = tiny_spec(tie_embeddings=False)
   model = M.Transformer(spec, M.ModelOptions(scan_layers=False))
-  assert M.count_params(M.init_params(model, jax.random.key(0))) == spec.params_total
+  assert M.count_params(init_params(model, jax.random.key(0))) == spec.params_total
 
 
 def test_every_parameter_has_logical_axes():
@@ -74,17 +80,17 @@ def test_every_parameter_has_logical_axes():
 def test_prefill_plus_decode_matches_full_forward(n_heads, n_kv_heads, scan):
   spec = tiny_spec(n_heads=n_heads, n_kv_heads=n_kv_heads, d_model=40)  # n_heads*d_head != d_model
   model = M.Transformer(spec, M.ModelOptions(scan_layers=scan))
-  params = M.init_params(model, jax.random.key(1))
+  params = init_params(model, jax.random.key(1))
   tokens_BT = jax.random.randint(jax.random.key(2), (3, 14), 0, spec.vocab_size)
-  full_BTV = M.forward(model, params, tokens_BT)
+  full_BTV = forward(model, params, tokens_BT)
 
   prompt = 9
-  logits_BTV, cache = M.prefill(model, params, tokens_BT[:, :prompt], max_len=20,
+  logits_BTV, cache = prefill(model, params, tokens_BT[:, :prompt], max_len=20,
                                 cache_dtype=jnp.float32)
   assert int(cache.end) == prompt and cache.max_len == 20
   diffs = [float(jnp.abs(logits_BTV - full_BTV[:, :prompt]).max())]
   for t in range(prompt, tokens_BT.shape[1]):
-    logits_BV, cache = M.decode_step(model, params, cache, tokens_BT[:, t])
+    logits_BV, cache = decode_step(model, params, cache, tokens_BT[:, t])
     diffs.append(float(jnp.abs(logits_BV - full_BTV[:, t]).max()))
   assert max(diffs) <= 1e-5
   assert int(cache.end) == tokens_BT.shape[1]
@@ -93,16 +99,16 @@ def test_prefill_plus_decode_matches_full_forward(n_heads, n_kv_heads, scan):
 def test_decode_reads_the_cache():
   spec = tiny_spec()
   model = M.Transformer(spec)
-  params = M.init_params(model, jax.random.key(1))
+  params = init_params(model, jax.random.key(1))
   tokens_BT = jax.random.randint(jax.random.key(2), (2, 6), 0, spec.vocab_size)
-  _, cache = M.prefill(model, params, tokens_BT, max_len=8)
-  logits_BV, _ = M.decode_step(model, params, cache, tokens_BT[:, -1])
+  _, cache = prefill(model, params, tokens_BT, max_len=8)
+  logits_BV, _ = decode_step(model, params, cache, tokens_BT[:, -1])
   corrupted = cache._replace(v_LBSKH=cache.v_LBSKH.at[:, :, 2].add(1.0))
-  logits2_BV, _ = M.decode_step(model, params, corrupted, tokens_BT[:, -1])
+  logits2_BV, _ = decode_step(model, params, corrupted, tokens_BT[:, -1])
   assert float(jnp.abs(logits_BV - logits2_BV).max()) > 1e-4
   # Positions past `end` are masked: garbage there changes nothing.
   padded = cache._replace(k_LBSKH=cache.k_LBSKH.at[:, :, 7].set(50.0))
-  logits3_BV, _ = M.decode_step(model, params, padded, tokens_BT[:, -1])
+  logits3_BV, _ = decode_step(model, params, padded, tokens_BT[:, -1])
   np.testing.assert_allclose(logits_BV, logits3_BV, atol=1e-6)
 
 
@@ -118,10 +124,10 @@ def test_scanned_and_unscanned_agree_for_the_same_weights():
   spec = tiny_spec(tie_embeddings=False)
   unscanned = M.Transformer(spec, M.ModelOptions(scan_layers=False))
   scanned = M.Transformer(spec, M.ModelOptions(scan_layers=True))
-  params = M.init_params(unscanned, jax.random.key(3))
+  params = init_params(unscanned, jax.random.key(3))
   tokens_BT = jax.random.randint(jax.random.key(4), (2, 10), 0, spec.vocab_size)
-  a = M.forward(unscanned, params, tokens_BT)
-  b = M.forward(scanned, stack_layers(params, spec.n_layers), tokens_BT)
+  a = forward(unscanned, params, tokens_BT)
+  b = forward(scanned, stack_layers(params, spec.n_layers), tokens_BT)
   np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -129,11 +135,11 @@ def test_scanned_and_unscanned_agree_for_the_same_weights():
 def test_remat_changes_memory_not_values(remat):
   spec = tiny_spec()
   base = M.Transformer(spec)
-  params = M.init_params(base, jax.random.key(5))
+  params = init_params(base, jax.random.key(5))
   tokens_BT = jax.random.randint(jax.random.key(6), (2, 8), 0, spec.vocab_size)
 
   def loss(model, p):
-    return jnp.mean(M.forward(model, p, tokens_BT) ** 2)
+    return jnp.mean(forward(model, p, tokens_BT) ** 2)
 
   g0 = jax.grad(lambda p: loss(base, p))(params)
   g1 = jax.grad(lambda p: loss(M.Transformer(spec, M.ModelOptions(remat=remat)), p))(params)
@@ -144,27 +150,27 @@ def test_xla_and_dot_product_attention_agree():
   spec = tiny_spec(n_heads=8, n_kv_heads=2)
   xla = M.Transformer(spec, M.ModelOptions(attention="xla"))
   dpa = M.Transformer(spec, M.ModelOptions(attention="dpa"))
-  params = M.init_params(xla, jax.random.key(7))
+  params = init_params(xla, jax.random.key(7))
   tokens_BT = jax.random.randint(jax.random.key(8), (2, 12), 0, spec.vocab_size)
-  np.testing.assert_allclose(M.forward(xla, params, tokens_BT), M.forward(dpa, params, tokens_BT),
+  np.testing.assert_allclose(forward(xla, params, tokens_BT), forward(dpa, params, tokens_BT),
                              atol=1e-5, rtol=1e-5)
-  _, cache_x = M.prefill(xla, params, tokens_BT[:, :6], max_len=12)
-  _, cache_d = M.prefill(dpa, params, tokens_BT[:, :6], max_len=12)
+  _, cache_x = prefill(xla, params, tokens_BT[:, :6], max_len=12)
+  _, cache_d = prefill(dpa, params, tokens_BT[:, :6], max_len=12)
   for t in range(6, 9):
-    lx, cache_x = M.decode_step(xla, params, cache_x, tokens_BT[:, t])
-    ld, cache_d = M.decode_step(dpa, params, cache_d, tokens_BT[:, t])
+    lx, cache_x = decode_step(xla, params, cache_x, tokens_BT[:, t])
+    ld, cache_d = decode_step(dpa, params, cache_d, tokens_BT[:, t])
     np.testing.assert_allclose(lx, ld, atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   spec = tiny_spec()
   model = M.Transformer(spec, M.ModelOptions(dtype="bfloat16", param_dtype="float32"))
-  params = M.init_params(model, jax.random.key(0))
+  params = init_params(model, jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   tokens_BT = jnp.zeros((1, 4), jnp.int32)
-  logits = M.forward(model, params, tokens_BT)
+  logits = forward(model, params, tokens_BT)
   assert logits.dtype == jnp.float32
-  ref = M.forward(M.Transformer(spec), params, tokens_BT)
+  ref = forward(M.Transformer(spec), params, tokens_BT)
   assert float(jnp.abs(logits - ref).max()) < 0.05
 
 
@@ -205,10 +211,10 @@ def test_invalid_options_raise_naming_the_field(kwargs, match):
 def test_sequence_and_cache_limits_are_enforced():
   spec = tiny_spec(max_seq_len=16)
   model = M.Transformer(spec)
-  params = M.init_params(model, jax.random.key(0))
+  params = init_params(model, jax.random.key(0))
   with pytest.raises(ValueError, match="max_seq_len"):
-    M.forward(model, params, jnp.zeros((1, 17), jnp.int32))
+    forward(model, params, jnp.zeros((1, 17), jnp.int32))
   with pytest.raises(ValueError, match="max_seq_len"):
     M.init_cache(spec, 1, 17)
   with pytest.raises(ValueError, match="shorter than the prompt"):
-    M.prefill(model, params, jnp.zeros((1, 8), jnp.int32), max_len=4)
+    prefill(model, params, jnp.zeros((1, 8), jnp.int32), max_len=4)
