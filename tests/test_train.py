@@ -1,0 +1,454 @@
+"""Training end to end on a tiny corpus: learning, exact resumes, preemption, sharded equivalence.
+
+Runs that need 8 devices or 2 processes start subprocesses (the device count is fixed when JAX
+starts). A persistent compilation cache shared by all of them keeps the repeated compiles cheap.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from archscale import config_lib, io, train
+from archscale import data as data_lib
+from archscale import model as model_lib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+STEPS = 30
+KILL_AT = 15  # the killed run dies after step 15; its last checkpoint is step 10
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A compilation cache for this module's in-process runs and its subprocesses."""
+  path = tmp_path_factory.mktemp("jax_cache")
+  previous = {k: getattr(jax.config, k) for k in (
+      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes")}
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield path
+  for k, v in previous.items():
+    jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A byte-tokenised toy corpus: sentences over a small vocabulary of words."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  words = ["the", "lord", "said", "unto", "moses", "and", "he", "went", "up", "into", "mountain"]
+  text = "\n\n".join(" ".join(rng.choice(words, size=40)) + "." for _ in range(300))
+  (root / "corpus.txt").write_text(text)
+  data_lib.prepare(str(root / "corpus.txt"), root / "data", tokenizer="byte",
+                   text_docs="paragraph", eval_fraction=0.05)
+  return root / "data"
+
+
+def tiny_config(data_path, **train_overrides) -> ml_collections.ConfigDict:
+  c = config_lib.make_config("demo")
+  c.model.update(d_model=32, d_ff=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8,
+                 max_seq_len=64)
+  c.data.path = str(data_path)
+  c.data.seq_len = 32
+  c.train.update(steps=STEPS, global_batch_size=8, lr=1e-2, warmup_steps=5, log_every=1,
+                 eval_every=10, eval_batches=2, checkpoint_every=10, keep_checkpoints=2)
+  c.train.update(train_overrides)
+  return c
+
+
+def metrics(workdir) -> list[dict]:
+  return list(io.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl"))
+
+
+def untimed(row: dict) -> dict:
+  """A metrics row without its wall-clock fields (which differ between any two runs)."""
+  return {k: v for k, v in row.items()
+          if k not in ("tokens_per_sec", "step_time_s", "mfu", "elapsed_s")}
+
+
+def params_of(workdir, config) -> dict:
+  state = train.load_checkpoint(workdir, config)
+  return jax.tree.map(np.asarray, state["params"])
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def subprocess_env(cache_dir, devices: int = 1) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.pop("XLA_FLAGS", None)
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def run_script(script: str, env: dict, *args: str, timeout: int = 300):
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, cache_dir, tmp_path_factory):
+  """One uninterrupted single-device run that other tests compare against."""
+  workdir = tmp_path_factory.mktemp("reference")
+  config = tiny_config(corpus)
+  summary = train.train(config, workdir)
+  return dict(workdir=workdir, config=config, summary=summary, metrics=metrics(workdir),
+              params=params_of(workdir, config))
+
+
+# ------------------------------------------------------------------------------ unit pieces
+
+
+def assert_step_close(got: dict, want: dict) -> None:
+  """One step's state: Adam's moments (the gradients) to 1e-5, parameters to 1e-4, in norm."""
+  params = [k for k in want if k.startswith("['params']")]
+  assert_trees_close({k: got[k] for k in want if k not in params},
+                     {k: want[k] for k in want if k not in params}, rtol=1e-5)
+  assert_trees_close({k: got[k] for k in params}, {k: want[k] for k in params}, rtol=1e-4)
+
+
+def test_peak_flops_table():
+  assert train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert train.peak_flops("NVIDIA H100 PCIe") == 756e12
+  assert train.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+  assert train.peak_flops("TPU v5 lite") == 197e12
+  assert train.peak_flops("TPU v5") == 459e12
+  assert train.peak_flops("cpu") is None
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_learning_rate_schedules(schedule):
+  t = ml_collections.ConfigDict(dict(lr=1.0, min_lr_ratio=0.1, steps=100, warmup_steps=10,
+                                     schedule=schedule, decay_fraction=0.2))
+  lr = [float(train.learning_rate(t)(s)) for s in range(100)]
+  assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warm-up
+  assert max(lr) == pytest.approx(1.0)
+  if schedule == "constant":
+    assert lr[99] == pytest.approx(1.0)
+  else:
+    assert lr[99] == pytest.approx(0.1)
+    assert all(a >= b - 1e-7 for a, b in zip(lr[10:], lr[11:], strict=False))
+  if schedule == "wsd":
+    assert lr[79] == pytest.approx(1.0) and lr[80] < 1.0
+
+
+def test_weight_decay_skips_norm_scales():
+  params = {"embedding": np.ones((4, 2)), "final_norm": {"scale": np.ones(2)},
+            "layers": {"attn_norm": {"scale": np.ones((2, 2))}, "mlp": {"up": np.ones((2, 2))}}}
+  mask = train.decay_mask(params)
+  assert mask["embedding"] and mask["layers"]["mlp"]["up"]
+  assert not mask["final_norm"]["scale"] and not mask["layers"]["attn_norm"]["scale"]
+
+
+def one_step(config) -> tuple[dict, dict]:
+  """Metrics and parameters after one train step from the seed's initialisation."""
+  setup = train.build(config)
+  step = train.compile_step(setup, config.train)
+  state = train.init_state(setup, config.seed)
+  state, m = step(state, train.BatchSource(config, setup, "train")(0))
+  return jax.device_get(m), flat(jax.device_get({"params": state["params"],
+                                                   "opt_state": state["opt_state"]}))
+
+
+def assert_trees_close(a: dict, b: dict, rtol: float) -> None:
+  """Every leaf within `rtol` of the other in norm: ||a - b|| <= rtol * ||b||.
+
+  Not elementwise: Adam's update g / (|g| + eps) amplifies the last-bit differences of any
+  gradient element near eps in size (different reduction orders give such differences): after
+  one step the gradients (Adam's moments) agree to ~1e-6 in norm, the parameters to ~1e-5.
+  """
+  assert a.keys() == b.keys()
+  for k in a:
+    err = np.linalg.norm((a[k] - b[k]).ravel()) / np.linalg.norm(b[k].ravel())
+    assert err <= rtol, f"{k}: relative error {err:.2e} > {rtol}"
+
+
+# ------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda c: setattr(c.data, "path", ""), "data.path"),
+    (lambda c: setattr(c.data, "path", "/nonexistent/dataset"), "data.path"),
+    (lambda c: setattr(c.data, "seq_len", 128), "data.seq_len"),
+    (lambda c: setattr(c.model, "vocab_size", 128), "model.vocab_size"),
+    (lambda c: setattr(c.train, "grad_accum", 3), "train.global_batch_size"),
+    (lambda c: setattr(c.mesh, "data", 2), "mesh.data"),
+    (lambda c: setattr(c.mesh, "rules", "embed=tensor"), "mesh.rules"),
+    (lambda c: setattr(c.train, "schedule", "linear"), "train.schedule"),
+    (lambda c: setattr(c.train, "steps", 0), "train.steps"),
+])
+def test_bad_inputs_fail_fast_naming_the_field(corpus, tmp_path, change, field):
+  config = tiny_config(corpus)
+  change(config)
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    train.train(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def test_loss_falls_and_outputs_are_complete(reference):
+  rows, summary = reference["metrics"], reference["summary"]
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  first, last = rows[0]["loss"], summary["final_train_loss"]
+  assert first == pytest.approx(np.log(256), rel=0.05)
+  assert last < first - 2.0
+  assert summary["eval_loss"] < first - 2.0
+  assert summary["final_train_loss"] == rows[-1]["loss"]  # 2% of 30 steps: the last step
+  on_disk = json.loads((reference["workdir"] / "summary.json").read_text())
+  for key in ("final_train_loss", "eval_loss", "tokens", "steps", "params_nonembed",
+              "tokens_per_sec", "mfu", "wall_s", "compile_s"):
+    assert key in on_disk, key
+  assert on_disk["tokens"] == STEPS * 8 * 32 and on_disk["steps"] == STEPS
+  assert on_disk["mfu"] is None  # no peak FLOP/s is known for CPU
+  assert sum("eval_loss" in r for r in rows) == 3
+
+
+def test_rerun_of_a_finished_run_returns_its_summary(reference):
+  again = train.train(reference["config"], reference["workdir"])
+  assert again == json.loads((reference["workdir"] / "summary.json").read_text())
+
+
+_KILLED_RUN = """
+import json, os, pathlib, signal, sys, time
+import ml_collections
+from archscale import train
+
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+workdir, kill_at, wait_for = pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+def die(step, metrics):
+  if step == kill_at:  # once checkpoint `wait_for` is final, die without any cleanup
+    while not (workdir / "checkpoints" / str(wait_for)).exists():
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+train.train(config, workdir, step_callback=die)
+"""
+
+
+def test_killed_and_restarted_run_matches_bitwise(reference, cache_dir, tmp_path):
+  config = reference["config"]
+  out = run_script(_KILLED_RUN, subprocess_env(cache_dir), json.dumps(config.to_dict()),
+                   str(tmp_path), str(KILL_AT), "10")
+  assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  assert max(r["step"] for r in metrics(tmp_path)) >= KILL_AT - 1  # rows past checkpoint 10
+  assert not (tmp_path / "summary.json").exists()
+
+  summary = train.train(config, tmp_path)
+  # Rows of steps 11..15 from before the kill were replaced by the rerun ones.
+  assert [untimed(r) for r in metrics(tmp_path)] == [untimed(r) for r in reference["metrics"]]
+  assert summary["final_train_loss"] == reference["summary"]["final_train_loss"]
+  assert summary["eval_loss"] == reference["summary"]["eval_loss"]
+  resumed, ref = flat(params_of(tmp_path, config)), flat(reference["params"])
+  for k in ref:
+    np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
+
+
+def test_sigterm_checkpoints_then_resumes(reference, tmp_path):
+  config = reference["config"]
+
+  def preempt(step, _):
+    if step == 12:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  result = train.train(config, tmp_path, step_callback=preempt)
+  assert result["status"] == "preempted"
+  saved = train.Checkpoints(tmp_path / "checkpoints", config.train)
+  assert saved.latest_step() in (12, 13)  # the step boundary after the signal
+  saved.close()
+  assert not (tmp_path / "summary.json").exists()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is uninstalled
+
+  summary = train.train(config, tmp_path)
+  assert summary["final_train_loss"] == reference["summary"]["final_train_loss"]
+  resumed, ref = flat(params_of(tmp_path, config)), flat(reference["params"])
+  for k in ref:
+    np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path,
+                                                                  monkeypatch, cache_dir):
+  config = tiny_config(corpus, steps=10, checkpoint_every=5, eval_every=0)
+  original = data_lib.Batches.__call__
+
+  def poisoned(self, step):
+    batch = original(self, step)
+    return batch + 1000 if step >= 6 else batch  # ids beyond the vocabulary embed to NaN
+
+  monkeypatch.setattr(data_lib.Batches, "__call__", poisoned)
+  with pytest.raises(FloatingPointError, match=r"step 7.*last good checkpoint is step 5"):
+    train.train(config, tmp_path)
+  monkeypatch.undo()
+  saved = train.Checkpoints(tmp_path / "checkpoints", config.train)
+  assert saved.manager.all_steps() == [5]
+  saved.close()
+  params = flat(params_of(tmp_path, config))
+  assert all(np.isfinite(v).all() for v in params.values())
+
+
+_EIGHT_DEVICES = """
+import json, pathlib, sys
+import jax, ml_collections, numpy as np
+from archscale import train
+
+assert jax.device_count() == 8
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+out = pathlib.Path(sys.argv[2])
+
+def flat(tree):
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+results = {}
+for name, mesh in {"2x4": (2, 4, 1), "2x2x2": (2, 2, 2)}.items():
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  setup = train.build(c)
+  step = train.compile_step(setup, c.train)
+  state = train.init_state(setup, c.seed)
+  state, m = step(state, train.BatchSource(c, setup, "train")(0))
+  np.savez(out / f"step_{name}.npz", loss=m["loss"], grad_norm=m["grad_norm"],
+           **flat({"params": state["params"], "opt_state": state["opt_state"]}))
+
+# Restore the single-device run's final checkpoint onto a 2x4 mesh, and resume its step-20
+# checkpoint on a 2x2x2 mesh to the end.
+c = ml_collections.ConfigDict(config.to_dict())
+c.mesh.update(data=2, fsdp=4, tensor=1)
+restored = train.load_checkpoint(sys.argv[3], c)
+assert restored["params"]["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+np.savez(out / "restored.npz", **flat(restored["params"]))
+c.mesh.update(data=2, fsdp=2, tensor=2)
+train.train(c, sys.argv[4])
+
+c.train.global_batch_size = 12  # 12 rows cannot be split over data x fsdp = 8
+c.mesh.update(data=2, fsdp=4, tensor=1)
+try:
+  train.build(c)
+  raise SystemExit("batch 12 on 8 data-parallel devices was accepted")
+except ValueError as e:
+  assert "train.global_batch_size=12" in str(e) and "mesh.fsdp=4" in str(e), e
+print("OK")
+"""
+
+
+def _resume_copy(reference, dest: pathlib.Path, step: int) -> pathlib.Path:
+  """A workdir holding only the reference run's checkpoint at `step` (and its metrics)."""
+  shutil.copytree(reference["workdir"] / "checkpoints", dest / "checkpoints")
+  for other in (dest / "checkpoints").iterdir():
+    if other.name.isdigit() and int(other.name) != step:
+      shutil.rmtree(other)
+  shutil.copy(reference["workdir"] / "metrics.jsonl", dest / "metrics.jsonl")
+  return dest
+
+
+def test_eight_device_meshes_match_one_device(reference, cache_dir, tmp_path):
+  config = reference["config"]
+  resume_dir = _resume_copy(reference, tmp_path / "resume", 20)
+  out = run_script(_EIGHT_DEVICES, subprocess_env(cache_dir, devices=8),
+                   json.dumps(config.to_dict()), str(tmp_path), str(reference["workdir"]),
+                   str(resume_dir))
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-5000:]
+
+  m1, p1 = one_step(config)
+  for name in ("2x4", "2x2x2"):
+    got = dict(np.load(tmp_path / f"step_{name}.npz"))
+    assert float(got.pop("loss")) == pytest.approx(float(m1["loss"]), rel=1e-5)
+    assert float(got.pop("grad_norm")) == pytest.approx(float(m1["grad_norm"]), rel=1e-5)
+    assert_step_close(got, p1)
+
+  restored, ref = dict(np.load(tmp_path / "restored.npz")), flat(reference["params"])
+  for k in ref:
+    np.testing.assert_array_equal(restored[k], ref[k], err_msg=k)
+  resumed = flat(params_of(resume_dir, config))
+  assert_trees_close(resumed, ref, rtol=1e-4)
+  losses = {r["step"]: r["loss"] for r in metrics(resume_dir)}
+  for r in reference["metrics"][20:]:
+    assert losses[r["step"]] == pytest.approx(r["loss"], rel=1e-5)
+
+
+_PROCESS = """
+import json, sys
+import jax, ml_collections
+from archscale import train
+
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+config.distributed.update(coordinator_address=sys.argv[3], num_processes=2,
+                          process_id=int(sys.argv[4]))
+summary = train.train(config, sys.argv[2])
+assert jax.process_count() == 2 and jax.device_count() == 2
+print("OK", summary["status"])
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(reference, cache_dir, tmp_path):
+  config = reference["config"]
+  workdir = _resume_copy(reference, tmp_path / "run", 20)
+  address = f"localhost:{_free_port()}"
+  env = subprocess_env(cache_dir)
+  procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PROCESS),
+                             json.dumps(config.to_dict()), str(workdir), address, str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (stdout, stderr) in zip(procs, outs, strict=True):
+    assert p.returncode == 0 and "OK finished" in stdout, stderr[-5000:]
+
+  losses = {r["step"]: r["loss"] for r in metrics(workdir)}
+  for r in reference["metrics"][20:]:
+    assert losses[r["step"]] == pytest.approx(r["loss"], rel=1e-5)
+  assert_trees_close(flat(params_of(workdir, config)), flat(reference["params"]), rtol=1e-4)
+
+
+# ------------------------------------------------------------------- step-level numerics
+
+
+def test_gradient_accumulation_matches_the_full_batch(corpus, cache_dir):
+  m1, p1 = one_step(tiny_config(corpus))
+  m2, p2 = one_step(tiny_config(corpus, grad_accum=4))
+  assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
+  assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-5)
+  assert_step_close(p2, p1)
+
+
+def test_z_loss_is_added_to_the_objective(corpus):
+  config = tiny_config(corpus)
+  setup = train.build(config)
+  params = model_lib.init_params(setup.model, jax.random.key(0))
+  tokens = jnp.asarray(data_lib.Batches(corpus, "train", 32, 8, 0)(0))
+  loss = jax.jit(lambda p, x, z: train.loss_fn(setup.model, p, x, z), static_argnums=2)
+  total, (ce, z) = loss(params, tokens, 1e-2)
+  total0, (ce0, z0) = loss(params, tokens, 0.0)
+  assert float(z0) == 0.0 and float(ce0) == float(total0) == pytest.approx(float(ce))
+  # Freshly initialised logits are near zero, so logsumexp is about log(256).
+  assert float(z) == pytest.approx(1e-2 * np.log(256) ** 2, rel=0.01)
+  assert float(total) == pytest.approx(float(ce) + float(z), rel=1e-6)
