@@ -116,8 +116,17 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.fit = ml_collections.ConfigDict(dict(
       results="",               # results table, JSONL or CSV
       form="multiplicative",    # multiplicative | additive | joint | chinchilla
-      l_opt="chinchilla",       # chinchilla | empirical
-      r_range=(0.5, 5.0),
+      l_opt="chinchilla",       # chinchilla | empirical | path of a fit.json with Chinchilla params
+      r_range=(0.5, 5.0),       # keep rows with lo <= mlp_attn_ratio <= hi; () keeps all
+      loss="huber",             # huber | squared, summed over rows
+      delta=1e-3,               # Huber threshold, in the units of the residuals
+      space="log",              # residuals of log loss | linear loss
+      solver="lm",              # lm (Levenberg-Marquardt) | lbfgs (optax)
+      starts="grid",            # grid (Hoffmann's for Chinchilla, around an anchor else) | random
+      n_starts=256,             # random starts (the joint form always draws them)
+      max_iter=200,             # per start
+      bootstrap=200,            # row resamples for percentile intervals; 0 = none
+      level=0.95,               # interval coverage
   ))
 
   c.search = ml_collections.ConfigDict(dict(
@@ -134,15 +143,18 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
       input_len=4096,
       output_len=1024,
       dtype_bytes=2,            # bytes per weight / KV element in the cost model
-      d_model_multiple=64,      # d_model candidates are multiples of this
+      d_model_multiple=128,     # d_model candidates are multiples of this (MXU / tensor-core tile)
       d_ff_multiple=256,        # d_ff is rounded to a multiple of this
-      width_range=(0.7, 1.4),   # d_model/sqrt(N) from 0.7 x the lower to 1.4 x the upper of the
+      width_range=(0.5, 2.0),   # d_model/sqrt(N) from 0.5 x the lower to 2 x the upper of the
                                 # law's optimum and the baseline
       r_range=(0.5, 5.0),       # r outside the law's fitted range is not extrapolated to
       n_tolerance=0.05,         # a candidate's N may differ from the budget by this fraction
       gqa=0,                    # GQA of the enumeration (0: the baseline's, else the model's)
       patience=2,               # GQA walk: stop after this many steps without a throughput gain
+      gqa_max=16,               # GQA walk ceiling (0 = none): the law has no GQA term, so far
+                                # beyond trained practice (4-9) it would be extrapolating
       top_k=0,                  # GQA walks around the k fastest candidates only (0 = all)
+      max_measure=64,           # throughput=measure: refuse to time more candidates than this
   ))
 
   # scales: "N:n_layers:d_head" comma-separated (N as 80e6, 80M, 1.2B, 50k); "" = the model's
@@ -155,6 +167,8 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
       d_over_sqrt_n=(0.04, 0.06, 0.08, 0.1, 0.12),
       r=(0.5, 1.0, 2.0, 3.0, 5.0),
       gqa=(4,),
+      design="grid",            # grid: every combination | cross: vary one factor at a time
+                                # through the middle value of the other grids
       d_model_multiple=64,
       d_ff_multiple=256,
       n_tolerance=0.05,         # largest relative error of the realised N

@@ -1,0 +1,611 @@
+"""Architecture sweeps (`--mode=sweep`): a grid of ArchSpecs per scale, trained here or emitted.
+
+For every scale N (with the depth and head size the paper fixes per scale) and every point of the
+`sweep.d_over_sqrt_n` x `sweep.r` x `sweep.gqa` grid, `ArchSpec.from_budget` builds the nearest
+feasible architecture. Points that cannot be built, land too far from the requested N or r, or
+repeat an architecture already planned are dropped, and `sweep_plan.json` says which and why.
+
+Each planned run has a stable id derived from (ArchSpec, tokens, seed) and trains into
+`WORKDIR/runs/<run_id>/` from a standalone config file written there (`run_config.py`), so a run
+can be repeated by hand and an interrupted one resumes from its checkpoint. With
+`sweep.launch="local"` the runs train here one after another; with "emit" the sweep writes
+`launch_commands.sh`, one command per run, each of which trains that single run (`sweep.only`)
+and appends its row, so a cluster can run them in any order and concurrently.
+
+`sweep.isolation="process"` (the default) trains each run in a fresh `python -m archscale.main
+--mode=train` process: a crash, a hang killed by the user's scheduler or an out-of-memory in one run
+cannot take the sweep down or leak device memory into the next run. "none" trains in-process
+(faster to start; a Python exception is still caught and recorded).
+
+Every attempt appends one row to `WORKDIR/results.jsonl` (`io.append_jsonl`: one locked write per
+row, torn lines skipped by readers), so concurrent sweeps and crashes never corrupt the table.
+Rows with status "finished" are final: rerunning the sweep skips their runs. Rows with status
+"failed" (an exception or a non-zero exit, with the error) or "preempted" are retried on the next
+run unless `sweep.retry_failed` is off. A run being trained by another process holds
+`runs/<run_id>/.lock` and is skipped.
+
+Row fields (what `archscale.law` reads): `params_nonembed`, `tokens` (tokens actually trained),
+`loss`, every ArchSpec field, `mlp_attn_ratio`, `d_over_sqrt_n`, `gqa`, plus `run_id`, `status`,
+`eval_loss`, `final_train_loss`, `loss_source`, `scale` (the requested N), `requested` (grid
+point), `steps`, `seq_len`, `global_batch_size`, `seed`, `tokens_requested`, `wall_s`, `error`
+(failed rows) and `provenance` (code revision, device, time, the run's config).
+
+Which loss: `loss` is the held-out `eval_loss` by default (`sweep.loss="eval"`), falling back to
+the final train loss when a run has no eval split. The paper's runs see each token once, where
+train and held-out loss coincide; small corpora such as the demo's are repeated for many epochs,
+and there the train loss rewards memorisation that the law is not meant to describe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import pathlib
+import pprint
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from archscale import io
+from archscale.arch import ArchSpec
+
+RESULTS = "results.jsonl"
+PLAN = "sweep_plan.json"
+LAUNCH_COMMANDS = "launch_commands.sh"
+RUNS_DIR = "runs"
+RUN_CONFIG = "run_config.py"
+SWEEP_CONFIG = "sweep_config.py"
+LAUNCHES = ("local", "emit")
+ISOLATIONS = ("process", "none")
+LOSSES = ("eval", "train")
+DESIGNS = ("grid", "cross")
+# ArchSpec fields a sweep takes from the config's model rather than from the grid.
+FIXED_FIELDS = ("vocab_size", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps",
+                "max_seq_len")
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+# trainer(run_config, run_dir) -> the train summary (dict with "status"); raises on failure.
+Trainer = Callable[[ml_collections.ConfigDict, pathlib.Path], dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """One parameter budget of a sweep: N and the depth and head size fixed at that N."""
+
+  n_nonembed: float
+  n_layers: int
+  d_head: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One planned training run: the architecture, its budget and the grid point it came from."""
+
+  run_id: str
+  spec: ArchSpec
+  tokens: int
+  seed: int
+  scale: Scale
+  requested: dict[str, float]
+
+
+def parse_count(text: str | float | int, field: str = "sweep.scales") -> float:
+  """A positive count written as 80e6, 80M, 1.2B or 50k (case-insensitive)."""
+  if isinstance(text, (int, float)) and not isinstance(text, bool):
+    value = float(text)
+  else:
+    s = str(text).strip().lower().replace("_", "")
+    scale = _SUFFIXES.get(s[-1:], 1.0)
+    if s[-1:] in _SUFFIXES:
+      s = s[:-1]
+    try:
+      value = float(s) * scale
+    except ValueError:
+      raise ValueError(f"{field}: {text!r} is not a count such as 80e6, 80M, 1.2B or 50k") from None
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(f"{field}: {text!r} must be a positive count")
+  return value
+
+
+def parse_scales(value: Any, model: Any) -> list[Scale]:
+  """`sweep.scales` ("N:n_layers:d_head,..." or a sequence of triples) as Scales.
+
+  Empty means one scale: the N, depth and head size of the config's model.
+  """
+  if not value:
+    spec = ArchSpec.from_dict(model.to_dict() if hasattr(model, "to_dict") else dict(model))
+    return [Scale(float(spec.params_nonembed), spec.n_layers, spec.d_head)]
+  items = ([p.split(":") for p in str(value).split(",") if p.strip()]
+           if isinstance(value, str) else [tuple(p) for p in value])
+  scales = []
+  for item in items:
+    if len(item) != 3:
+      raise ValueError(
+          f"sweep.scales: {':'.join(map(str, item))!r} must be N:n_layers:d_head, e.g. "
+          "'80M:12:64,145M:12:64'")
+    n = parse_count(item[0])
+    try:
+      n_layers, d_head = int(str(item[1]).strip()), int(str(item[2]).strip())
+    except ValueError:
+      raise ValueError(f"sweep.scales: n_layers and d_head of {item!r} must be integers") from None
+    if n_layers < 1 or d_head < 2 or d_head % 2:
+      raise ValueError(f"sweep.scales: {item!r} needs n_layers >= 1 and an even d_head >= 2")
+    scales.append(Scale(n, n_layers, d_head))
+  return scales
+
+
+def _grid(config: Any, name: str, cast: Callable[[Any], Any]) -> list[Any]:
+  value = config.sweep[name]
+  items = [v for v in str(value).split(",") if v.strip()] if isinstance(value, str) else value
+  try:
+    out = [cast(v) for v in items]
+  except (TypeError, ValueError):
+    raise ValueError(f"sweep.{name} must be a list of numbers, got {value!r}") from None
+  if not out or any(not (v > 0) for v in out):
+    raise ValueError(f"sweep.{name} must be a non-empty list of positive numbers, got {value!r}")
+  return out
+
+
+def _positive_int(value: Any, field: str) -> int:
+  if isinstance(value, bool) or int(value) != value or value < 1:
+    raise ValueError(f"{field} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def run_id(spec: ArchSpec, tokens: int, seed: int) -> str:
+  """A stable, readable id: the main dimensions plus a hash of (spec, tokens, seed)."""
+  key = json.dumps({"arch": spec.to_dict(), "tokens": int(tokens), "seed": int(seed)},
+                   sort_keys=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+  return (f"L{spec.n_layers}-d{spec.d_model}-h{spec.n_heads}kv{spec.n_kv_heads}-ff{spec.d_ff}"
+          f"-{digest}")
+
+
+def tokens_for(config: Any, n_nonembed: float) -> int:
+  """Tokens per run at this N: `sweep.tokens`, else `sweep.tokens_per_param` x N."""
+  s = config.sweep
+  if s.tokens:
+    return int(parse_count(s.tokens, "sweep.tokens"))
+  if not (s.tokens_per_param > 0):
+    raise ValueError(
+        f"sweep.tokens_per_param must be positive (or set sweep.tokens), got {s.tokens_per_param}")
+  return int(round(s.tokens_per_param * n_nonembed))
+
+
+def validate(config: Any) -> None:
+  """Raises ValueError naming the sweep field before anything is built or trained."""
+  s = config.sweep
+  if s.launch not in LAUNCHES:
+    raise ValueError(f"sweep.launch must be one of {LAUNCHES}, got {s.launch!r}")
+  if s.isolation not in ISOLATIONS:
+    raise ValueError(f"sweep.isolation must be one of {ISOLATIONS}, got {s.isolation!r}")
+  if s.design not in DESIGNS:
+    raise ValueError(f"sweep.design must be one of {DESIGNS}, got {s.design!r}")
+  if s.loss not in LOSSES:
+    raise ValueError(f"sweep.loss must be one of {LOSSES}, got {s.loss!r}")
+  for name in ("n_tolerance", "r_tolerance"):
+    if not (s[name] > 0):
+      raise ValueError(f"sweep.{name} must be positive, got {s[name]!r}")
+  _positive_int(s.d_model_multiple, "sweep.d_model_multiple")
+  _positive_int(s.d_ff_multiple, "sweep.d_ff_multiple")
+
+
+def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
+  """The runs of the sweep and the grid points dropped (each with a `reason`)."""
+  validate(config)
+  s = config.sweep
+  scales = parse_scales(s.scales, config.model)
+  xs = _grid(config, "d_over_sqrt_n", float)
+  rs = _grid(config, "r", float)
+  gqas = _grid(config, "gqa", lambda v: _positive_int(float(v), "sweep.gqa"))
+  fixed = {k: config.model[k] for k in FIXED_FIELDS}
+  if s.design == "grid":
+    points = [(x, r, g) for x in xs for r in rs for g in gqas]
+  else:  # cross: one factor at a time through the middle of each grid, as the U-curves are drawn
+    x0, r0, g0 = (sorted(v)[(len(v) - 1) // 2] for v in (xs, rs, gqas))
+    points = list(dict.fromkeys([(x, r0, g0) for x in xs] + [(x0, r, g0) for r in rs]
+                                + [(x0, r0, g) for g in gqas]))
+  runs: list[Run] = []
+  dropped: list[dict[str, Any]] = []
+  seen: dict[str, dict[str, Any]] = {}
+  for scale in scales:
+    tokens = tokens_for(config, scale.n_nonembed)
+    for x, r, g in points:
+      point = {"n_nonembed": scale.n_nonembed, "n_layers": scale.n_layers,
+               "d_head": scale.d_head, "d_over_sqrt_n": x, "r": r, "gqa": g}
+      try:
+        spec, report = ArchSpec.from_budget(
+            scale.n_nonembed, x, r, g, scale.n_layers, scale.d_head,
+            d_model_multiple=int(s.d_model_multiple), d_ff_multiple=int(s.d_ff_multiple),
+            **fixed)
+      except ValueError as e:
+        dropped.append({**point, "reason": f"infeasible: {e}"})
+        continue
+      err = report["rel_error"]
+      if abs(err["n_nonembed"]) > s.n_tolerance:
+        dropped.append({**point, "reason": (
+            f"N off budget by {err['n_nonembed']:+.1%} (sweep.n_tolerance="
+            f"{s.n_tolerance})"), "achieved": report["achieved"]})
+        continue
+      if abs(err["r"]) > s.r_tolerance:
+        dropped.append({**point, "reason": (
+            f"r off by {err['r']:+.1%} after rounding heads and d_ff (sweep.r_tolerance="
+            f"{s.r_tolerance})"), "achieved": report["achieved"]})
+        continue
+      rid = run_id(spec, tokens, config.seed)
+      if rid in seen:
+        dropped.append({**point, "reason": f"duplicate of {rid}", "same_as": seen[rid]})
+        continue
+      requested = {"d_over_sqrt_n": x, "r": r, "gqa": g}
+      seen[rid] = requested
+      runs.append(Run(rid, spec, tokens, int(config.seed), scale, requested))
+  return runs, dropped
+
+
+# ---------------------------------------------------------------------------- results table
+
+
+def results_path(workdir: str | os.PathLike) -> pathlib.Path:
+  return pathlib.Path(workdir) / RESULTS
+
+
+def latest_rows(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+  """The latest row of every run id in a results table (a finished row always wins)."""
+  out: dict[str, dict[str, Any]] = {}
+  for row in io.read_jsonl(path):
+    rid = row.get("run_id")
+    if rid is None:
+      continue
+    if out.get(rid, {}).get("status") == "finished":
+      continue
+    out[rid] = row
+  return out
+
+
+def finished_ids(path: str | os.PathLike) -> set[str]:
+  """Run ids with a finished row."""
+  return {rid for rid, row in latest_rows(path).items() if row.get("status") == "finished"}
+
+
+def write_finished(table: str | os.PathLike, out: str | os.PathLike) -> list[dict[str, Any]]:
+  """Writes the finished row of every run (one per run id) to `out`: what a fit should read.
+
+  The table also records failed and retried attempts, which carry no loss.
+  """
+  rows = [r for r in latest_rows(table).values() if r.get("status") == "finished"]
+  io.write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+  return rows
+
+
+def _spec_fields(run: Run) -> dict[str, Any]:
+  spec = run.spec
+  return {
+      "run_id": run.run_id,
+      **spec.to_dict(),
+      "params_nonembed": spec.params_nonembed,
+      "params_total": spec.params_total,
+      "mlp_attn_ratio": spec.mlp_attn_ratio,
+      "d_over_sqrt_n": spec.d_over_sqrt_n,
+      "gqa": spec.gqa,
+      "scale": run.scale.n_nonembed,
+      "requested": run.requested,
+      "tokens_requested": run.tokens,
+      "seed": run.seed,
+  }
+
+
+def _host_provenance(config: Any) -> dict[str, Any]:
+  """Provenance without touching an accelerator (the parent of isolated runs must not)."""
+  return {
+      "code_revision": io.code_revision(),
+      "host": socket.gethostname(),
+      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "config": config.to_dict() if hasattr(config, "to_dict") else config,
+  }
+
+
+def finished_row(run: Run, summary: dict[str, Any], run_config: Any, loss: str,
+                 wall_s: float) -> dict[str, Any]:
+  """The results row of a run that trained to the end."""
+  eval_loss, train_loss = summary.get("eval_loss"), summary.get("final_train_loss")
+  if loss == "eval" and eval_loss is not None:
+    value, source = eval_loss, "eval"
+  else:
+    value, source = train_loss, "train"
+  provenance = {**_host_provenance(run_config), **(summary.get("provenance") or {}),
+                "config": run_config.to_dict()}
+  provenance.setdefault("device_kind", summary.get("device_kind"))
+  return {
+      **_spec_fields(run),
+      "status": "finished",
+      "tokens": summary.get("tokens", run.tokens),
+      "loss": value,
+      "loss_source": source,
+      "eval_loss": eval_loss,
+      "final_train_loss": train_loss,
+      "steps": summary.get("steps"),
+      "seq_len": summary.get("seq_len"),
+      "global_batch_size": summary.get("global_batch_size"),
+      "train_wall_s": summary.get("wall_s"),
+      "wall_s": wall_s,
+      "provenance": provenance,
+  }
+
+
+def failed_row(run: Run, status: str, error: str, run_config: Any, wall_s: float) -> dict[str, Any]:
+  """The results row of a run that crashed or was preempted (retried by the next sweep)."""
+  return {
+      **_spec_fields(run),
+      "status": status,
+      "tokens": None,
+      "loss": None,
+      "error": error[-4000:],
+      "wall_s": wall_s,
+      "provenance": _host_provenance(run_config),
+  }
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def write_config_py(path: str | os.PathLike, config: Any, doc: str) -> pathlib.Path:
+  """Writes a standalone config file whose `get_config()` returns exactly `config`."""
+  path = pathlib.Path(path)
+  body = pprint.pformat(config.to_dict(), indent=1, width=96, sort_dicts=True)
+  text = (f'"""{doc}"""\n\nimport ml_collections\n\n\ndef get_config():\n'
+          f"  return ml_collections.ConfigDict(\n{_indent(body, 6)})\n")
+  io.write_text_atomic(path, text)
+  return path
+
+
+def _indent(text: str, n: int) -> str:
+  return "".join(" " * n + line + "\n" for line in text.splitlines())
+
+
+def train_steps(tokens: int, config: Any) -> int:
+  """Steps that cover `tokens` at the config's global batch and sequence length (rounded up)."""
+  per_step = int(config.train.global_batch_size) * int(config.data.seq_len)
+  return max(1, math.ceil(tokens / per_step))
+
+
+def run_config(config: Any, run: Run, data_path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The training config of one run: the sweep's config with the run's model, steps and data."""
+  c = config.copy_and_resolve_references()
+  c.name = run.run_id
+  c.mode = "train"
+  for key, value in run.spec.to_dict().items():
+    c.model[key] = value
+  c.train.steps = train_steps(run.tokens, config)
+  c.data.path = str(data_path)
+  c.sweep.only = ""
+  return c
+
+
+def _tail(path: pathlib.Path, n_chars: int = 3000) -> str:
+  if not path.exists():
+    return ""
+  with open(path, "rb") as f:
+    f.seek(max(0, path.stat().st_size - n_chars))
+    return f.read().decode("utf-8", errors="replace")
+
+
+def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict[str, Any]:
+  """Trains one run in a fresh `python -m archscale.main --mode=train` process.
+
+  Output goes to `run_dir/train.log`. Raises RuntimeError (with the log's tail) when the process
+  fails; returns the summary (status "preempted" when it stopped without one).
+  """
+  run_dir.mkdir(parents=True, exist_ok=True)
+  config_path = write_config_py(run_dir / RUN_CONFIG, cfg,
+                                f"Training config of sweep run {cfg.name}.")
+  log_path = run_dir / "train.log"
+  cmd = [sys.executable, "-m", "archscale.main", f"--config={config_path}", "--mode=train",
+         f"--workdir={run_dir}"]
+  with open(log_path, "ab") as log:
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+    log.flush()
+    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+  if rc != 0:
+    raise RuntimeError(f"training exited with status {rc}; the end of {log_path}:\n"
+                       f"{_tail(log_path)}")
+  summary_path = run_dir / "summary.json"
+  if not summary_path.exists():
+    return {"status": "preempted"}
+  return json.loads(summary_path.read_text())
+
+
+def train_in_process(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict[str, Any]:
+  """Trains one run in this process (`archscale.train.train`)."""
+  from archscale import train as train_lib
+
+  run_dir.mkdir(parents=True, exist_ok=True)
+  write_config_py(run_dir / RUN_CONFIG, cfg, f"Training config of sweep run {cfg.name}.")
+  return train_lib.train(cfg, run_dir)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: pathlib.Path) -> Iterator[bool]:
+  """Holds `run_dir/.lock` exclusively; yields False (without waiting) when another process does."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
+    finally:
+      fcntl.flock(fd, fcntl.LOCK_UN)
+  finally:
+    os.close(fd)
+
+
+def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.PathLike,
+            trainer: Trainer) -> dict[str, Any] | None:
+  """Trains one run and appends its row; None when another process holds the run."""
+  run_dir = workdir / RUNS_DIR / run.run_id
+  table = results_path(workdir)
+  cfg = run_config(config, run, data_path)
+  with run_lock(run_dir) as mine:
+    if not mine:
+      logging.info("sweep: %s is being trained by another process; skipping", run.run_id)
+      return None
+    if run.run_id in finished_ids(table):  # Finished elsewhere since the sweep read the table.
+      return None
+    start = time.time()
+    try:
+      summary = trainer(cfg, run_dir)
+    except Exception as e:  # noqa: BLE001 - any failure of one run is recorded, not fatal.
+      err = "".join(traceback.format_exception_only(type(e), e)).strip()
+      row = failed_row(run, "failed", err, cfg, time.time() - start)
+    else:
+      if summary.get("status") == "finished":
+        row = finished_row(run, summary, cfg, config.sweep.loss, time.time() - start)
+      else:
+        row = failed_row(run, str(summary.get("status", "failed")),
+                         "training stopped before the last step; rerun the sweep to resume",
+                         cfg, time.time() - start)
+    io.append_jsonl(table, row)
+  return row
+
+
+def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run]) -> pathlib.Path:
+  """Writes `launch_commands.sh`: one self-contained command per run (config frozen to a file)."""
+  workdir = workdir.resolve()
+  frozen = config.copy_and_resolve_references()
+  frozen.sweep.launch = "local"
+  frozen.sweep.only = ""
+  config_path = write_config_py(workdir / SWEEP_CONFIG, frozen,
+                                f"The configuration of the sweep in {workdir}.")
+  lines = ["#!/bin/sh",
+           f"# {len(runs)} sweep runs; each trains one architecture into "
+           f"{workdir / RUNS_DIR}/<run_id>/",
+           f"# and appends its row to {workdir / RESULTS}. Run them in any order or concurrently;",
+           "# rerunning a finished one does nothing, an interrupted one resumes."]
+  for run in runs:
+    lines.append(f"python -m archscale.main --config={config_path} --mode=sweep "
+                 f"--workdir={workdir} --config.sweep.only={run.run_id}")
+  path = workdir / LAUNCH_COMMANDS
+  io.write_text_atomic(path, "\n".join(lines) + "\n")
+  path.chmod(0o755)
+  return path
+
+
+def _data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
+  """The prepared dataset the runs read, preparing it (once) from `data.source` if needed."""
+  from archscale import data as data_lib
+
+  path = data_lib.data_path(config, workdir)
+  if not (path / data_lib.METADATA).exists():
+    if not str(config.data.source).strip():
+      raise ValueError(
+          "data.path holds no prepared dataset and data.source is empty: set data.source (e.g. "
+          "'kjv') or point data.path at a dataset made by --mode=prepare_data")
+    data_lib.run_prepare_data(config, workdir)
+  return path.resolve()
+
+
+def _selected(runs: list[Run], only: str) -> list[Run]:
+  ids = [i.strip() for i in str(only).split(",") if i.strip()]
+  if not ids:
+    return runs
+  known = {r.run_id for r in runs}
+  unknown = [i for i in ids if i not in known]
+  if unknown:
+    raise ValueError(f"sweep.only names run ids {unknown} that this sweep does not plan; planned: "
+                     f"{sorted(known)}")
+  return [r for r in runs if r.run_id in ids]
+
+
+def _plan_json(runs: Sequence[Run], dropped: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  return {
+      "runs": [{**_spec_fields(r), "tokens": r.tokens} for r in runs],
+      "dropped": list(dropped),
+  }
+
+
+def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """`--mode=sweep`: plans the grid, then trains every unfinished run or emits its command.
+
+  Returns counts: planned, dropped, finished (now or before), failed (this call), skipped (held
+  by another process). `trainer` replaces the training call (tests); `progress` receives one line
+  per event (the pipeline prints them).
+  """
+  workdir = pathlib.Path(workdir)
+  say = progress or (lambda msg: logging.info("%s", msg))
+  runs, dropped = plan(config)
+  if not runs:
+    reasons = sorted({d["reason"].split(":")[0] for d in dropped})
+    raise ValueError(
+        f"the sweep plans no runs: all {len(dropped)} grid points were dropped ({reasons}); widen "
+        "sweep.d_over_sqrt_n / sweep.r, or loosen sweep.n_tolerance / sweep.r_tolerance")
+  workdir.mkdir(parents=True, exist_ok=True)
+  io.write_json_atomic(workdir / PLAN, _plan_json(runs, dropped))
+  for d in dropped:
+    logging.info("sweep: dropped N=%.4g x=%.3g r=%.3g gqa=%d: %s", d["n_nonembed"],
+                 d["d_over_sqrt_n"], d["r"], d["gqa"], d["reason"])
+  say(f"sweep: {len(runs)} runs planned over {len({r.scale for r in runs})} scale(s), "
+      f"{len(dropped)} grid points dropped (see {workdir / PLAN})")
+
+  if config.sweep.launch == "emit":
+    path = emit_commands(config, workdir, runs)
+    say(f"sweep: wrote {len(runs)} launch commands to {path}")
+    return {"planned": len(runs), "dropped": len(dropped), "emitted": len(runs)}
+
+  selected = _selected(runs, config.sweep.only)
+  data_path = _data_path(config, workdir)
+  if trainer is None:
+    trainer = train_in_subprocess if config.sweep.isolation == "process" else train_in_process
+  table = results_path(workdir)
+  counts = {"planned": len(runs), "dropped": len(dropped), "finished": 0, "failed": 0,
+            "skipped": 0}
+  start = time.time()
+  for i, run in enumerate(selected, 1):
+    rows = latest_rows(table)
+    prior = rows.get(run.run_id, {})
+    if prior.get("status") == "finished":
+      counts["finished"] += 1
+      continue
+    if prior and not config.sweep.retry_failed:
+      say(f"sweep: [{i}/{len(selected)}] {run.run_id} {prior['status']} before; not retried "
+          "(sweep.retry_failed=False)")
+      counts["failed"] += 1
+      continue
+    say(f"sweep: [{i}/{len(selected)}] training {run.run_id} (N={run.spec.params_nonembed:,}, "
+        f"x={run.spec.d_over_sqrt_n:.3f}, r={run.spec.mlp_attn_ratio:.2f}, gqa={run.spec.gqa}, "
+        f"{run.tokens:,} tokens)")
+    row = execute(run, config, workdir, data_path, trainer)
+    if row is None:
+      counts["skipped"] += 1
+      say(f"sweep: [{i}/{len(selected)}] {run.run_id} is held by another process; skipped")
+    elif row["status"] == "finished":
+      counts["finished"] += 1
+      say(f"sweep: [{i}/{len(selected)}] {run.run_id} finished: loss {row['loss']:.4f} "
+          f"({row['loss_source']}) in {row['wall_s']:.0f}s; {time.time() - start:.0f}s so far")
+    else:
+      counts["failed"] += 1
+      first = row["error"].strip().splitlines()[0] if row["error"].strip() else ""
+      say(f"sweep: [{i}/{len(selected)}] {run.run_id} {row['status']}: {first[:200]} "
+          "(recorded; continuing)")
+  say(f"sweep: {counts['finished']}/{len(selected)} runs finished, {counts['failed']} failed, "
+      f"{counts['skipped']} held elsewhere; table {table}")
+  return counts

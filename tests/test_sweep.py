@@ -1,0 +1,285 @@
+"""Sweep planning, run ids, crash isolation, resume, emit, and results-table integrity."""
+
+import json
+import multiprocessing
+import os
+import pathlib
+
+import pytest
+
+from archscale import config_lib, data, io, sweep
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """A tiny prepared byte-level corpus (the fake trainers never read it; the real one does)."""
+  root = tmp_path_factory.mktemp("corpus")
+  text = root / "corpus.txt"
+  text.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" * 3
+                            for i in range(400)))
+  info = data.prepare(str(text), root / "prepared", "byte", eval_fraction=0.1,
+                      text_docs="line")
+  return info["path"]
+
+
+def make_config(dataset, **sweep_fields):
+  c = config_lib.make_config("demo")
+  c.data.path = str(dataset)
+  c.sweep.scales = "50k:2:16,100k:2:16"
+  c.sweep.tokens = 4096
+  c.sweep.d_over_sqrt_n = (0.12, 0.32)
+  c.sweep.r = (0.5, 4.0)
+  c.sweep.gqa = (2,)
+  c.sweep.d_model_multiple = 8
+  c.sweep.d_ff_multiple = 16
+  c.sweep.n_tolerance = 0.1
+  c.sweep.r_tolerance = 0.3
+  for k, v in sweep_fields.items():
+    c.sweep[k] = v
+  return c
+
+
+class FakeTrainer:
+  """Stands in for training: a loss from the architecture; raises for run ids in `crash`."""
+
+  def __init__(self, crash=()):
+    self.crash = set(crash)
+    self.calls = []
+
+  def __call__(self, cfg, run_dir):
+    self.calls.append(cfg.name)
+    assert pathlib.Path(cfg.data.path).exists()
+    if cfg.name in self.crash:
+      raise RuntimeError(f"simulated crash of {cfg.name}")
+    m = cfg.model
+    loss = 3.0 + 1e-3 * m.d_model / m.d_ff
+    tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.data.seq_len
+    return {"status": "finished", "eval_loss": loss, "final_train_loss": loss - 0.1,
+            "tokens": tokens, "steps": cfg.train.steps, "seq_len": cfg.data.seq_len,
+            "global_batch_size": cfg.train.global_batch_size, "wall_s": 0.01,
+            "provenance": {"device_kind": "fake"}}
+
+
+def test_parse_scales_accepts_suffixes_and_rejects_garbage():
+  c = config_lib.make_config("demo")
+  scales = sweep.parse_scales("80M:12:64, 1.2B:16:64,5e4:2:16", c.model)
+  assert [(s.n_nonembed, s.n_layers, s.d_head) for s in scales] == [
+      (80e6, 12, 64), (1.2e9, 16, 64), (5e4, 2, 16)]
+  only = sweep.parse_scales("", c.model)
+  assert only[0].n_nonembed == 123200 and only[0].n_layers == 2 and only[0].d_head == 16
+  for bad in ("80M:12", "eighty:12:64", "80M:12:63", "-5:2:16"):
+    with pytest.raises(ValueError, match="sweep.scales"):
+      sweep.parse_scales(bad, c.model)
+
+
+def test_plan_keeps_runs_on_budget_and_explains_every_drop(dataset):
+  c = make_config(dataset, d_over_sqrt_n=(0.12, 0.2, 0.32, 3.0), r=(0.5, 0.55, 1.5, 4.0))
+  runs, dropped = sweep.plan(c)
+  grid = 2 * 4 * 4
+  assert len(runs) + len(dropped) == grid
+  assert runs, "the grid must plan some runs"
+  for run in runs:
+    assert abs(run.spec.params_nonembed / run.scale.n_nonembed - 1) <= 0.1
+    assert abs(run.spec.mlp_attn_ratio / run.requested["r"] - 1) <= 0.3
+    assert run.spec.n_heads % run.spec.n_kv_heads == 0
+    assert run.tokens == 4096
+  reasons = [d["reason"] for d in dropped]
+  # x = 3.0 cannot be built at these budgets; r = 0.5 and 0.55 round to the same architecture.
+  assert any(r.startswith("infeasible") for r in reasons)
+  assert any(r.startswith("duplicate of") for r in reasons)
+  assert all(r.split()[0] in ("infeasible:", "duplicate", "N", "r") for r in reasons)
+  assert len({r.run_id for r in runs}) == len(runs)
+
+
+def test_run_ids_are_stable_and_depend_on_spec_tokens_and_seed(dataset):
+  c = make_config(dataset)
+  first = [r.run_id for r in sweep.plan(c)[0]]
+  assert first == [r.run_id for r in sweep.plan(c)[0]]
+  spec = sweep.plan(c)[0][0].spec
+  rid = sweep.run_id(spec, 4096, 0)
+  assert rid != sweep.run_id(spec, 8192, 0)
+  assert rid != sweep.run_id(spec, 4096, 1)
+  assert rid != sweep.run_id(spec.replace(d_ff=spec.d_ff + 16), 4096, 0)
+
+
+def test_cross_design_varies_one_factor_at_a_time(dataset):
+  c = make_config(dataset, scales="100k:2:16", d_over_sqrt_n=(0.12, 0.2, 0.32), r=(0.5, 1.5, 4.0),
+                  design="cross", n_tolerance=1.0, r_tolerance=10.0)
+  runs, dropped = sweep.plan(c)
+  points = {(r.requested["d_over_sqrt_n"], r.requested["r"]) for r in runs}
+  points |= {(d["d_over_sqrt_n"], d["r"]) for d in dropped}
+  assert points == {(0.12, 1.5), (0.2, 1.5), (0.32, 1.5), (0.2, 0.5), (0.2, 4.0)}
+
+
+def test_bad_sweep_fields_raise_before_any_work(dataset, tmp_path):
+  for field, value in (("launch", "cluster"), ("isolation", "thread"), ("loss", "best"),
+                       ("design", "random"), ("n_tolerance", 0.0)):
+    c = make_config(dataset, **{field: value})
+    with pytest.raises(ValueError, match=f"sweep.{field}"):
+      sweep.run_sweep(c, tmp_path, trainer=FakeTrainer())
+  assert not (tmp_path / sweep.RESULTS).exists()
+  c = make_config(dataset, only="no-such-run")
+  with pytest.raises(ValueError, match="sweep.only"):
+    sweep.run_sweep(c, tmp_path, trainer=FakeTrainer())
+
+
+def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(dataset, tmp_path):
+  c = make_config(dataset)
+  runs, _ = sweep.plan(c)
+  victim = runs[1].run_id
+  trainer = FakeTrainer(crash={victim})
+  counts = sweep.run_sweep(c, tmp_path, trainer=trainer)
+  assert trainer.calls == [r.run_id for r in runs]
+  assert counts["finished"] == len(runs) - 1 and counts["failed"] == 1
+  rows = list(io.read_jsonl(tmp_path / sweep.RESULTS))
+  assert len(rows) == len(runs)
+  failed = [r for r in rows if r["status"] != "finished"]
+  assert [r["run_id"] for r in failed] == [victim]
+  assert "simulated crash" in failed[0]["error"] and failed[0]["loss"] is None
+  for row in rows:
+    if row["status"] == "finished":
+      for key in ("params_nonembed", "tokens", "loss", "d_model", "mlp_attn_ratio", "gqa",
+                  "d_over_sqrt_n", "eval_loss", "final_train_loss"):
+        assert row[key] > 0, key
+      assert row["loss"] == row["eval_loss"] and row["loss_source"] == "eval"
+      assert row["tokens"] >= 4096
+      assert row["provenance"]["config"]["model"]["d_model"] == row["d_model"]
+      assert "code_revision" in row["provenance"]
+
+
+def test_rerun_skips_finished_runs_and_retries_failed_ones(dataset, tmp_path):
+  c = make_config(dataset)
+  runs, _ = sweep.plan(c)
+  victim = runs[0].run_id
+  sweep.run_sweep(c, tmp_path, trainer=FakeTrainer(crash={victim}))
+  before = (tmp_path / sweep.RESULTS).read_bytes()
+
+  no_retry = make_config(dataset, retry_failed=False)
+  again = FakeTrainer()
+  sweep.run_sweep(no_retry, tmp_path, trainer=again)
+  assert again.calls == []
+
+  again = FakeTrainer()
+  counts = sweep.run_sweep(c, tmp_path, trainer=again)
+  assert again.calls == [victim]
+  assert counts["finished"] == len(runs) and counts["failed"] == 0
+  after = (tmp_path / sweep.RESULTS).read_bytes()
+  assert after.startswith(before), "rows already written must never change"
+  assert sweep.finished_ids(tmp_path / sweep.RESULTS) == {r.run_id for r in runs}
+  finished = sweep.write_finished(tmp_path / sweep.RESULTS, tmp_path / "finished.jsonl")
+  assert sorted(r["run_id"] for r in finished) == sorted(r.run_id for r in runs)
+
+  third = FakeTrainer()
+  sweep.run_sweep(c, tmp_path, trainer=third)
+  assert third.calls == []
+  assert (tmp_path / sweep.RESULTS).read_bytes() == after
+
+
+def test_a_torn_append_never_corrupts_the_table(dataset, tmp_path):
+  c = make_config(dataset)
+  runs, _ = sweep.plan(c)
+  sweep.run_sweep(c, tmp_path, trainer=FakeTrainer(crash={runs[-1].run_id}))
+  table = tmp_path / sweep.RESULTS
+  good = list(io.read_jsonl(table))
+  # A writer killed in the middle of its row leaves a partial line without a newline.
+  torn = json.dumps({"run_id": runs[-1].run_id, "status": "finished", "loss": 1.0})[:40]
+  with open(table, "a", encoding="utf-8") as f:
+    f.write(torn)
+  assert list(io.read_jsonl(table)) == good
+  assert runs[-1].run_id not in sweep.finished_ids(table)
+
+  trainer = FakeTrainer()
+  sweep.run_sweep(c, tmp_path, trainer=trainer)
+  assert trainer.calls == [runs[-1].run_id]
+  rows = list(io.read_jsonl(table))
+  assert rows[:len(good)] == good and len(rows) == len(good) + 1
+  assert rows[-1]["status"] == "finished"
+  lines = table.read_text().splitlines()
+  assert lines[-2] == torn and json.loads(lines[-1])["run_id"] == runs[-1].run_id
+
+
+def _append_many(path, worker, n):
+  for i in range(n):
+    io.append_jsonl(path, {"run_id": f"w{worker}-{i}", "status": "finished", "pad": "x" * 5000})
+
+
+def test_concurrent_writers_never_interleave_rows(tmp_path):
+  path = tmp_path / sweep.RESULTS
+  ctx = multiprocessing.get_context("fork")
+  procs = [ctx.Process(target=_append_many, args=(path, w, 40)) for w in range(4)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join()
+  assert all(p.exitcode == 0 for p in procs)
+  lines = path.read_text().splitlines()
+  assert len(lines) == 160
+  assert {json.loads(line)["run_id"] for line in lines} == {
+      f"w{w}-{i}" for w in range(4) for i in range(40)}
+
+
+def _concurrent_sweep(dataset, workdir, log):
+  import time
+
+  class Slow(FakeTrainer):
+    def __call__(self, cfg, run_dir):
+      time.sleep(0.3)
+      with open(log, "a") as f:
+        f.write(f"{cfg.name}\n")
+      return super().__call__(cfg, run_dir)
+
+  sweep.run_sweep(make_config(dataset), workdir, trainer=Slow())
+
+
+def test_two_concurrent_sweeps_train_each_run_once(dataset, tmp_path):
+  log = tmp_path / "trained.txt"
+  ctx = multiprocessing.get_context("fork")
+  procs = [ctx.Process(target=_concurrent_sweep, args=(dataset, tmp_path, log))
+           for _ in range(2)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join()
+  assert all(p.exitcode == 0 for p in procs)
+  runs, _ = sweep.plan(make_config(dataset))
+  trained = log.read_text().split()
+  assert sorted(trained) == sorted(r.run_id for r in runs)
+  rows = list(io.read_jsonl(tmp_path / sweep.RESULTS))
+  assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in runs)
+
+
+def test_emit_writes_one_self_contained_command_per_run(dataset, tmp_path):
+  c = make_config(dataset, launch="emit")
+  counts = sweep.run_sweep(c, tmp_path, trainer=FakeTrainer())
+  runs, _ = sweep.plan(c)
+  assert counts["emitted"] == len(runs)
+  assert not (tmp_path / sweep.RESULTS).exists()
+  script = (tmp_path / sweep.LAUNCH_COMMANDS).read_text().splitlines()
+  commands = [line for line in script if line.startswith("python ")]
+  assert len(commands) == len(runs)
+  for cmd, run in zip(commands, runs, strict=True):
+    assert f"--config.sweep.only={run.run_id}" in cmd and "--mode=sweep" in cmd
+  assert os.access(tmp_path / sweep.LAUNCH_COMMANDS, os.X_OK)
+  frozen = config_lib.load_config_file(tmp_path / sweep.SWEEP_CONFIG)
+  assert frozen.sweep.launch == "local"
+  assert [r.run_id for r in sweep.plan(frozen)[0]] == [r.run_id for r in runs]
+  # What one emitted command does: train only its run, append only its row.
+  frozen.sweep.only = runs[1].run_id
+  trainer = FakeTrainer()
+  sweep.run_sweep(frozen, tmp_path, trainer=trainer)
+  assert trainer.calls == [runs[1].run_id]
+  assert [r["run_id"] for r in io.read_jsonl(tmp_path / sweep.RESULTS)] == [runs[1].run_id]
+
+
+def test_a_failing_training_process_is_recorded_with_its_error(dataset, tmp_path):
+  c = make_config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,))
+  c.train.lr = -1.0  # Training refuses this config: the child process exits non-zero.
+  counts = sweep.run_sweep(c, tmp_path)
+  assert counts["failed"] == 1
+  (row,) = io.read_jsonl(tmp_path / sweep.RESULTS)
+  assert row["status"] == "failed"
+  assert "train.lr must be a positive number" in row["error"]
+  run_dir = tmp_path / sweep.RUNS_DIR / row["run_id"]
+  assert (run_dir / "train.log").exists()
+  loaded = config_lib.load_config_file(run_dir / sweep.RUN_CONFIG)
+  assert loaded.model.d_model == row["d_model"] and loaded.train.lr == -1.0
