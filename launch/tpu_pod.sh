@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Multi-host training on a Cloud TPU VM pod slice: the same command on every worker.
+#
+#   launch/tpu_pod.sh my-tpu us-central2-b configs/llama3_2_1b.py /mnt/shared/runs/llama1b \
+#       --config.compute.dtype=bfloat16 --config.data.path=/mnt/data/dolma_llama3
+#
+# Assumes the repository is checked out at ~/archscale on every worker with its dependencies
+# installed (e.g. `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd archscale &&
+# pip install -e ."`) and the prepared dataset readable at the same path on every host. Each
+# worker runs one JAX process; jax.distributed finds its peers through the TPU metadata
+# (archscale.sharding detects the pod), and each process loads only its own rows of every batch.
+# The workdir must be one directory seen by all workers (Filestore/NFS, or a gcsfuse mount of a
+# bucket): checkpoints are written there collectively and restarts resume from them.
+set -euo pipefail
+
+tpu=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=v ...]}
+zone=${2:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=v ...]}
+config=${3:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=v ...]}
+workdir=${4:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=v ...]}
+shift 4
+
+overrides=$(printf ' %q' "$@")
+gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="cd ~/archscale && \
+  python -m archscale.main --mode=train --config=$config --workdir=$workdir \
+  --config.distributed.initialize=always$overrides"
