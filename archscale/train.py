@@ -278,12 +278,15 @@ def _opt_state_shardings(abstract_opt: Any, param_shardings: Any, mesh: jax.shar
   return jax.tree_util.tree_map_with_path(one, abstract_opt)
 
 
-def build(config: Any) -> Setup:
-  """Validates the config and derives model, mesh, shardings and data: no compilation yet."""
+def build(config: Any, with_data: bool = True) -> Setup:
+  """Validates the config and derives model, mesh, shardings and data: no compilation yet.
+
+  `with_data=False` skips the dataset (for benchmarks that feed synthetic tokens).
+  """
   validate_train_config(config)
   spec = ArchSpec.from_config(config)
   options = model_lib.ModelOptions.from_config(config)
-  info = _dataset_info(config)
+  info = _dataset_info(config) if with_data else {}
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.parse_rules(config.mesh.get("rules", ""))
   t = config.train
@@ -464,7 +467,8 @@ class _TensorBoard:
 
   def scalars(self, step: int, values: dict[str, Any]) -> None:
     summary = self._summary(value=[self._summary.Value(tag=k, simple_value=float(v))
-                                   for k, v in values.items() if isinstance(v, (int, float))])
+                                   for k, v in values.items()
+                                   if k != "step" and isinstance(v, (int, float))])
     self._writer.add_event(self._event(wall_time=time.time(), step=step, summary=summary))
 
   def close(self) -> None:

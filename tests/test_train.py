@@ -162,6 +162,20 @@ def test_weight_decay_skips_norm_scales():
   assert not mask["final_norm"]["scale"] and not mask["layers"]["attn_norm"]["scale"]
 
 
+def test_tensorboard_scalars(tmp_path):
+  pytest.importorskip("tensorboard")
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  writer = train._TensorBoard(tmp_path)
+  writer.scalars(1, {"step": 1, "loss": 2.5, "mfu": None})
+  writer.scalars(2, {"step": 2, "loss": 2.0, "mfu": None})
+  writer.close()
+  events = EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert events.Tags()["scalars"] == ["loss"]
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 2.0)]
+
+
 def one_step(config) -> tuple[dict, dict]:
   """Metrics and parameters after one train step from the seed's initialisation."""
   setup = train.build(config)
