@@ -167,6 +167,19 @@ def _positive_int(value: Any, field: str) -> int:
   return int(value)
 
 
+def d_ff_for_budget(n_nonembed: float, d_model: int, n_layers: int, d_head: int, n_heads: int,
+                    n_kv_heads: int, multiple: int) -> int | None:
+  """The d_ff (a multiple of `multiple`) that brings N closest to `n_nonembed`, or None.
+
+  N = L (attention + 3 d_model d_ff + 2 d_model) + d_model is linear in d_ff, so the nearest
+  multiple to the exact fill is the closest N. None when not even one multiple fits.
+  """
+  attention = d_model * d_head * 2 * (n_heads + n_kv_heads)
+  rest = n_nonembed - d_model - n_layers * (attention + 2 * d_model)
+  units = round(rest / (3 * d_model * n_layers * multiple))
+  return units * multiple if units >= 1 else None
+
+
 def run_id(spec: ArchSpec, tokens: int, seed: int) -> str:
   """A stable, readable id: the main dimensions plus a hash of (spec, tokens, seed)."""
   key = json.dumps({"arch": spec.to_dict(), "tokens": int(tokens), "seed": int(seed)},
@@ -237,6 +250,18 @@ def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
         dropped.append({**point, "reason": f"infeasible: {e}"})
         continue
       err = report["rel_error"]
+      if abs(err["n_nonembed"]) > s.n_tolerance:
+        # from_budget trades N against r; refilling d_ff alone may bring N back on budget.
+        d_ff = d_ff_for_budget(scale.n_nonembed, spec.d_model, spec.n_layers, spec.d_head,
+                               spec.n_heads, spec.n_kv_heads, int(s.d_ff_multiple))
+        if d_ff is not None:
+          spec = spec.replace(d_ff=d_ff)
+          err = {"n_nonembed": spec.params_nonembed / scale.n_nonembed - 1,
+                 "r": spec.mlp_attn_ratio / r - 1}
+          report = {**report, "achieved": {**report["achieved"],
+                                           "n_nonembed": spec.params_nonembed,
+                                           "d_over_sqrt_n": spec.d_over_sqrt_n,
+                                           "r": spec.mlp_attn_ratio}}
       if abs(err["n_nonembed"]) > s.n_tolerance:
         dropped.append({**point, "reason": (
             f"N off budget by {err['n_nonembed']:+.1%} (sweep.n_tolerance="
