@@ -1,0 +1,102 @@
+"""Figures for any mode: small matplotlib (Agg) helpers that write one PNG each and return its path.
+
+Each takes plain arrays, so new modules can add their own figures beside these without a layout
+framework: `panels` draws a row of small multiples (points, curves and marker lines per panel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot() -> Any:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+@dataclasses.dataclass
+class Panel:
+  """One subplot: `points` and `curves` as (x, y, label), vertical `vlines` as (x, label)."""
+  title: str
+  points: Sequence[tuple[Any, Any, str]] = ()
+  curves: Sequence[tuple[Any, Any, str]] = ()
+  vlines: Sequence[tuple[float, str]] = ()
+
+
+def panels(path: str | pathlib.Path, items: Sequence[Panel], xlabel: str, ylabel: str,
+           logx: bool = False, title: str = "") -> str:
+  """Small multiples side by side, sharing the y axis."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, max(len(items), 1), figsize=(4 * max(len(items), 1), 3.4),
+                           sharey=True, squeeze=False)
+  for ax, item in zip(axes[0], items, strict=False):
+    for x, y, label in item.points:
+      ax.scatter(x, y, s=14, alpha=0.8, label=label)
+    for x, y, label in item.curves:
+      ax.plot(x, y, lw=1.5, label=label)
+    for x, label in item.vlines:
+      ax.axvline(x, ls="--", lw=1, color="gray", label=label)
+    if logx:
+      ax.set_xscale("log")
+    ax.set_title(item.title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel(ylabel)
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
+
+
+def _grouped_scatter(ax: Any, x: np.ndarray, y: np.ndarray, groups: Sequence[str] | None) -> None:
+  groups = np.asarray(groups if groups is not None else [""] * len(x))
+  for g in dict.fromkeys(groups.tolist()):
+    i = groups == g
+    ax.scatter(x[i], y[i], s=14, alpha=0.8, label=g or None)
+  if any(groups):
+    ax.legend(fontsize=7)
+
+
+def predicted_vs_measured(path: str | pathlib.Path, predicted: Any, measured: Any,
+                          groups: Sequence[str] | None = None, title: str = "") -> str:
+  """Scatter of predicted against measured values with the y = x line."""
+  plt = _pyplot()
+  p, m = np.asarray(predicted, float), np.asarray(measured, float)
+  fig, ax = plt.subplots(figsize=(4.2, 4))
+  lo, hi = float(np.nanmin([p.min(), m.min()])), float(np.nanmax([p.max(), m.max()]))
+  ax.plot([lo, hi], [lo, hi], color="gray", lw=1)
+  _grouped_scatter(ax, m, p, groups)
+  ax.set_xlabel("measured")
+  ax.set_ylabel("predicted")
+  ax.set_title(title, fontsize=9)
+  return _save(fig, path)
+
+
+def residuals(path: str | pathlib.Path, predicted: Any, resid: Any,
+              groups: Sequence[str] | None = None, title: str = "") -> str:
+  """Residuals (measured - predicted) against the prediction."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(4.2, 3.4))
+  ax.axhline(0.0, color="gray", lw=1)
+  _grouped_scatter(ax, np.asarray(predicted, float), np.asarray(resid, float), groups)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("measured - predicted")
+  ax.set_title(title, fontsize=9)
+  return _save(fig, path)
+
+
+def _save(fig: Any, path: str | pathlib.Path) -> str:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  _pyplot().close(fig)
+  return str(path)
