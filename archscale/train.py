@@ -601,7 +601,10 @@ def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_s
   else:
     meta = {"arch": setup.spec.to_dict(), "tail_losses": {}, "train_s": 0.0, "timed_steps": 0,
             "wall_s": 0.0, "eval_loss": None}
+    init_start = time.time()
     state = init_state(setup, config.seed)
+    jax.block_until_ready(state)
+    logging.info("train: initialised the sharded state in %.1fs", time.time() - init_start)
   start_step = int(jax.device_get(state["step"]))
 
   compile_start = time.time()

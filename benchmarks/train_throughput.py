@@ -27,6 +27,9 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+# JAX reserves 75% of GPU memory by default; a 1B model's state and activations need more.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median step time is reported.")
@@ -122,7 +125,7 @@ def hf_step(config: Any) -> dict[str, Any]:
       num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads,
       num_key_value_heads=spec.n_kv_heads, head_dim=spec.d_head,
       tie_word_embeddings=spec.tie_embeddings, rms_norm_eps=spec.norm_eps,
-      max_position_embeddings=max(t, 8192), attention_bias=False, mlp_bias=False,
+      max_position_embeddings=max(t, spec.max_seq_len), attention_bias=False, mlp_bias=False,
       attn_implementation="sdpa", **rope_kwargs)
   torch.manual_seed(0)
   with torch.device("cuda"):
@@ -175,7 +178,7 @@ def hf_step(config: Any) -> dict[str, Any]:
       "mfu": b * t / step_s * flops_per_token / peak if peak else None,
       "compile_s": compile_s,
       "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
-      "loss": float(loss),
+      "loss": float(loss.detach()),
   }
 
 
