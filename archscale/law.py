@@ -19,29 +19,39 @@ Fitting: Huber (delta) or squared loss on log or linear residuals, summed over r
 Marquardt (robust losses through iteratively reweighted Gauss-Newton) or optax's L-BFGS; residuals
 and Jacobians by autodiff; all starts (Hoffmann's grid for Chinchilla, perturbations of a linear
 least-squares anchor for the conditional forms, or random) and all bootstrap replicates (row weights
-drawn from a multinomial, each warm-started from the full-data optimum) solved at once under
-`jit(vmap(...))`, in float64 enabled only inside the fitter.
+drawn from a multinomial, each warm-started from the full-data optimum) stream through one
+`jit(vmap(...))` program of LANES lanes, in float64 enabled only inside the fitter.
+
+Rows: `params_nonembed`, `tokens`, `loss` (all forms) and `d_model`, `mlp_attn_ratio` (conditional
+forms), finite and positive; other fields are kept. Rows whose `status` is not "finished" (failed
+sweep attempts) and rows outside `r_range` are excluded and listed. Scales are the rows' `scale`
+(the sweep's requested N) when every row has one, else groups of N within SCALE_FACTOR.
 
 Public API:
   load_rows(path) -> list[dict]                 results table, JSONL or CSV
   hoffmann_grid() -> np.ndarray                 the 4500 Chinchilla starts (a, b, e, alpha, beta)
   fit(rows, form=, l_opt=, r_range=, loss=, delta=, space=, solver=, starts=, n_starts=,
-      max_iter=, bootstrap=, level=, seed=) -> FitResult
-  evaluate_progressive(rows, form=, ...) -> list[dict]   fit on the smaller scales, predict the next
+      max_iter=, tol=, bootstrap=, level=, seed=) -> FitResult
+  evaluate_progressive(rows, form=, l_opt=, r_range=, **fit_kwargs) -> list[dict]
+      fit on the smaller scales, predict the next: train_scales, test_scale, mse, r2, spearman
   prediction_metrics(predicted, measured) -> {"n", "mse", "r2", "spearman"}
   load_law(path_or_dict) -> Law                 a fit.json, hand-written ones (`form`, `params`) too
-  Law.predict(n, d, x=None, r=None, l_opt=None) -> np.ndarray
+  Law(form, params).predict(n, d, x=None, r=None, l_opt=None) -> np.ndarray
       absolute loss when the law has Chinchilla params (or `l_opt` is given); otherwise the
       calibration factor u(x) v(r) (`Law.output == "factor"`) or offset u(x) + v(r) ("offset")
-  Law.calibration(x, r), Law.l_opt(n, d), Law.optimum() -> {"d_over_sqrt_n", "r", "closed_form"}
-  FitResult: law, objective, intervals, stderr, optimum, starts, metrics, samples,
-      predict_interval(n, d, x, r), to_json()
+  Law.calibration(x, r), Law.l_opt(n, d), Law.has_chinchilla,
+  Law.optimum() -> {"d_over_sqrt_n", "r", "closed_form"}
+  FitResult: law, objective, intervals, stderr, optimum, starts, metrics, samples, timings,
+      predict_interval(n, d, x, r) -> (2, ...) bounds, to_json()
   run_fit(config, workdir)                      `--mode=fit`: writes workdir/fit.json and plots
 
-fit.json: form, l_opt, params, intervals ({name: [lo, hi]} at `level`, optimum included), stderr,
-optimum (d_over_sqrt_n, r, closed_form), objective, starts (total, converged, at_best, status
-counts), settings, metrics (in_sample, progressive), l_opt_groups, rows_used, rows_excluded,
-provenance.
+fit.json: form, l_opt ("empirical", "chinchilla", a path, "given" or "none"), params, intervals
+({name: [lo, hi]} at interval_level, the optimum's d_over_sqrt_n and r included), stderr (bootstrap
+standard deviations), optimum (d_over_sqrt_n, r, closed_form, interior; null for chinchilla),
+objective, starts (total, converged, at_best, status counts), settings, metrics (in_sample;
+progressive steps), timings, l_opt_groups (N, D, L_opt, rows per budget), rows_used (each row plus
+d_over_sqrt_n, l_opt, predicted, predicted_interval, scale_index, budget_index), rows_excluded
+(each row plus reason), results, plots, provenance.
 """
 
 from __future__ import annotations
@@ -170,7 +180,7 @@ def _predict_fit_space(form: str, space: str, theta_P: Any, f: _Feats) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Solvers: one start at a time, vmapped over starts and bootstrap replicates.
+# Solvers: one start per lane; lanes are vmapped, and starts stream through them (see _solve).
 
 
 class _Spec(NamedTuple):
@@ -332,28 +342,44 @@ def _advance(spec: _Spec, state: dict[str, Any], fresh_C: Any, theta0_CP: Any, r
 _COMPILED: dict[tuple, Any] = {}
 
 
+def _bucket(n: int, least: int = 1) -> int:
+  """The next power of two >= n: padding shapes to few sizes lets compiled programs be reused."""
+  return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
 def _solve(spec: _Spec, theta0_BSP: np.ndarray, w_BR: np.ndarray, f: _Feats,
            y_R: np.ndarray) -> tuple[tuple[np.ndarray, ...], float, float]:
   """Solves every start of every replicate (replicate b weights the rows by w_BR[b]).
 
-  Returns ((theta_BSP, objective_BS, status_BS, iterations_BS), compile seconds, solve seconds).
+  Rows, replicates and lanes are padded to powers of two (padded rows weigh nothing), so fits of
+  similar size share one compiled program. Returns ((theta_BSP, objective_BS, status_BS,
+  iterations_BS), compile seconds, solve seconds).
   """
   n_b, n_s, n_p = theta0_BSP.shape
   theta0_LP = theta0_BSP.reshape(n_b * n_s, n_p)
   rep_L = np.repeat(np.arange(n_b), n_s)
-  n_lanes = min(LANES, len(theta0_LP))
+  n_lanes = min(LANES, _bucket(len(theta0_LP)))
+  pad_r = _bucket(len(y_R), 32) - len(y_R)
+  w_BR = np.pad(w_BR, ((0, _bucket(n_b) - n_b), (0, pad_r)))
+  f = _Feats(*(np.pad(a, (0, pad_r), mode="edge") for a in f))
+  y_R = np.pad(y_R, (0, pad_r), mode="edge")
   with _x64():
     args = (jnp.asarray(w_BR, jnp.float64), _Feats(*(jnp.asarray(a, jnp.float64) for a in f)),
             jnp.asarray(y_R, jnp.float64))
     init = _SOLVERS[spec.solver][0]
-    state = jax.vmap(init)(jnp.zeros((n_lanes, n_p), jnp.float64))
+    lane_job = np.where(np.arange(n_lanes) < len(theta0_LP), np.arange(n_lanes), -1)
+    theta0_CP = theta0_LP[np.maximum(lane_job, 0) % len(theta0_LP)].copy()
+    rep_C = rep_L[np.maximum(lane_job, 0) % len(theta0_LP)].copy()
+    state = jax.vmap(init)(jnp.asarray(theta0_CP))
+    state["status"] = jnp.where(jnp.asarray(lane_job) >= 0, state["status"],  # idle lanes
+                                STATUS.index("nonfinite"))
+    fresh = np.zeros(n_lanes, bool)
     key = (spec, n_lanes, n_p, w_BR.shape)
     compile_s = 0.0
     if key not in _COMPILED:
       t0 = time.perf_counter()
-      lane_args = (np.ones(n_lanes, bool), theta0_LP[:n_lanes], rep_L[:n_lanes])
       _COMPILED[key] = jax.jit(functools.partial(_advance, spec)).lower(
-          state, *lane_args, *args).compile()
+          state, fresh, theta0_CP, rep_C, *args).compile()
       compile_s = time.perf_counter() - t0
     advance = _COMPILED[key]
     t0 = time.perf_counter()
@@ -361,10 +387,7 @@ def _solve(spec: _Spec, theta0_BSP: np.ndarray, w_BR: np.ndarray, f: _Feats,
     obj_L = np.full(len(theta0_LP), np.inf)
     status_L = np.zeros(len(theta0_LP), int)
     iters_L = np.zeros(len(theta0_LP), int)
-    lane_job = np.arange(n_lanes)  # which start each lane runs; -1 when idle
-    fresh = np.ones(n_lanes, bool)
-    theta0_CP, rep_C = theta0_LP[:n_lanes].copy(), rep_L[:n_lanes].copy()
-    queue = n_lanes
+    queue = n_lanes  # the next start to hand to a free lane; lane_job is -1 on idle lanes
     while (lane_job >= 0).any():
       state = advance(state, fresh, theta0_CP, rep_C, *args)
       status = np.asarray(state["status"])
@@ -893,12 +916,15 @@ def _resolve_l_opt(l_opt: Any, table: _Table, settings: dict[str, Any],
                       mins, rng)
     params = {k: float(v) for k, v in _theta_to_params("chinchilla", sol.theta).items()}
     return Law("chinchilla", params).l_opt(table.n, table.d), params, "chinchilla"
-  law = l_opt if isinstance(l_opt, Law) else (
-      Law("chinchilla", dict(l_opt)) if isinstance(l_opt, Mapping) else None)
-  if law is None and isinstance(l_opt, (str, pathlib.Path)):
+  law = None
+  if isinstance(l_opt, Law):
+    law = l_opt
+  elif isinstance(l_opt, Mapping):
+    law = load_law(l_opt) if "params" in l_opt else Law("chinchilla", dict(l_opt))
+  elif isinstance(l_opt, (str, pathlib.Path)) and pathlib.Path(l_opt).is_file():
     law = load_law(l_opt)
   if law is None or not (law.form == "chinchilla" or law.has_chinchilla):
-    raise ValueError(f"l_opt={l_opt!r} must be 'chinchilla', 'empirical', a fit.json with "
+    raise ValueError(f"l_opt={l_opt!r} must be one of {list(L_OPTS)}, the path of a fit.json with "
                      f"Chinchilla params {list(CHINCHILLA_KEYS)}, or those params")
   params = {k: law.params[k] for k in CHINCHILLA_KEYS}
   source = str(l_opt) if isinstance(l_opt, (str, pathlib.Path)) else "given"
@@ -949,16 +975,24 @@ class FitResult:
     """
     if not self.samples:
       raise ValueError("this fit has no bootstrap replicates; refit with bootstrap > 0")
+    form = self.law.form
     level = self.settings["level"] if level is None else level
-    n_rep = len(next(iter(self.samples.values())))
-    chin = {k: v for k, v in self.law.params.items() if k in CHINCHILLA_KEYS}
-    preds = []
-    for i in range(n_rep):
-      params = dict(chin, **{k: float(v[i]) for k, v in self.samples.items()
-                             if k in PARAM_KEYS[self.law.form]})
-      preds.append(Law(self.law.form, params, self.law.box).predict(n, d, x, r, l_opt))
+    params = {k: v for k, v in self.samples.items() if k in PARAM_KEYS[form]}
+    theta_BP = _params_to_theta(form, params)
+    if form == "chinchilla":
+      n, d = np.broadcast_arrays(np.asarray(n, np.float64), np.asarray(d, np.float64))
+      pred_BR = np.exp(_chinchilla_log(theta_BP, np.log(n.ravel()), np.log(d.ravel()), np))
+      shape = n.shape
+    else:
+      x, r = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(r, np.float64))
+      pred_BR = _calibration(form, theta_BP, x.ravel(), r.ravel(), np)
+      shape = x.shape
+      if l_opt is None and self.law.has_chinchilla:
+        l_opt = self.law.l_opt(n, d)
+      if l_opt is not None:
+        pred_BR = _combine(form, np.broadcast_to(l_opt, shape).ravel(), pred_BR)
     q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
-    return np.nanpercentile(np.stack(preds), q, axis=0)
+    return np.nanpercentile(pred_BR, q, axis=0).reshape((2,) + shape)
 
   def to_json(self) -> dict[str, Any]:
     """The fit.json document (without provenance)."""
@@ -1051,18 +1085,22 @@ def fit(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
   if form == "chinchilla":
     for row in rows_used:
       row.pop("d_over_sqrt_n")
-  groups = []
-  if l_opt_R is not None:
-    for g in range(table.budget.max() + 1):
-      i = np.flatnonzero(table.budget == g)
-      groups.append(dict(params_nonembed=float(np.median(table.n[i])),
-                         tokens=float(np.median(table.d[i])), l_opt=float(l_opt_R[i[0]]),
-                         rows=len(i)))
-  return FitResult(
+  result = FitResult(
       law=law, objective=sol.objective, settings=settings, l_opt=l_opt_desc, intervals=intervals,
       stderr=stderr, optimum=optimum, starts=sol.starts,
       metrics=dict(in_sample=prediction_metrics(pred, table.loss)), rows_used=rows_used,
-      rows_excluded=table.excluded, l_opt_groups=groups, samples=samples, timings=sol.timings)
+      rows_excluded=table.excluded, l_opt_groups=[], samples=samples, timings=sol.timings)
+  if samples:
+    lo, hi = result.predict_interval(table.n, table.d, table.x, table.r, l_opt=l_opt_R)
+    for row, lo_i, hi_i in zip(rows_used, lo, hi, strict=True):
+      row["predicted_interval"] = [float(lo_i), float(hi_i)]
+  if l_opt_R is not None:
+    for g in range(table.budget.max() + 1):
+      i = np.flatnonzero(table.budget == g)
+      result.l_opt_groups.append(dict(
+          params_nonembed=float(np.median(table.n[i])), tokens=float(np.median(table.d[i])),
+          l_opt=float(l_opt_R[i[0]]), rows=len(i)))
+  return result
 
 
 def evaluate_progressive(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
@@ -1096,7 +1134,9 @@ def evaluate_progressive(rows: Sequence[Mapping[str, Any]], form: str = "multipl
     if form != "chinchilla" and not law.has_chinchilla:
       test_l_opt = _empirical_l_opt(test)
     pred = law.predict(test.n, test.d, test.x, test.r, l_opt=test_l_opt)
-    steps.append(dict(step, **prediction_metrics(pred, test.loss), params=dict(law.params)))
+    metrics = prediction_metrics(pred, test.loss)
+    steps.append(dict(step, mse=metrics["mse"], r2=metrics["r2"], spearman=metrics["spearman"],
+                      params=dict(law.params)))
     logging.info("progressive: %s -> %.3g: %s", step["train_scales"], step["test_scale"],
                  {k: steps[-1][k] for k in ("mse", "r2", "spearman")})
   return steps
@@ -1113,7 +1153,7 @@ def _fit_plots(result: FitResult, workdir: pathlib.Path) -> list[str]:
   pred = np.array([row["predicted"] for row in rows])
   scale = np.array([row["scale_index"] for row in rows])
   n = np.array([float(row["params_nonembed"]) for row in rows])
-  labels = [f"N={np.median(n[scale == s]):.3g}" for s in scale]
+  labels = [f"N={plots.human(np.median(n[scale == s]))}" for s in scale]
   written = [plots.predicted_vs_measured(workdir / "fit_predicted_vs_measured.png", pred, loss,
                                          labels, title=f"{law.form} fit"),
              plots.residuals(workdir / "fit_residuals.png", pred, loss - pred, labels,

@@ -46,7 +46,7 @@ def panels(path: str | pathlib.Path, items: Sequence[Panel], xlabel: str, ylabel
     for x, label in item.vlines:
       ax.axvline(x, ls="--", lw=1, color="gray", label=label)
     if logx:
-      ax.set_xscale("log")
+      _log_x(ax)
     ax.set_title(item.title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.legend(fontsize=7)
@@ -54,6 +54,25 @@ def panels(path: str | pathlib.Path, items: Sequence[Panel], xlabel: str, ylabel
   if title:
     fig.suptitle(title)
   return _save(fig, path)
+
+
+def _log_x(ax: Any) -> None:
+  """Log x axis labelled at 1, 2 and 5 per decade in plain numbers (no overlapping minor labels)."""
+  from matplotlib import ticker
+
+  ax.set_xscale("log")
+  axis = ax.xaxis
+  axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+  axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def human(value: float) -> str:
+  """80000000 -> "80M": compact labels for parameter and token counts."""
+  for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+    if abs(value) >= div:
+      return f"{value / div:.3g}{unit}"
+  return f"{value:.3g}"
 
 
 def _grouped_scatter(ax: Any, x: np.ndarray, y: np.ndarray, groups: Sequence[str] | None) -> None:

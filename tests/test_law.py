@@ -339,7 +339,7 @@ def test_degenerate_data_is_refused():
     (dict(delta=0.0), r"delta=0.0 is out of range"),
     (dict(bootstrap=-1), r"bootstrap=-1"),
     (dict(level=1.5), r"level=1.5"),
-    (dict(l_opt="optimal"), r"law file optimal does not exist"),
+    (dict(l_opt="optimal"), r"l_opt='optimal' must be one of \['chinchilla', 'empirical'\]"),
     (dict(l_opt={"E": 1.0}), r"missing params"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
