@@ -320,7 +320,9 @@ class Transformer(nn.Module):
     else:
       head_DV = _param(self, "lm_head", (s.d_model, s.vocab_size), ("embed", "vocab"),
                        _normal(_INIT_STD), o)
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV, preferred_element_type=jnp.float32)
+    # The product is rounded to the compute dtype before the float32 cast (as autocast does):
+    # with a float32 result its backward would run the vocab-sized matmuls in float32.
+    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV).astype(jnp.float32)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
     if cache is None:
       return logits_BTV, None

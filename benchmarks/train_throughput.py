@@ -10,7 +10,11 @@ ratio. Both MFUs use `ArchSpec.train_flops_per_token` against `train.peak_flops`
 
   python benchmarks/train_throughput.py --config=configs/llama3_2_1b.py \\
       --config.compute.dtype=bfloat16 --config.compute.attention=cudnn \\
-      --config.data.seq_len=2048 --config.train.global_batch_size=8
+      --config.compute.remat=dots_no_batch --config.data.seq_len=2048 \\
+      --config.train.global_batch_size=8
+
+(Without remat the 1B step needs ~58 GB of activations at batch 8 and runs slower under memory
+pressure; `dots_no_batch` keeps the matmul outputs and recomputes norms, RoPE, SiLU, attention.)
 
 On CPU (smoke test): --config=configs/demo.py --config.train.global_batch_size=4 --steps=2
 """
