@@ -111,6 +111,9 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
       output_len=1024,
       repeats=5,
       dtype="bfloat16",
+      attention="auto",         # prefill kernel: auto (cudnn on GPU in 16-bit) | xla | dpa | cudnn
+      decode_attention="auto",  # decode-step kernel, same choices
+      accelerator="auto",       # costmodel.ACCELERATORS key; auto = from the device kind
   ))
 
   c.fit = ml_collections.ConfigDict(dict(
