@@ -445,6 +445,9 @@ def plot_throughput(rows: Sequence[dict[str, Any]], path: str | pathlib.Path,
     if ok:
       ax.plot([b for b, _ in ok], [v for _, v in ok], marker="o", label=arch)
   ax.set_xscale("log", base=2)
+  batches = sorted({r["batch_size"] for r in rows})
+  ax.set_xticks(batches, [str(b) for b in batches])
+  ax.minorticks_off()
   ax.set_xlabel("batch size")
   ax.set_ylabel("output tokens / s")
   if rows:
@@ -533,9 +536,8 @@ def run_decode_bench(config: Any, workdir: pathlib.Path) -> list[dict[str, Any]]
     except ValueError as err:
       raise ValueError(f"bench.archs: {err}") from None
   rows = run_sweep(specs, bench.batch_sizes, int(bench.input_len), int(bench.output_len),
-                   int(bench.repeats), bench.dtype, bench.get("attention", "auto"),
-                   bench.get("decode_attention", "auto"), bench.get("accelerator", "auto"),
-                   bool(config.compute.scan_layers), int(config.seed))
+                   int(bench.repeats), bench.dtype, bench.attention, bench.decode_attention,
+                   bench.accelerator, bool(config.compute.scan_layers), int(config.seed))
   workdir = pathlib.Path(workdir)
   io.write_json_atomic(workdir / "decode_bench.json", rows)
   io.write_json_atomic(workdir / "decode_bench_provenance.json", io.provenance(config))

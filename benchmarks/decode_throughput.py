@@ -37,7 +37,7 @@ EXPERIMENTS = {
     "peer": dict(archs="llama3_2_1b", batch_sizes="1,16,64", input_len=1024, output_len=256,
                  repeats=5),
     "arch_ratio": dict(archs="llama3_2_1b,surefire_1b", batch_sizes="1,2,4,8,16,32,64",
-                       input_len=4096, output_len=1024, repeats=2),
+                       input_len=4096, output_len=1024, repeats=1),
 }
 QUICK = dict(batch_sizes="1,2", input_len=24, output_len=8, repeats=1, dtype="float32")
 # Tiny stand-ins for --quick: the demo architecture and a multi-query variant of it.
