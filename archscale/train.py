@@ -7,7 +7,14 @@
                   mfu, tokens (and eval_loss at eval steps)
   checkpoints/    orbax checkpoints: the train state (step, params, optimiser state) plus a small
                   JSON with the run's running totals
-  summary.json    written once the run finishes (keys in `_summary`)
+  summary.json    written once the run finishes: arch (the ArchSpec), params_nonembed, tokens,
+                  steps, final_train_loss (mean over the last 2% of steps, at least one),
+                  eval_loss (at the last step), tokens_per_sec and mfu (steady state: compile,
+                  eval and checkpoint pauses excluded), wall_s (all sessions), compile_s
+
+Data: `train()` reads the prepared dataset at `data.path` and refuses to start without one (a sweep
+shares one dataset); `--mode=train` with `data.path` empty and `data.source` set first prepares
+it into DIR/data. SIGTERM (preemption) checkpoints at the next step boundary and stops cleanly.
 
 Rerunning with the same DIR resumes from the latest checkpoint. Batches are a pure function of
 (data seed, step) (`archscale.data.Batches`), so the step stored in the train state is the whole
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import pathlib
 import signal
@@ -516,7 +524,6 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
   rows = list(io.read_jsonl(path))
   kept = [r for r in rows if r.get("step", 0) <= last_step]
   if len(kept) != len(rows):
-    import json
     io.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -534,10 +541,11 @@ def train(config: Any, workdir: str | pathlib.Path,
   wall_start = time.time()
   workdir = pathlib.Path(workdir)
   sharding.initialize_distributed(config.distributed)
+  logging.info("%s", sharding.describe_topology())
   setup = build(config)
   t = config.train
   is_main = jax.process_index() == 0
-  logging.info("%s", sharding.describe_topology(setup.mesh))
+  logging.info("mesh: %s", " x ".join(f"{a}={n}" for a, n in setup.mesh.shape.items()))
 
   finished = _finished_summary(workdir, config, setup.spec)
   if finished is not None:
@@ -570,7 +578,6 @@ def _finished_summary(workdir: pathlib.Path, config: Any, spec: ArchSpec) -> dic
   path = workdir / "summary.json"
   if not path.exists():
     return None
-  import json
   summary = json.loads(path.read_text())
   if summary.get("steps") == config.train.steps and summary.get("arch") == spec.to_dict():
     return summary
