@@ -1,0 +1,319 @@
+"""The whole study in one command (`--mode=pipeline`): data, sweep, fit, bench, search, report.
+
+Steps, in order, each writing into WORKDIR:
+
+  prepare_data  tokenized corpus in WORKDIR/data (unless data.path names a prepared one)
+  sweep         WORKDIR/runs/<run_id>/, results.jsonl                    (archscale.sweep)
+  fit           fit.json and its plots, from results.jsonl                (archscale.law)
+  decode_bench  decode_bench.json / .png for bench.archs on this machine  (archscale.decode)
+  search        search.json, pareto.png, panda.py, surefire.py            (archscale.search)
+  report        report.md: the key numbers and every plot
+
+A finished step leaves WORKDIR/.done/<step> (its wall time and when it ended); rerunning the
+pipeline skips those, and the sweep itself skips finished runs and resumes an interrupted one, so
+an interrupted pipeline picks up where it stopped. Delete a marker to redo that step.
+
+The fit, search and report steps read what earlier steps wrote: fit.results defaults to this
+workdir's results.jsonl (the fit reads its finished rows, snapshot to results_finished.jsonl, as
+the table also records failed attempts), search.law to this workdir's fit.json and
+search.calibration to the bench's calibration (when the bench ran on an accelerator of the cost
+model's table).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from archscale import io, sweep
+
+STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
+DONE_DIR = ".done"
+REPORT = "report.md"
+SWEEP_PNG = "sweep.png"
+FIT_ROWS = "results_finished.jsonl"  # the finished rows of results.jsonl, one per run
+
+
+def _say(msg: str) -> None:
+  print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stdout, flush=True)
+
+
+def _done(workdir: pathlib.Path, step: str) -> pathlib.Path:
+  return workdir / DONE_DIR / step
+
+
+def _stage_config(config: Any, workdir: pathlib.Path) -> Any:
+  """The config every step sees: paths wired to this workdir's outputs."""
+  from archscale import data as data_lib
+
+  c = config.copy_and_resolve_references()
+  c.data.path = str(data_lib.data_path(config, workdir).resolve())
+  c.fit.results = str(c.fit.results or workdir.resolve() / sweep.RESULTS)
+  c.search.law = str(c.search.law or workdir.resolve() / "fit.json")
+  c.search.calibration = str(c.search.calibration or "")
+  return c
+
+
+def _prepare_data(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
+  from archscale import data as data_lib
+
+  path = pathlib.Path(config.data.path)
+  if (path / data_lib.METADATA).exists():
+    info = data_lib.dataset_info(path)
+  else:
+    if not str(config.data.source).strip():
+      raise ValueError("data.source is empty and data.path holds no prepared dataset: set "
+                       "data.source (e.g. 'kjv') or data.path")
+    info = data_lib.prepare(config.data.source, path, config.data.tokenizer,
+                            text_field=config.data.text_field,
+                            eval_fraction=config.data.eval_fraction,
+                            bpe_vocab_size=config.data.bpe_vocab_size,
+                            text_docs=config.data.text_docs, eos_token=config.data.eos_token)
+  say(f"data: {info['tokens']['train']:,} train / {info['tokens']['eval']:,} eval tokens "
+      f"({info['tokenizer']} tokenizer, vocab {info['vocab_size']}) in {path}")
+
+
+def _sweep(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
+  counts = sweep.run_sweep(config, workdir, progress=say)
+  if counts["finished"] < counts["planned"]:
+    raise RuntimeError(
+        f"sweep: only {counts['finished']} of {counts['planned']} runs finished "
+        f"({counts['failed']} failed, {counts['skipped']} held by another process); see "
+        f"{workdir / sweep.RESULTS} and the runs' train.log, then rerun the pipeline")
+
+
+def _fit(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
+  from archscale import law as law_lib
+
+  if config.fit.results == str(workdir.resolve() / sweep.RESULTS):
+    config = config.copy_and_resolve_references()
+    config.fit.results = str(workdir.resolve() / FIT_ROWS)
+    rows = sweep.write_finished(workdir / sweep.RESULTS, config.fit.results)
+  else:
+    rows = list(io.read_jsonl(config.fit.results))
+  say(f"fit: {config.fit.form} law (L_opt: {config.fit.l_opt}) on {len(rows)} finished runs")
+  law_lib.run_fit(config, workdir)
+  fit = json.loads((workdir / "fit.json").read_text())
+  say(f"fit: params {_fmt_params(fit.get('params', {}))}; optimum {fit.get('optimum')}")
+
+
+def _decode_bench(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
+  from archscale import decode
+
+  say(f"decode_bench: {config.bench.archs} at batch sizes {tuple(config.bench.batch_sizes)}, "
+      f"{config.bench.input_len} prompt + {config.bench.output_len} generated tokens")
+  rows = decode.run_decode_bench(config, workdir)
+  for r in rows:
+    if r.get("error"):
+      say(f"decode_bench: {r['arch']} batch {r['batch_size']}: {r['error']}")
+    else:
+      say(f"decode_bench: {r['arch']} batch {r['batch_size']}: "
+          f"{r['output_tokens_per_s']:,.0f} output tokens/s, step {r['step_ms_median']:.2f} ms")
+
+
+def _search(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
+  from archscale import search
+
+  calibration = workdir / "calibration.json"
+  if not config.search.calibration and calibration.exists():
+    config.search.calibration = str(calibration)
+  out = search.run_search(config, workdir)
+  say(f"search: {len(out['candidates'])} candidates, target {out['target']:.5g} "
+      f"({out['loss_units']}), throughput from {out['scenario']['throughput']}")
+  for name in ("baseline", "panda", "surefire"):
+    if out.get(name):
+      say(f"search: {name:8s} {_arch_line(out[name])}")
+
+
+def run_pipeline(config: Any, workdir: pathlib.Path) -> dict[str, float]:
+  """`--mode=pipeline`: every step not yet done, in order; returns each step's seconds."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  c = _stage_config(config, workdir)
+  sweep.validate(c)  # Fail on a bad sweep section before preparing anything.
+  if c.sweep.launch != "local":
+    raise ValueError("the pipeline trains its sweep here: set sweep.launch='local' (or run "
+                     "--mode=sweep with launch='emit' on a cluster, then --mode=fit and search)")
+  steps: dict[str, Callable[[Any, pathlib.Path, Callable[[str], None]], None]] = {
+      "prepare_data": _prepare_data, "sweep": _sweep, "fit": _fit,
+      "decode_bench": _decode_bench, "search": _search, "report": write_report,
+  }
+  start = time.time()
+  times: dict[str, float] = {}
+  _say(f"workdir {workdir.resolve()}; steps: {', '.join(STEPS)}")
+  for i, name in enumerate(STEPS, 1):
+    marker = _done(workdir, name)
+    if marker.exists():
+      times[name] = json.loads(marker.read_text()).get("seconds", 0.0)
+      _say(f"[{i}/{len(STEPS)}] {name}: done before (delete {marker} to redo)")
+      continue
+    _say(f"[{i}/{len(STEPS)}] {name} ...")
+    t0 = time.time()
+    steps[name](c, workdir, lambda msg, i=i: _say(f"[{i}/{len(STEPS)}] {msg}"))
+    times[name] = time.time() - t0
+    io.write_json_atomic(marker, {"seconds": times[name],
+                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    _say(f"[{i}/{len(STEPS)}] {name}: done in {times[name]:.0f}s "
+         f"({time.time() - start:.0f}s this call)")
+  _say(f"all steps done; report: {workdir.resolve() / REPORT}")
+  return times
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+  return ", ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                   for k, v in params.items())
+
+
+def _count(n: float) -> str:
+  """80000000 -> "80M", 50000 -> "50k"."""
+  for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+    if n >= div:
+      return f"{n / div:.3g}{suffix}"
+  return f"{n:.3g}"
+
+
+def _arch_line(a: dict[str, Any]) -> str:
+  speed = f"{a['throughput']:,.0f} tok/s" if a.get("throughput") else "no throughput"
+  return (f"d_model {a['d_model']}, d_ff {a['d_ff']}, heads {a['n_heads']}/{a['n_kv_heads']} "
+          f"(GQA {a['gqa']}), x {a['d_over_sqrt_n']:.3f}, r {a['mlp_attn_ratio']:.2f}, "
+          f"predicted {a['predicted_loss']:.5g}, {speed}")
+
+
+def plot_sweep(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+  """Loss against d_model/sqrt(N) and against r, one colour per scale (the U-curves)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import matplotlib.ticker
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  scales = sorted({r["scale"] for r in rows})
+  for i, scale in enumerate(scales):
+    mine = [r for r in rows if r["scale"] == scale]
+    color = plt.cm.viridis(i / max(1, len(scales) - 1))
+    for ax, key in zip(axes, ("d_over_sqrt_n", "mlp_attn_ratio"), strict=True):
+      pts = sorted((r[key], r["loss"]) for r in mine)
+      ax.plot(*zip(*pts, strict=True), "o", color=color, label=f"N = {_count(scale)}")
+  axes[0].set_xlabel("d_model / sqrt(N)")
+  axes[1].set_xlabel("r = MLP / attention parameters")
+  axes[1].set_xscale("log")
+  axes[1].set_xticks([0.5, 1, 2, 3, 5])
+  axes[1].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  axes[0].set_ylabel(f"loss ({rows[0].get('loss_source', 'eval')})")
+  for ax in axes:
+    ax.grid(True, alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle("sweep: loss by architecture")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+  def cell(v: Any) -> str:
+    if isinstance(v, float):
+      return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return "" if v is None else str(v)
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> pathlib.Path:
+  """report.md: what each step produced, with the plots inline (relative paths)."""
+  out = [f"# archscale pipeline report: {config.name}", ""]
+  times = {}
+  for step in STEPS[:-1]:
+    marker = _done(workdir, step)
+    if marker.exists():
+      times[step] = json.loads(marker.read_text()).get("seconds", 0.0)
+  if times:
+    out += ["Step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+            + f" (total {sum(times.values()):.0f}s).", ""]
+
+  rows = [r for r in sweep.latest_rows(workdir / sweep.RESULTS).values()]
+  done = sorted((r for r in rows if r.get("status") == "finished"),
+                key=lambda r: (r["scale"], r["d_over_sqrt_n"], r["mlp_attn_ratio"]))
+  failed = [r for r in rows if r.get("status") != "finished"]
+  out += ["## Sweep", "",
+          f"{len(done)} runs finished, {len(failed)} not finished (`{sweep.RESULTS}`). "
+          f"`loss` is the {done[0].get('loss_source', 'eval') if done else 'eval'} loss.", ""]
+  if done:
+    plot_sweep(done, workdir / SWEEP_PNG)
+    out += [f"![sweep]({SWEEP_PNG})", "",
+            _table(["run", "N", "tokens", "d_model", "d_ff", "heads", "x", "r", "loss"],
+                   [[r["run_id"], r["params_nonembed"], r["tokens"], r["d_model"], r["d_ff"],
+                     f"{r['n_heads']}/{r['n_kv_heads']}", r["d_over_sqrt_n"],
+                     r["mlp_attn_ratio"], r["loss"]] for r in done]), ""]
+
+  fit_path = workdir / "fit.json"
+  if fit_path.exists():
+    fit = json.loads(fit_path.read_text())
+    out += ["## Fit", "", f"Form `{fit.get('form')}`, L_opt `{fit.get('l_opt')}`: "
+            f"{_fmt_params(fit.get('params', {}))}.", ""]
+    opt = fit.get("optimum") or {}
+    if opt:
+      show = lambda v: "none (the fitted curve has no minimum)" if v is None else f"{v:.4g}"
+      out += [f"Loss-optimal shape: d_model/sqrt(N) = {show(opt.get('d_over_sqrt_n'))}, "
+              f"r = {show(opt.get('r'))}.", ""]
+    metrics = (fit.get("metrics") or {}).get("in_sample")
+    if metrics:
+      out += ["In-sample: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in metrics.items()) + ".", ""]
+    for png in sorted(workdir.glob("fit*.png")):
+      out += [f"![{png.stem}]({png.name})", ""]
+
+  bench_path = workdir / "decode_bench.json"
+  if bench_path.exists():
+    bench = json.loads(bench_path.read_text())
+    out += ["## Decode benchmark (this machine)", "",
+            _table(["arch", "batch", "in/out", "output tok/s", "step ms (median)", "error"],
+                   [[pathlib.Path(str(r["arch"])).stem, r["batch_size"],
+                     f"{r['input_len']}/{r['output_len']}", r.get("output_tokens_per_s"),
+                     r.get("step_ms_median"), r.get("error")] for r in bench]), ""]
+    if (workdir / "decode_bench.png").exists():
+      out += ["![decode bench](decode_bench.png)", ""]
+
+  search_path = workdir / "search.json"
+  if search_path.exists():
+    s = json.loads(search_path.read_text())
+    units = {"loss": "loss", "factor": "L / L_opt", "offset": "L - L_opt"}[s["loss_units"]]
+    sc = s["scenario"]
+    b = s["budget"]
+    out += ["## Search (Algorithm 1)", "",
+            f"Budget N={b['n_nonembed']:,.0f}, D={b['tokens']:,.0f}, {b['n_layers']} layers, "
+            f"d_head {b['d_head']}. Target `{s['target_spec']}` = {s['target']:.5g} ({units}). "
+            f"Throughput: {sc['throughput']}, batch {sc['batch_size']}, "
+            f"{sc['input_len']} prompt / {sc['output_len']} generated tokens. "
+            f"{len(s['candidates'])} candidates, {len(s['pareto'])} on the Pareto frontier.", ""]
+    base_speed = (s.get("baseline") or {}).get("throughput")
+    table = []
+    for name in ("baseline", "panda", "surefire"):
+      a = s.get(name)
+      if a:
+        speedup = (a["throughput"] / base_speed if base_speed and a.get("throughput") else None)
+        table.append([name, a["d_model"], a["d_ff"], f"{a['n_heads']}/{a['n_kv_heads']}",
+                      a["gqa"], a["d_over_sqrt_n"], a["mlp_attn_ratio"], a["params_nonembed"],
+                      a["predicted_loss"], a.get("throughput"),
+                      None if speedup is None else f"{speedup:.2f}x"])
+    out += [_table(["", "d_model", "d_ff", "heads", "GQA", "x", "r", "N", f"predicted {units}",
+                    "tok/s", "vs baseline"], table), "",
+            "![pareto](pareto.png)", "",
+            "Configs: [panda.py](panda.py), [surefire.py](surefire.py) "
+            "(`python -m archscale.main --config=WORKDIR/panda.py --mode=train`).", ""]
+    if not math.isfinite(s["target"]):
+      out += ["The target is not finite; check the law.", ""]
+  path = workdir / REPORT
+  io.write_text_atomic(path, "\n".join(out))
+  say(f"report: {path}")
+  return path

@@ -1,0 +1,142 @@
+"""The pipeline end to end at toy size, interrupted mid-sweep and resumed."""
+
+import json
+import pathlib
+
+import pytest
+
+from archscale import config_lib, io, pipeline, sweep
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def tiny_config(corpus):
+  """configs/demo.py shrunk: one 12k-parameter scale, six runs of three steps, tiny bench."""
+  c = config_lib.load_config_file(CONFIGS / "demo.py")
+  c.data.source = str(corpus)
+  c.data.text_docs = "line"
+  c.data.eval_fraction = 0.1
+  c.data.seq_len = 32
+  c.train.global_batch_size = 4
+  c.train.eval_batches = 1
+  c.train.log_every = 1
+  c.sweep.scales = "12k:1:8"
+  c.sweep.tokens = 3 * 4 * 32
+  c.sweep.d_over_sqrt_n = (0.12, 0.2, 0.3, 0.45)
+  c.sweep.r = (0.7, 1.5, 3.5)
+  c.sweep.design = "cross"
+  c.sweep.isolation = "none"
+  c.fit.bootstrap = 0
+  c.bench.batch_sizes = (2,)
+  c.bench.input_len = 8
+  c.bench.output_len = 4
+  c.bench.repeats = 1
+  c.search.n_nonembed = 12_000
+  c.search.n_layers = 1
+  c.search.d_head = 8
+  c.search.tokens = 384
+  c.search.batch_size = 4
+  c.search.input_len = 32
+  c.search.output_len = 16
+  c.search.gqa_max = 4
+  return c
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  path = tmp_path / "corpus.txt"
+  path.write_text("\n".join(f"In the beginning {i} was the word, and the word was {i % 7}."
+                            for i in range(300)))
+  return path
+
+
+class Interrupt(KeyboardInterrupt):
+  pass
+
+
+def fake_train(cfg, run_dir):
+  """A summary without training (keeps the test fast): loss falls with width, rises with r."""
+  m = cfg.model
+  loss = 5.3 + 0.3 / (m.d_model ** 0.5) + 0.02 * abs(m.d_ff / (m.d_head * m.n_heads) - 1.5)
+  tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.data.seq_len
+  return {"status": "finished", "eval_loss": loss, "final_train_loss": loss, "tokens": tokens,
+          "steps": cfg.train.steps, "seq_len": cfg.data.seq_len,
+          "global_batch_size": cfg.train.global_batch_size}
+
+
+def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_path,
+                                                                   monkeypatch, capsys):
+  c = tiny_config(corpus)
+  runs, _ = sweep.plan(c)
+  assert len(runs) == 6
+  workdir = tmp_path / "work"
+  real_train = sweep.train_in_process
+  trained = []
+
+  def interrupting(cfg, run_dir):
+    if len(trained) == 1:
+      raise Interrupt("Ctrl-C during the second run")
+    trained.append(cfg.name)
+    return real_train(cfg, run_dir)
+
+  monkeypatch.setattr(sweep, "train_in_process", interrupting)
+  with pytest.raises(Interrupt):
+    pipeline.run_pipeline(c, workdir)
+  assert (workdir / ".done" / "prepare_data").exists()
+  assert not (workdir / ".done" / "sweep").exists()
+  table = workdir / sweep.RESULTS
+  first_rows = table.read_bytes()
+  assert [r["run_id"] for r in io.read_jsonl(table)] == trained
+  for run_id in trained:
+    assert (workdir / sweep.RUNS_DIR / run_id / "summary.json").exists()
+
+  resumed = []
+
+  def resuming(cfg, run_dir):
+    # Really trains the run that was interrupted; the last four only pretend, for speed.
+    resumed.append(cfg.name)
+    return real_train(cfg, run_dir) if len(resumed) == 1 else fake_train(cfg, run_dir)
+
+  monkeypatch.setattr(sweep, "train_in_process", resuming)
+  capsys.readouterr()
+  times = pipeline.run_pipeline(c, workdir)
+  out = capsys.readouterr().out
+  assert "prepare_data: done before" in out and "[2/6] sweep" in out
+  assert resumed == [r.run_id for r in runs if r.run_id not in trained]
+  assert set(times) == set(pipeline.STEPS)
+
+  rows = list(io.read_jsonl(table))
+  assert table.read_bytes().startswith(first_rows)
+  assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in runs)
+  assert all(r["status"] == "finished" and r["loss"] > 0 for r in rows)
+
+  fit = json.loads((workdir / "fit.json").read_text())
+  assert fit["form"] == "multiplicative"
+  bench = json.loads((workdir / "decode_bench.json").read_text())
+  assert bench and all(r["output_tokens_per_s"] > 0 for r in bench)
+  result = json.loads((workdir / "search.json").read_text())
+  assert result["loss_units"] == "factor"
+  assert result["panda"]["params_nonembed"] == pytest.approx(12_000, rel=0.05)
+  for name in ("panda", "surefire"):
+    if result[name] is not None:
+      loaded = config_lib.load_config_file(workdir / f"{name}.py")
+      assert loaded.model.d_model == result[name]["d_model"]
+  report = (workdir / pipeline.REPORT).read_text()
+  for piece in ("## Sweep", "## Fit", "## Decode benchmark", "## Search", "pareto.png",
+                "sweep.png"):
+    assert piece in report
+  assert (workdir / "pareto.png").exists() and (workdir / "sweep.png").exists()
+
+  # A third call finds every step done and trains nothing.
+  resumed.clear()
+  pipeline.run_pipeline(c, workdir)
+  assert resumed == []
+  assert "all steps done" in capsys.readouterr().out
+
+
+def test_pipeline_rejects_an_emitting_sweep_before_training(corpus, tmp_path):
+  c = tiny_config(corpus)
+  c.sweep.launch = "emit"
+  with pytest.raises(ValueError, match="sweep.launch"):
+    pipeline.run_pipeline(c, tmp_path)
+  assert not (tmp_path / sweep.RESULTS).exists()
