@@ -10,7 +10,7 @@ The KV cache is an explicit pytree (`KVCache`) passed in and returned, never a m
   model = Transformer(spec, ModelOptions())
   params = init_params(model, jax.random.key(0))
   logits_BTV = forward(model, params, tokens_BT)
-  logits_BTV, cache = prefill(model, params, prompt_BT, max_len=1024)
+  logits_BTV, cache = prefill(model, params, prompt_BT, max_len=1024)  # last_only=True: [B, 1, V]
   logits_BV, cache = decode_step(model, params, cache, next_token_B)
 
 Shape suffixes: B batch, T query positions, S cached (key) positions, D d_model, N query heads,
@@ -81,23 +81,29 @@ class ModelOptions:
 
 
 class KVCache(NamedTuple):
-  """Keys and values for every layer, preallocated to `max_len`; `end` = positions filled."""
+  """Keys and values preallocated to `max_len`, one buffer per layer; `end` = positions filled.
 
-  k_LBSKH: jax.Array
-  v_LBSKH: jax.Array
+  Separate per-layer buffers (rather than one stacked [L, ...] array) let a decode step update
+  each layer's cache in place instead of rebuilding a stacked copy of the whole cache every step.
+  """
+
+  k_BSKH: tuple[jax.Array, ...]
+  v_BSKH: tuple[jax.Array, ...]
   end: jax.Array  # int32 scalar
 
   @property
   def max_len(self) -> int:
-    return self.k_LBSKH.shape[2]
+    return self.k_BSKH[0].shape[1]
 
 
 def init_cache(spec: ArchSpec, batch_size: int, max_len: int, dtype: Any = jnp.bfloat16) -> KVCache:
   """An empty cache for `batch_size` sequences of up to `max_len` positions."""
   if max_len > spec.max_seq_len:
     raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={spec.max_seq_len}")
-  shape = (spec.n_layers, batch_size, max_len, spec.n_kv_heads, spec.d_head)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+  shape = (batch_size, max_len, spec.n_kv_heads, spec.d_head)
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(spec.n_layers))
+  return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(spec.n_layers)),
+                 jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -279,7 +285,8 @@ class Transformer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BT: jax.Array, cache: KVCache | None = None):
+  def __call__(self, tokens_BT: jax.Array, cache: KVCache | None = None, last_only: bool = False):
+    """Logits [B, T, V] (or [B, 1, V] for the last position when `last_only`) and the cache."""
     s, o = self.spec, self.options
     t = tokens_BT.shape[1]
     if t > s.max_seq_len:
@@ -295,38 +302,45 @@ class Transformer(nn.Module):
     x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(o.jnp_dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
 
-    layer_caches = (cache.k_LBSKH, cache.v_LBSKH) if cache is not None else None
     block = Block
     if o.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[o.remat], prevent_cse=not o.scan_layers)
+    new_k = new_v = None
     if o.scan_layers:
+      stacked = None if cache is None else (jnp.stack(cache.k_BSKH), jnp.stack(cache.v_BSKH))
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=s.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, new_caches = stack(s, o, self.decode, name="layers")(
-          x_BTD, positions_BT, end, layer_caches)
+      x_BTD, stacked = stack(s, o, self.decode, name="layers")(x_BTD, positions_BT, end, stacked)
+      if cache is not None:
+        new_k, new_v = tuple(stacked[0]), tuple(stacked[1])
     else:
       outs = []
       for i in range(s.n_layers):
-        layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
+        layer_cache = None if cache is None else (cache.k_BSKH[i], cache.v_BSKH[i])
         x_BTD, out = block(s, o, self.decode, name=f"layers_{i}")(
             x_BTD, positions_BT, end, layer_cache)
         outs.append(out)
-      new_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      if cache is not None:
+        new_k, new_v = tuple(k for k, _ in outs), tuple(v for _, v in outs)
 
+    if last_only:  # e.g. a prefill needs only the next-token logits, not [B, T, V] of them
+      x_BTD = x_BTD[:, -1:]
     x_BTD = RMSNorm(s.norm_eps, o, name="final_norm")(x_BTD)
     if s.tie_embeddings:
-      head_DV = embedding_VD.astype(o.jnp_dtype).T
+      head_VD = embedding_VD.astype(o.jnp_dtype)
+      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, head_VD)
     else:
       head_DV = _param(self, "lm_head", (s.d_model, s.vocab_size), ("embed", "vocab"),
                        _normal(_INIT_STD), o)
-    # The product is rounded to the compute dtype before the float32 cast (as autocast does):
-    # with a float32 result its backward would run the vocab-sized matmuls in float32.
-    logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV).astype(jnp.float32)
-    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "seq", "vocab"))
+      logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV)
+    # Rounded to the compute dtype before the float32 cast (as autocast does): a float32 product
+    # would make the vocab-sized matmuls of the backward pass run in float32.
+    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
+                                            ("batch", "seq", "vocab"))
     if cache is None:
       return logits_BTV, None
-    return logits_BTV, KVCache(new_caches[0], new_caches[1], end + t)
+    return logits_BTV, KVCache(new_k, new_v, end + t)
 
 
 # ------------------------------------------------------------------------------- functional API
@@ -361,14 +375,18 @@ def forward(model: Transformer, params: dict, tokens_BT: jax.Array) -> jax.Array
 
 
 def prefill(model: Transformer, params: dict, tokens_BT: jax.Array, max_len: int | None = None,
-            cache_dtype: Any = None) -> tuple[jax.Array, KVCache]:
-  """Runs the prompt, returning its logits [B, T, V] and a cache with room for `max_len`."""
+            cache_dtype: Any = None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+  """Runs the prompt into a fresh cache with room for `max_len` positions.
+
+  Returns logits [B, T, V] (or [B, 1, V], the next-token logits only, when `last_only`) and the
+  cache.
+  """
   b, t = tokens_BT.shape
   max_len = max_len or model.spec.max_seq_len
   if max_len < t:
     raise ValueError(f"max_len={max_len} is shorter than the prompt ({t} tokens)")
   cache = init_cache(model.spec, b, max_len, cache_dtype or model.options.jnp_dtype)
-  return model.clone(decode=False).apply({"params": params}, tokens_BT, cache)
+  return model.clone(decode=False).apply({"params": params}, tokens_BT, cache, last_only)
 
 
 def decode_step(model: Transformer, params: dict, cache: KVCache,
