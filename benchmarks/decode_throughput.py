@@ -21,7 +21,6 @@ JAX claims the GPU, so the two frameworks share neither memory nor CUDA librarie
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import pathlib
@@ -47,23 +46,10 @@ MIN_SPEEDUP_VS_HF = 3.0
 
 
 def arch_table() -> dict[str, dict]:
-  """config_lib.ARCHS, read from the source when ml_collections (its import) is not installed."""
-  try:
-    from archscale.config_lib import ARCHS
+  """The named architectures plus a multi-query variant of the demo for --quick."""
+  from archscale.config_lib import ARCHS
 
-    table = dict(ARCHS)
-  except ModuleNotFoundError as err:
-    if err.name != "ml_collections":
-      raise
-    tree = ast.parse((ROOT / "archscale" / "config_lib.py").read_text())
-    wanted = {"_LLAMA", "ARCHS"}
-    body = [node for node in tree.body
-            if isinstance(node, ast.Assign) and {getattr(t, "id", None) for t in node.targets}
-            & wanted
-            or isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) in wanted]
-    namespace: dict[str, Any] = {}
-    exec(compile(ast.Module(body=body, type_ignores=[]), "config_lib.py", "exec"), namespace)
-    table = dict(namespace["ARCHS"])
+  table = dict(ARCHS)
   table["demo_mqa"] = dict(table["demo"], n_kv_heads=1)
   return table
 
