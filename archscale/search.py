@@ -431,15 +431,18 @@ class MeasuredThroughput:
   cheap = False
 
   def __init__(self, scenario: Scenario, dtype: str, repeats: int, cache_path: pathlib.Path,
-               scan_layers: bool = True, seed: int = 0):
+               scan_layers: bool = True, seed: int = 0, attention: str = "auto",
+               decode_attention: str = "auto"):
     self.scenario, self.dtype, self.repeats = scenario, dtype, repeats
     self.cache_path, self.scan_layers, self.seed = cache_path, scan_layers, seed
+    self.attention, self.decode_attention = attention, decode_attention
     self.name = "measure"
     self._cache = {r["key"]: r for r in io.read_jsonl(cache_path) if "key" in r}
 
   def _key(self, spec: ArchSpec, device_kind: str) -> str:
     blob = json.dumps([spec.to_dict(), dataclasses.asdict(self.scenario), self.dtype,
-                       self.repeats, device_kind], sort_keys=True)
+                       self.repeats, device_kind, self.attention, self.decode_attention],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
   def __call__(self, spec: ArchSpec) -> tuple[float | None, bool]:
@@ -451,7 +454,8 @@ class MeasuredThroughput:
     if key not in self._cache:
       s = self.scenario
       rows = decode.run_sweep({"candidate": spec}, [s.batch_size], s.input_len, s.output_len,
-                              self.repeats, dtype=self.dtype, accelerator="",
+                              self.repeats, dtype=self.dtype, attention=self.attention,
+                              decode_attention=self.decode_attention, accelerator="",
                               scan_layers=self.scan_layers, seed=self.seed)
       row = rows[0]
       entry = {"key": key, "arch": spec.to_dict(), "scenario": dataclasses.asdict(s),
@@ -521,7 +525,9 @@ def _throughput_source(config: Any, workdir: pathlib.Path, scenario: Scenario) -
   if text == "measure":
     return MeasuredThroughput(scenario, config.bench.dtype, int(config.bench.repeats),
                               pathlib.Path(workdir) / MEASURE_CACHE,
-                              bool(config.compute.scan_layers), int(config.seed))
+                              bool(config.compute.scan_layers), int(config.seed),
+                              config.bench.get("attention", "auto"),
+                              config.bench.get("decode_attention", "auto"))
   if not text.startswith("model:"):
     raise ValueError(f"search.throughput={text!r} must be 'measure' or 'model:<accelerator>' "
                      f"with an accelerator of {sorted(costmodel.ACCELERATORS)}")

@@ -39,6 +39,7 @@ and there the train loss rewards memorisation that the law is not meant to descr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
@@ -47,6 +48,7 @@ import math
 import os
 import pathlib
 import pprint
+import signal
 import socket
 import subprocess
 import sys
@@ -429,6 +431,18 @@ def _tail(path: pathlib.Path, n_chars: int = 3000) -> str:
     return f.read().decode("utf-8", errors="replace")
 
 
+def _die_with_parent() -> None:
+  """In the child: Linux sends it SIGTERM (train checkpoints and stops) if the sweep dies.
+
+  Otherwise a killed sweep would leave its run training unlocked, and a rerun could start a
+  second trainer in the same directory.
+  """
+  try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+  except (OSError, AttributeError):  # Not Linux: no such call; the lock still guards reruns.
+    pass
+
+
 def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict[str, Any]:
   """Trains one run in a fresh `python -m archscale.main --mode=train` process.
 
@@ -445,7 +459,8 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
     log.flush()
     rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                        preexec_fn=_die_with_parent).returncode
   if rc != 0:
     raise RuntimeError(f"training exited with status {rc}; the end of {log_path}:\n"
                        f"{_tail(log_path)}")
