@@ -57,8 +57,7 @@ from archscale.arch import ArchSpec
 
 SEARCH_JSON = "search.json"
 PARETO_PNG = "pareto.png"
-FIXED_FIELDS = ("vocab_size", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps",
-                "max_seq_len")
+FIXED_FIELDS = sweep.FIXED_FIELDS  # ArchSpec fields every candidate shares with the baseline
 MEASURE_CACHE = "throughput_measured.jsonl"
 # Sections of a search config copied into panda.py / surefire.py when they differ from defaults.
 _CONFIG_SECTIONS = ("compute", "data", "train", "mesh", "distributed", "bench")
