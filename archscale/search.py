@@ -357,21 +357,26 @@ def search(law: Any, budget: Budget, space: Space, target: float,
     ev.rate(c)
   base = ev(baseline, "baseline") if baseline is not None else None
 
-  walks, stop_counts, n_walked = [], collections.Counter(), 0
+  walks, stop_counts, n_walked, cut_short = [], collections.Counter(), 0, False
   ranked = sorted(meeting, key=lambda c: -_speed(c))
   for c in ranked[:top_k] if top_k else ranked:
+    if max_rated and ev.throughput_calls >= max_rated:
+      cut_short = True  # A measured source: no more timings than search.max_measure allows.
+      break
     visited, stops = gqa_walk(c, budget, space, ev, patience, gqa_max)
     walks.extend(visited)
     n_walked += 1
     stop_counts.update(stops.values())
+  # Panda comes from the (d_model, r) enumeration: GQA variants differ from it only by rounding,
+  # which the law (it has no GQA term) cannot rank meaningfully. Exact ties go to the faster.
+  finite = [c for c in grid if math.isfinite(c.predicted_loss)]
+  panda = None
+  if finite:
+    best = min(c.predicted_loss for c in finite)
+    panda = max((c for c in finite if c.predicted_loss == best), key=lambda c: _speed(ev.rate(c)))
   cands = [c for c in ev.cache.values() if c.origin != "baseline"]
   if not rate_all:
     cands = [c for c in cands if c.fits is not None or c.meets_target]
-  # Panda comes from the (d_model, r) enumeration: GQA variants differ from it only by rounding,
-  # which the law (it has no GQA term) cannot rank meaningfully.
-  panda = min(grid, key=lambda c: (c.predicted_loss, -_speed(ev.rate(c))), default=None)
-  if panda is not None:
-    ev.rate(panda)
   ok = [c for c in cands if c.meets_target and c.fits]
   surefire = max(ok, key=lambda c: (_speed(c), -c.predicted_loss), default=None)
   rated = [c for c in cands if c.fits is not None]
@@ -384,6 +389,7 @@ def search(law: Any, budget: Budget, space: Space, target: float,
       "gqa_variants": len({c.spec for c in walks}),
       "gqa_stops": dict(stop_counts),
       "throughput_evaluations": ev.throughput_calls,
+      "gqa_walks_cut_short": cut_short,
       "not_fitting": sum(1 for c in rated if not c.fits),
       "seconds": time.time() - start_time,
   }

@@ -245,3 +245,31 @@ def test_measure_refuses_to_time_too_many_candidates(tmp_path):
   with pytest.raises(ValueError, match="search.max_measure"):
     search.run_search(c, tmp_path)
   assert not (tmp_path / search.MEASURE_CACHE).exists()
+
+
+def test_a_measured_source_times_only_candidates_that_can_be_chosen():
+  model = law.load_law({"form": "multiplicative", "params": PAPER})
+  budget, space = budget_1b(), search.Space(128, 256)
+  timed = []
+
+  def source(spec):
+    timed.append(spec)
+    return 1e4 / spec.n_kv_heads, True
+
+  d_models = search.d_model_grid(budget.n_nonembed, [0.08], (0.8, 1.25), 128)
+  result = search.search(model, budget, space, 1.0032, source, d_models, 4, top_k=2,
+                         rate_all=False)
+  meeting = [c for c in result.candidates if c.origin == "grid" and c.meets_target]
+  assert 0 < len(meeting) < result.stats["enumerated"] / 4
+  # Timed: the grid candidates meeting the target, then the variants of two GQA walks.
+  assert all(c.meets_target or c.origin == "gqa" for c in map(result_of(result), timed))
+  assert len(timed) == len(set(timed))
+  assert result.panda.meets_target and result.panda.throughput is not None
+  assert result.surefire.throughput == max(c.throughput for c in result.candidates
+                                           if c.meets_target and c.fits)
+  assert result.stats["gqa_walks"] == 2
+
+
+def result_of(result):
+  by_spec = {c.spec: c for c in result.candidates}
+  return lambda spec: by_spec[spec]
