@@ -55,7 +55,6 @@ def _stage_config(config: Any, workdir: pathlib.Path) -> Any:
   c.data.path = str(data_lib.data_path(config, workdir).resolve())
   c.fit.results = str(c.fit.results or workdir.resolve() / sweep.RESULTS)
   c.search.law = str(c.search.law or workdir.resolve() / "fit.json")
-  c.search.calibration = str(c.search.calibration or "")
   return c
 
 
