@@ -42,6 +42,7 @@ Public API:
   Law.calibration(x, r), Law.l_opt(n, d), Law.has_chinchilla,
   Law.optimum() -> {"d_over_sqrt_n", "r", "closed_form"}
   FitResult: law, objective, intervals, stderr, optimum, starts, metrics, samples, timings,
+      per_start (each start's objective, status, iterations),
       predict_interval(n, d, x, r) -> (2, ...) bounds, to_json()
   run_fit(config, workdir)                      `--mode=fit`: writes workdir/fit.json and plots
 
@@ -838,6 +839,7 @@ class _Solution(NamedTuple):
   starts: dict[str, Any]     # counts of start outcomes
   theta_samples: np.ndarray  # (B, P) bootstrap replicates (B = 0 without bootstrap)
   timings: dict[str, float]
+  per_start: dict[str, np.ndarray]  # objective, status (index into STATUS), iterations
 
 
 def _fit_arrays(form: str, settings: dict[str, Any], f: _Feats, loss: np.ndarray,
@@ -872,14 +874,16 @@ def _fit_arrays(form: str, settings: dict[str, Any], f: _Feats, loss: np.ndarray
     n_rows, n_boot = len(loss), settings["bootstrap"]
     w_BR = rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=n_boot).astype(np.float64)
     t1 = time.perf_counter()
-    (theta_B1P, obj_B1, _, _), boot_compile_s, _ = _solve(
+    (theta_B1P, obj_B1, status_B1, _), boot_compile_s, _ = _solve(
         spec, np.broadcast_to(theta_SP[best], (n_boot, 1, theta_SP.shape[1])), w_BR, f, y)
     samples = theta_B1P[np.isfinite(obj_B1[:, 0]), 0]
     timings.update(bootstrap_seconds=time.perf_counter() - t1,
                    compile_seconds=compile_s + boot_compile_s)
-    starts["bootstrap_finite"] = len(samples)
+    starts["bootstrap_status"] = {s: int(np.sum(status_B1 == i)) for i, s in enumerate(STATUS)
+                                  if i}
     logging.info("fit: %d bootstrap replicates (%.1f s)", n_boot, timings["bootstrap_seconds"])
-  return _Solution(theta_SP[best], objective, starts, samples, timings)
+  per_start = dict(objective=obj_S, status=status_S, iterations=iters_S)
+  return _Solution(theta_SP[best], objective, starts, samples, timings, per_start)
 
 
 def _feats(table: _Table, l_opt: np.ndarray | None = None) -> _Feats:
@@ -965,6 +969,7 @@ class FitResult:
   l_opt_groups: list[dict[str, float]]
   samples: dict[str, np.ndarray]
   timings: dict[str, float]
+  per_start: dict[str, np.ndarray]  # each start's objective, status (STATUS index), iterations
 
   def predict_interval(self, n: Any = None, d: Any = None, x: Any = None, r: Any = None,
                        l_opt: Any = None, level: float | None = None) -> np.ndarray:
@@ -1089,7 +1094,8 @@ def fit(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
       law=law, objective=sol.objective, settings=settings, l_opt=l_opt_desc, intervals=intervals,
       stderr=stderr, optimum=optimum, starts=sol.starts,
       metrics=dict(in_sample=prediction_metrics(pred, table.loss)), rows_used=rows_used,
-      rows_excluded=table.excluded, l_opt_groups=[], samples=samples, timings=sol.timings)
+      rows_excluded=table.excluded, l_opt_groups=[], samples=samples, timings=sol.timings,
+      per_start=sol.per_start)
   if samples:
     lo, hi = result.predict_interval(table.n, table.d, table.x, table.r, l_opt=l_opt_R)
     for row, lo_i, hi_i in zip(rows_used, lo, hi, strict=True):

@@ -66,6 +66,10 @@ def test_conditional_forms_recover_planted_parameters_and_optimum(form):
   assert result.metrics["in_sample"]["mse"] == pytest.approx(SIGMA**2, rel=0.3)
   assert result.starts["at_best"] >= 1
   assert sum(result.starts["status"].values()) == result.starts["total"]
+  per_start = result.per_start
+  assert len(per_start["objective"]) == result.starts["total"]
+  assert np.nanmin(per_start["objective"]) == result.objective
+  assert np.sum(per_start["status"] == law.STATUS.index("converged")) == result.starts["converged"]
   # The law carries L_opt's Chinchilla params, so it predicts absolute loss.
   assert result.law.output == "loss"
 
