@@ -14,10 +14,9 @@ pipeline skips those, and the sweep itself skips finished runs and resumes an in
 an interrupted pipeline picks up where it stopped. Delete a marker to redo that step.
 
 The fit, search and report steps read what earlier steps wrote: fit.results defaults to this
-workdir's results.jsonl (the fit reads its finished rows, snapshot to results_finished.jsonl, as
-the table also records failed attempts), search.law to this workdir's fit.json and
-search.calibration to the bench's calibration (when the bench ran on an accelerator of the cost
-model's table).
+workdir's results.jsonl (the fitter skips the failed attempts the table also records), search.law
+to this workdir's fit.json and search.calibration to the bench's calibration (when the bench ran
+on an accelerator of the cost model's table).
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
 DONE_DIR = ".done"
 REPORT = "report.md"
 SWEEP_PNG = "sweep.png"
-FIT_ROWS = "results_finished.jsonl"  # the finished rows of results.jsonl, one per run
 
 
 def _say(msg: str) -> None:
@@ -89,13 +87,9 @@ def _sweep(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> No
 def _fit(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
   from archscale import law as law_lib
 
-  if config.fit.results == str(workdir.resolve() / sweep.RESULTS):
-    config = config.copy_and_resolve_references()
-    config.fit.results = str(workdir.resolve() / FIT_ROWS)
-    rows = sweep.write_finished(workdir / sweep.RESULTS, config.fit.results)
-  else:
-    rows = list(io.read_jsonl(config.fit.results))
-  say(f"fit: {config.fit.form} law (L_opt: {config.fit.l_opt}) on {len(rows)} finished runs")
+  finished = sum(r.get("status", "finished") == "finished"
+                 for r in io.read_jsonl(config.fit.results))
+  say(f"fit: {config.fit.form} law (L_opt: {config.fit.l_opt}) on {finished} finished runs")
   law_lib.run_fit(config, workdir)
   fit = json.loads((workdir / "fit.json").read_text())
   say(f"fit: params {_fmt_params(fit.get('params', {}))}; optimum {fit.get('optimum')}")

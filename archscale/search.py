@@ -514,10 +514,6 @@ def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
         "fit.json, or search.results (or fit.results) to a results.jsonl from --mode=sweep")
   cfg = config.copy_and_resolve_references()
   cfg.fit.results = results
-  if results.endswith(".jsonl") and any("status" in r for r in io.read_jsonl(results)):
-    # A sweep table also records failed attempts: fit the finished row of each run.
-    cfg.fit.results = str(pathlib.Path(workdir) / "results_finished.jsonl")
-    sweep.write_finished(results, cfg.fit.results)
   logging.info("search: fitting a %s law to %s", cfg.fit.form, cfg.fit.results)
   law_lib.run_fit(cfg, workdir)
   path = pathlib.Path(workdir) / "fit.json"

@@ -309,16 +309,6 @@ def finished_ids(path: str | os.PathLike) -> set[str]:
   return {rid for rid, row in latest_rows(path).items() if row.get("status") == "finished"}
 
 
-def write_finished(table: str | os.PathLike, out: str | os.PathLike) -> list[dict[str, Any]]:
-  """Writes the finished row of every run (one per run id) to `out`: what a fit should read.
-
-  The table also records failed and retried attempts, which carry no loss.
-  """
-  rows = [r for r in latest_rows(table).values() if r.get("status") == "finished"]
-  io.write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
-  return rows
-
-
 def _spec_fields(run: Run) -> dict[str, Any]:
   spec = run.spec
   return {

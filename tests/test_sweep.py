@@ -166,8 +166,6 @@ def test_rerun_skips_finished_runs_and_retries_failed_ones(dataset, tmp_path):
   after = (tmp_path / sweep.RESULTS).read_bytes()
   assert after.startswith(before), "rows already written must never change"
   assert sweep.finished_ids(tmp_path / sweep.RESULTS) == {r.run_id for r in runs}
-  finished = sweep.write_finished(tmp_path / sweep.RESULTS, tmp_path / "finished.jsonl")
-  assert sorted(r["run_id"] for r in finished) == sorted(r.run_id for r in runs)
 
   third = FakeTrainer()
   sweep.run_sweep(c, tmp_path, trainer=third)
@@ -205,7 +203,7 @@ def _append_many(path, worker, n):
 
 def test_concurrent_writers_never_interleave_rows(tmp_path):
   path = tmp_path / sweep.RESULTS
-  ctx = multiprocessing.get_context("fork")
+  ctx = multiprocessing.get_context("spawn")
   procs = [ctx.Process(target=_append_many, args=(path, w, 40)) for w in range(4)]
   for p in procs:
     p.start()
@@ -233,7 +231,7 @@ def _concurrent_sweep(dataset, workdir, log):
 
 def test_two_concurrent_sweeps_train_each_run_once(dataset, tmp_path):
   log = tmp_path / "trained.txt"
-  ctx = multiprocessing.get_context("fork")
+  ctx = multiprocessing.get_context("spawn")
   procs = [ctx.Process(target=_concurrent_sweep, args=(dataset, tmp_path, log))
            for _ in range(2)]
   for p in procs:
