@@ -1,6 +1,7 @@
 """archscale command line: `python -m archscale.main --config=configs/X.py --mode=MODE`."""
 
 import importlib
+import logging as py_logging
 import pathlib
 
 from absl import app, flags, logging
@@ -23,6 +24,14 @@ _MODE = flags.DEFINE_enum("mode", None, list(MODES), "What to run (default: the 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
 
 
+class _LibraryInfoFilter(py_logging.Filter):
+  """Keeps INFO chatter of checkpointing and backend probing out of the run's log."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    noisy = "/orbax/" in record.pathname or record.pathname.endswith("xla_bridge.py")
+    return record.levelno > py_logging.INFO or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -32,6 +41,8 @@ def main(argv):
   mode = _MODE.value or config.mode
   if mode not in MODES:
     raise app.UsageError(f"mode {mode!r} is unknown; choose one of {sorted(MODES)}")
+  for handler in py_logging.getLogger().handlers:
+    handler.addFilter(_LibraryInfoFilter())
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / config.name)
   logging.info("archscale: mode=%s workdir=%s", mode, workdir)
   module_name, fn_name = MODES[mode].split(":")
