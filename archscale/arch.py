@@ -255,19 +255,25 @@ class ArchSpec:
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
-  def describe(self, seq_len: int | None = None, context_len: int = 4096) -> dict[str, Any]:
-    """Fields and derived quantities, as `--mode=describe` prints them."""
-    seq_len = seq_len or min(self.max_seq_len, 2048)
+  def summary(self) -> dict[str, Any]:
+    """Fields plus the derived quantities every results table carries."""
     return {
         **self.to_dict(),
         "params_total": self.params_total,
         "params_nonembed": self.params_nonembed,
-        "params_embedding": self.params_embedding,
-        "params_attention": self.params_attention,
-        "params_mlp": self.params_mlp,
         "mlp_attn_ratio": self.mlp_attn_ratio,
         "d_over_sqrt_n": self.d_over_sqrt_n,
         "gqa": self.gqa,
+    }
+
+  def describe(self, seq_len: int | None = None, context_len: int = 4096) -> dict[str, Any]:
+    """Fields and derived quantities, as `--mode=describe` prints them."""
+    seq_len = seq_len or min(self.max_seq_len, 2048)
+    return {
+        **self.summary(),
+        "params_embedding": self.params_embedding,
+        "params_attention": self.params_attention,
+        "params_mlp": self.params_mlp,
         "train_flops_per_token": self.train_flops_per_token(seq_len),
         "train_seq_len": seq_len,
         "decode_flops_per_token": self.decode_flops_per_token(context_len),

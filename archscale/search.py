@@ -180,14 +180,8 @@ class Candidate:
   meets_target: bool = False
 
   def to_json(self) -> dict[str, Any]:
-    s = self.spec
     return {
-        **s.to_dict(),
-        "params_nonembed": s.params_nonembed,
-        "params_total": s.params_total,
-        "mlp_attn_ratio": s.mlp_attn_ratio,
-        "d_over_sqrt_n": s.d_over_sqrt_n,
-        "gqa": s.gqa,
+        **self.spec.summary(),
         "predicted_loss": self.predicted_loss,
         "throughput": self.throughput,
         "fits": self.fits,

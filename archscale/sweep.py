@@ -310,15 +310,9 @@ def finished_ids(path: str | os.PathLike) -> set[str]:
 
 
 def _spec_fields(run: Run) -> dict[str, Any]:
-  spec = run.spec
   return {
       "run_id": run.run_id,
-      **spec.to_dict(),
-      "params_nonembed": spec.params_nonembed,
-      "params_total": spec.params_total,
-      "mlp_attn_ratio": spec.mlp_attn_ratio,
-      "d_over_sqrt_n": spec.d_over_sqrt_n,
-      "gqa": spec.gqa,
+      **run.spec.summary(),
       "scale": run.scale.n_nonembed,
       "requested": run.requested,
       "tokens_requested": run.tokens,
