@@ -1,6 +1,6 @@
 """ArchSpec: the architecture space of the paper, with exact parameter, FLOP and byte accounting.
 
-Conventions (the paper's; DESIGN.md section 3):
+Conventions (the paper's):
   N (`params_nonembed`) = attention + MLP + RMSNorm weights; the embedding table and LM head are
   excluded. Attention per layer = d_model * d_head * (2 * n_heads + 2 * n_kv_heads) (no biases), MLP
   (SwiGLU) per layer = 3 * d_model * d_ff, r = MLP / attention, GQA = n_heads / n_kv_heads.
@@ -247,7 +247,7 @@ class ArchSpec:
     return 2 * self.n_layers * self.n_kv_heads * self.d_head * bytes_per_element
 
   def param_bytes(self, bytes_per_element: int = 2) -> int:
-    """Bytes of all parameters (a decode step reads them all once)."""
+    """Bytes of all parameters (embedding table included)."""
     return self.params_total * bytes_per_element
 
   # ---------------------------------------------------------------------------------- export

@@ -17,7 +17,7 @@ import pathlib
 
 import ml_collections
 
-# Table 1 of the paper (DESIGN.md section 4) plus a tiny CPU demo. Values are ArchSpec fields.
+# Table 1 of the paper (arXiv 2510.18245) plus a tiny CPU demo. Values are ArchSpec fields.
 _LLAMA = dict(vocab_size=128256, tie_embeddings=True, rope_theta=500000.0, rope_scaling="llama3",
               norm_eps=1e-5, max_seq_len=131072)
 ARCHS: dict[str, dict] = {
@@ -119,7 +119,7 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.fit = ml_collections.ConfigDict(dict(
       results="",               # results table, JSONL or CSV
       form="multiplicative",    # multiplicative | additive | joint | chinchilla
-      l_opt="chinchilla",       # chinchilla | empirical | path of a fit.json with Chinchilla params
+      l_opt="empirical",        # empirical (best loss per (N, D)) | chinchilla | a fit.json path
       r_range=(0.5, 5.0),       # keep rows with lo <= mlp_attn_ratio <= hi; () keeps all
       loss="huber",             # huber | squared, summed over rows
       delta=1e-3,               # Huber threshold, in the units of the residuals
@@ -135,8 +135,8 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.search = ml_collections.ConfigDict(dict(
       law="",                   # fit.json (hand-written coefficients accepted); "" = fit one
       results="",               # results table to fit when `law` is empty ("" = fit.results)
-      n_nonembed=0,             # 0: the baseline's N (target "baseline:..."), else the model's
-      tokens=0,                 # 0: 100 x N
+      n_nonembed=0.0,           # 0: the baseline's N (target "baseline:..."), else the model's
+      tokens=0.0,               # 0: 100 x N
       n_layers=0,               # 0: the baseline's (else the model's) depth
       d_head=0,                 # 0: the baseline's (else the model's) head size
       target="baseline:llama3_2_1b",  # a loss, or "baseline:<arch or config>" (its prediction)
@@ -165,7 +165,7 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   # ArchSpec.from_budget; points off the budget by more than the tolerances are dropped.
   c.sweep = ml_collections.ConfigDict(dict(
       scales="",
-      tokens=0,                 # tokens per run; 0 = tokens_per_param x N
+      tokens=0.0,               # tokens per run (e.g. 2e9); 0 = tokens_per_param x N
       tokens_per_param=100.0,   # the paper trains every run on 100 x N tokens
       d_over_sqrt_n=(0.04, 0.06, 0.08, 0.1, 0.12),
       r=(0.5, 1.0, 2.0, 3.0, 5.0),

@@ -90,12 +90,12 @@ def get_accelerator(name: str | Accelerator) -> Accelerator:
 def accelerator_for_device_kind(device_kind: str) -> str | None:
   """Maps `jax.devices()[0].device_kind` (e.g. "NVIDIA H100 80GB HBM3") to a table key.
 
-  None for devices not in the table (CPU, PCIe / NVL GPU variants whose clocks and bandwidth
+  None for devices not in the table (CPU, PCIe / NVL / GH200 variants whose clocks and bandwidth
   differ from the SXM parts, TPU v4 lite), so callers never report against the wrong peak.
   """
   kind = device_kind.lower()
   if "nvidia" in kind or kind.startswith(("h100", "h200", "a100")):
-    if "pcie" in kind or "nvl" in kind:
+    if "pcie" in kind or "nvl" in kind or "gh200" in kind:
       return None
     if "h200" in kind:
       return "h200"

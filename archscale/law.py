@@ -1,6 +1,6 @@
 """Scaling laws and their fitter (`--mode=fit`): Chinchilla and the paper's conditional law, in JAX.
 
-Laws (DESIGN.md section 5), with x = d_model / sqrt(N) and r = MLP / attention parameters:
+Laws (the paper's, and Chinchilla), with x = d_model / sqrt(N) and r = MLP / attention parameters:
 
   chinchilla      L = E + A / N^alpha + B / D^beta, fitted in log space as
                   logsumexp(a - alpha ln N, b - beta ln D, e) with A = e^a, B = e^b, E = e^e

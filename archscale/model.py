@@ -391,7 +391,11 @@ def prefill(model: Transformer, params: dict, tokens_BT: jax.Array, max_len: int
 
 def decode_step(model: Transformer, params: dict, cache: KVCache,
                 tokens_B: jax.Array) -> tuple[jax.Array, KVCache]:
-  """Feeds one token per sequence; returns next-token logits [B, V] and the updated cache."""
+  """Feeds one token per sequence; returns next-token logits [B, V] and the updated cache.
+
+  With `scan_layers=True` each step stacks and splits the per-layer caches around `nn.scan`; fast
+  generation decodes unrolled (`archscale.decode.generate` does, unstacking the weights once).
+  """
   logits_B1V, cache = model.clone(decode=True).apply(
       {"params": params}, tokens_B[:, None], cache)
   return logits_B1V[:, 0], cache

@@ -182,10 +182,30 @@ def d_ff_for_budget(n_nonembed: float, d_model: int, n_layers: int, d_head: int,
   return units * multiple if units >= 1 else None
 
 
-def run_id(spec: ArchSpec, tokens: int, seed: int) -> str:
-  """A stable, readable id: the main dimensions plus a hash of (spec, tokens, seed)."""
-  key = json.dumps({"arch": spec.to_dict(), "tokens": int(tokens), "seed": int(seed)},
-                   sort_keys=True)
+# Settings that change what a run learns; bookkeeping (logging, eval and checkpoint cadence) and
+# where the data sits on disk are left out, so they can change without retraining.
+_RECIPE_FIELDS = {
+    "data": ("source", "tokenizer", "bpe_vocab_size", "seq_len"),
+    "train": ("global_batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule",
+              "decay_fraction", "weight_decay", "b1", "b2", "eps", "grad_clip", "z_loss"),
+    "compute": ("dtype", "param_dtype"),
+}
+
+
+def training_recipe(config: Any) -> dict[str, Any]:
+  """The config fields a finished run's result depends on (besides its spec, tokens and seed)."""
+  return {section: {f: config[section].get(f) for f in fields}
+          for section, fields in _RECIPE_FIELDS.items()}
+
+
+def run_id(spec: ArchSpec, tokens: int, seed: int, recipe: dict[str, Any] | None = None) -> str:
+  """A stable, readable id: the main dimensions plus a hash of (spec, tokens, seed, recipe).
+
+  A change of learning rate, batch, sequence length or tokenizer gives new ids, so a rerun trains
+  afresh instead of reusing results (or resuming checkpoints) made under other settings.
+  """
+  key = json.dumps({"arch": spec.to_dict(), "tokens": int(tokens), "seed": int(seed),
+                    "recipe": recipe or {}}, sort_keys=True, default=str)
   digest = hashlib.sha256(key.encode()).hexdigest()[:10]
   return (f"L{spec.n_layers}-d{spec.d_model}-h{spec.n_heads}kv{spec.n_kv_heads}-ff{spec.d_ff}"
           f"-{digest}")
@@ -229,6 +249,7 @@ def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
   rs = _grid(config, "r", float)
   gqas = _grid(config, "gqa", lambda v: _positive_int(float(v), "sweep.gqa"))
   fixed = {k: config.model[k] for k in FIXED_FIELDS}
+  recipe = training_recipe(config)
   if s.design == "grid":
     points = [(x, r, g) for x in xs for r in rs for g in gqas]
   else:  # cross: one factor at a time through the middle of each grid, as the U-curves are drawn
@@ -274,7 +295,7 @@ def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
             f"r off by {err['r']:+.1%} after rounding heads and d_ff (sweep.r_tolerance="
             f"{s.r_tolerance})"), "achieved": report["achieved"]})
         continue
-      rid = run_id(spec, tokens, config.seed)
+      rid = run_id(spec, tokens, config.seed, recipe)
       if rid in seen:
         dropped.append({**point, "reason": f"duplicate of {rid}", "same_as": seen[rid]})
         continue

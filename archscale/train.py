@@ -26,12 +26,13 @@ matmuls run in `compute.dtype` (bfloat16 for speed); logits, the loss and RMSNor
 
 MFU = achieved model FLOP/s / (peak FLOP/s per device x devices), with model FLOPs per token from
 `ArchSpec.train_flops_per_token` (6 x matmul weights incl. the LM head, plus causal attention at
-half the full square) and the dense bf16 peak from `PEAK_FLOPS`; null where the peak is unknown.
+half the full square) and the dense bf16 peak of `costmodel.ACCELERATORS`; null where unknown.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -51,37 +52,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from archscale import io, sharding
+from archscale import costmodel, io, sharding
 from archscale import model as model_lib
 from archscale.arch import ArchSpec
 
 SCHEDULES = ("cosine", "wsd", "constant")
 FINAL_LOSS_FRACTION = 0.02  # final_train_loss = mean loss over the last 2% of steps (at least 1)
 
-# Dense bf16 peak FLOP/s per device, matched as substrings of `device.device_kind` in this order
-# (more specific names first: "TPU v5 lite" is v5e, plain "TPU v5" is v5p).
-PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v4", 275e12),
-)
-
-
 def peak_flops(device_kind: str) -> float | None:
-  """Dense bf16 peak FLOP/s of one device of this kind; None when unknown (e.g. CPU)."""
-  for key, flops in PEAK_FLOPS:
-    if key.lower() in device_kind.lower():
-      return flops
-  return None
+  """Dense bf16 peak FLOP/s of one device of this kind (the cost model's table); None if unknown."""
+  key = costmodel.accelerator_for_device_kind(device_kind)
+  return None if key is None else costmodel.ACCELERATORS[key].peak_flops
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -428,7 +409,9 @@ class Checkpoints:
     return bool(self.every) and step % self.every == 0
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    # A copy: an async save serialises `meta` later, while the loop keeps updating the original.
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave(copy.deepcopy(meta)))
     self.manager.save(step, args=args, force=True)
 
   def restore_meta(self, step: int) -> dict[str, Any]:

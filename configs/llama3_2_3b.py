@@ -1,4 +1,4 @@
-"""llama3_2_3b: the paper's Table 1 architecture (DESIGN.md section 4)."""
+"""llama3_2_3b: the paper's Table 1 architecture (arXiv 2510.18245)."""
 
 from archscale import config_lib
 

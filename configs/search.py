@@ -1,4 +1,4 @@
-"""Algorithm 1 at LLaMA-3.2-1B's budget with the paper's published law (DESIGN.md sections 4, 6).
+"""Algorithm 1 at LLaMA-3.2-1B's budget with the paper's published law.
 
 `python -m archscale.main --config=configs/search.py --mode=search --workdir=DIR` enumerates the
 architectures of N = 973M non-embedding parameters at 16 layers and head size 64, keeps those the

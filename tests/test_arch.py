@@ -10,7 +10,7 @@ import pytest
 from archscale import config_lib
 from archscale.arch import ArchSpec
 
-# name: (printed d/sqrt(N), printed r, GQA) from DESIGN.md section 4 (LLaMA-3.2-3B r per its own
+# name: (printed d/sqrt(N), printed r, GQA) from the paper's Table 1 (LLaMA-3.2-3B r per its own
 # accounting: 3.00).
 TABLE1 = {
     "llama3_2_1b": (0.066, 4.80, 4),

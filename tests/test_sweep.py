@@ -91,7 +91,7 @@ def test_plan_keeps_runs_on_budget_and_explains_every_drop(dataset):
   assert len({r.run_id for r in runs}) == len(runs)
 
 
-def test_run_ids_are_stable_and_depend_on_spec_tokens_and_seed(dataset):
+def test_run_ids_are_stable_and_depend_on_spec_tokens_seed_and_recipe(dataset):
   c = make_config(dataset)
   first = [r.run_id for r in sweep.plan(c)[0]]
   assert first == [r.run_id for r in sweep.plan(c)[0]]
@@ -100,6 +100,12 @@ def test_run_ids_are_stable_and_depend_on_spec_tokens_and_seed(dataset):
   assert rid != sweep.run_id(spec, 8192, 0)
   assert rid != sweep.run_id(spec, 4096, 1)
   assert rid != sweep.run_id(spec.replace(d_ff=spec.d_ff + 16), 4096, 0)
+  changed = make_config(dataset)
+  changed.train.lr *= 2
+  assert [r.run_id for r in sweep.plan(changed)[0]] != first
+  changed = make_config(dataset)
+  changed.train.log_every += 1  # bookkeeping only: the same runs
+  assert [r.run_id for r in sweep.plan(changed)[0]] == first
 
 
 def test_cross_design_varies_one_factor_at_a_time(dataset):
