@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from archscale import io, sweep
+from archscale import io, plots, sweep
 
 STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
 DONE_DIR = ".done"
@@ -59,20 +59,10 @@ def _stage_config(config: Any, workdir: pathlib.Path) -> Any:
 def _prepare_data(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
   from archscale import data as data_lib
 
-  path = pathlib.Path(config.data.path)
-  if (path / data_lib.METADATA).exists():
-    info = data_lib.dataset_info(path)
-  else:
-    if not str(config.data.source).strip():
-      raise ValueError("data.source is empty and data.path holds no prepared dataset: set "
-                       "data.source (e.g. 'kjv') or data.path")
-    info = data_lib.prepare(config.data.source, path, config.data.tokenizer,
-                            text_field=config.data.text_field,
-                            eval_fraction=config.data.eval_fraction,
-                            bpe_vocab_size=config.data.bpe_vocab_size,
-                            text_docs=config.data.text_docs, eos_token=config.data.eos_token)
+  data_lib.run_prepare_data(config, workdir)
+  info = data_lib.dataset_info(config.data.path)
   say(f"data: {info['tokens']['train']:,} train / {info['tokens']['eval']:,} eval tokens "
-      f"({info['tokenizer']} tokenizer, vocab {info['vocab_size']}) in {path}")
+      f"({info['tokenizer']} tokenizer, vocab {info['vocab_size']}) in {config.data.path}")
 
 
 def _sweep(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
@@ -112,9 +102,6 @@ def _decode_bench(config: Any, workdir: pathlib.Path, say: Callable[[str], None]
 def _search(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
   from archscale import search
 
-  calibration = workdir / "calibration.json"
-  if not config.search.calibration and calibration.exists():
-    config.search.calibration = str(calibration)
   out = search.run_search(config, workdir)
   say(f"search: {len(out['candidates'])} candidates, target {out['target']:.5g} "
       f"({out['loss_units']}), throughput from {out['scenario']['throughput']}")
@@ -165,14 +152,6 @@ def _fmt_params(params: dict[str, Any]) -> str:
                    for k, v in params.items())
 
 
-def _count(n: float) -> str:
-  """80000000 -> "80M", 50000 -> "50k"."""
-  for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-    if n >= div:
-      return f"{n / div:.3g}{suffix}"
-  return f"{n:.3g}"
-
-
 def _arch_line(a: dict[str, Any]) -> str:
   speed = f"{a['throughput']:,.0f} tok/s" if a.get("throughput") else "no throughput"
   return (f"d_model {a['d_model']}, d_ff {a['d_ff']}, heads {a['n_heads']}/{a['n_kv_heads']} "
@@ -195,7 +174,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
     color = plt.cm.viridis(i / max(1, len(scales) - 1))
     for ax, key in zip(axes, ("d_over_sqrt_n", "mlp_attn_ratio"), strict=True):
       pts = sorted((r[key], r["loss"]) for r in mine)
-      ax.plot(*zip(*pts, strict=True), "o", color=color, label=f"N = {_count(scale)}")
+      ax.plot(*zip(*pts, strict=True), "o", color=color, label=f"N = {plots.human(scale)}")
   axes[0].set_xlabel("d_model / sqrt(N)")
   axes[1].set_xlabel("r = MLP / attention parameters")
   axes[1].set_xscale("log")

@@ -70,7 +70,6 @@ STOPS = {
     "gqa_max": "the next GQA exceeds search.gqa_max",
     "exhausted": "no divisor of n_heads left in that direction",
 }
-_DEFAULT_MAX_MEASURE = 64
 
 
 # ------------------------------------------------------------------------------- the space
@@ -616,7 +615,7 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   logging.info("search: N=%.4g D=%.4g L=%d d_head=%d, d_model %d..%d, target %.5g (%s), %s",
                budget.n_nonembed, budget.tokens, budget.n_layers, budget.d_head, d_models[0],
                d_models[-1], target, units, source.name)
-  max_measure = int(config.search.get("max_measure", _DEFAULT_MAX_MEASURE))
+  max_measure = int(config.search.max_measure)
   result = search(law, budget, space, target, source, d_models, inputs["gqa"],
                   int(config.search.patience), int(config.search.top_k),
                   int(config.search.get("gqa_max", 0)), baseline,

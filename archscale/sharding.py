@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -261,8 +260,3 @@ def describe_topology(mesh: Mesh | None = None) -> str:
   if mesh is not None:
     text += " mesh " + " x ".join(f"{a}={n}" for a, n in mesh.shape.items())
   return text
-
-
-def local_batch_to_global(local_BT: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """This process's rows of a batch as one global array (rows of process p form block p)."""
-  return jax.make_array_from_process_local_data(sharding, local_BT)
