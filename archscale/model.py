@@ -39,6 +39,9 @@ REMAT_POLICIES = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 _INIT_STD = 0.02
+# LLaMA-3's rotary rescaling for long contexts (the values LLaMA-3.1 / 3.2 ship with).
+LLAMA3_ROPE_SCALING = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_position_embeddings=8192)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +149,9 @@ def rope_inv_frequencies(spec: ArchSpec) -> jax.Array:
                                         / spec.d_head))
   if spec.rope_scaling == "none":
     return inv_freq
-  factor, low_freq_factor, high_freq_factor, original_context = 32.0, 1.0, 4.0, 8192.0
+  factor, low_freq_factor, high_freq_factor, original_context = (
+      LLAMA3_ROPE_SCALING[k] for k in
+      ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
   wavelen = 2 * math.pi / inv_freq
   low_freq_wavelen = original_context / low_freq_factor
   high_freq_wavelen = original_context / high_freq_factor

@@ -65,25 +65,17 @@ def hf_worker(args: argparse.Namespace) -> None:
   except ImportError as err:
     print(json.dumps({"error": f"HF peer unavailable: {err}"}))
     return
+  import hf_peer
+
+  from archscale.arch import ArchSpec
+
   fields = arch_table()[args.archs]
   device = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
   max_len = args.input_len + args.output_len
-  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": fields["rope_theta"]}
-  if fields["rope_scaling"] == "llama3":
-    rope.update(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                original_max_position_embeddings=8192)
-  rope_kwargs = ({"rope_parameters": rope} if int(transformers.__version__.split(".")[0]) >= 5
-                 else {"rope_theta": fields["rope_theta"],
-                       "rope_scaling": rope if rope["rope_type"] != "default" else None})
-  config = transformers.LlamaConfig(
-      vocab_size=fields["vocab_size"], hidden_size=fields["d_model"],
-      intermediate_size=fields["d_ff"], num_hidden_layers=fields["n_layers"],
-      num_attention_heads=fields["n_heads"], num_key_value_heads=fields["n_kv_heads"],
-      head_dim=fields["d_head"], tie_word_embeddings=fields["tie_embeddings"],
-      rms_norm_eps=fields["norm_eps"], max_position_embeddings=max(max_len, 8192),
-      attention_bias=False, mlp_bias=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-      **rope_kwargs)
+  config = hf_peer.llama_config(
+      ArchSpec.from_dict(fields), max(max_len, 8192), pad_token_id=0, bos_token_id=1,
+      eos_token_id=2)
   torch.manual_seed(0)
   torch.set_default_dtype(dtype)
   with torch.device(device):

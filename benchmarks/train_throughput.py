@@ -107,6 +107,7 @@ def jax_step(config: Any) -> dict[str, Any]:
 
 def hf_step(config: Any) -> dict[str, Any]:
   """Times the same training step in HF transformers + torch.compile (in this process)."""
+  import hf_peer
   import torch
   import transformers
 
@@ -115,22 +116,7 @@ def hf_step(config: Any) -> dict[str, Any]:
 
   spec = ArchSpec.from_config(config)
   b, t, tc = config.train.global_batch_size, config.data.seq_len, config.train
-  rope: dict[str, Any] = {"rope_type": "default", "rope_theta": spec.rope_theta}
-  if spec.rope_scaling == "llama3":
-    rope.update(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                original_max_position_embeddings=8192)
-  if int(transformers.__version__.split(".")[0]) >= 5:
-    rope_kwargs = {"rope_parameters": rope}
-  else:
-    rope_kwargs = {"rope_theta": spec.rope_theta,
-                   "rope_scaling": rope if rope["rope_type"] != "default" else None}
-  hf_config = transformers.LlamaConfig(
-      vocab_size=spec.vocab_size, hidden_size=spec.d_model, intermediate_size=spec.d_ff,
-      num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads,
-      num_key_value_heads=spec.n_kv_heads, head_dim=spec.d_head,
-      tie_word_embeddings=spec.tie_embeddings, rms_norm_eps=spec.norm_eps,
-      max_position_embeddings=max(t, spec.max_seq_len), attention_bias=False, mlp_bias=False,
-      attn_implementation="sdpa", **rope_kwargs)
+  hf_config = hf_peer.llama_config(spec, max(t, spec.max_seq_len), attn_implementation="sdpa")
   torch.manual_seed(0)
   with torch.device("cuda"):
     model = transformers.LlamaForCausalLM(hf_config)  # float32 master weights
