@@ -87,6 +87,7 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
       eps=1e-8,
       grad_clip=1.0,
       z_loss=0.0,
+      loss_chunk=0,             # >0: LM head fused into the loss, this many positions at a time
       log_every=10,
       eval_every=100,
       eval_batches=4,

@@ -290,8 +290,14 @@ class Transformer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens_BT: jax.Array, cache: KVCache | None = None, last_only: bool = False):
-    """Logits [B, T, V] (or [B, 1, V] for the last position when `last_only`) and the cache."""
+  def __call__(self, tokens_BT: jax.Array, cache: KVCache | None = None, last_only: bool = False,
+               features_only: bool = False):
+    """Logits [B, T, V] (or [B, 1, V] for the last position when `last_only`) and the cache.
+
+    With `features_only` (training, no cache) it returns the final normalised hidden states
+    [B, T, D] and the head [D, V] in the compute dtype instead of logits, for a loss that applies
+    the head itself (`archscale.loss.chunked_cross_entropy`).
+    """
     s, o = self.spec, self.options
     t = tokens_BT.shape[1]
     if t > s.max_seq_len:
@@ -334,10 +340,14 @@ class Transformer(nn.Module):
     x_BTD = RMSNorm(s.norm_eps, o, name="final_norm")(x_BTD)
     if s.tie_embeddings:
       head_VD = embedding_VD.astype(o.jnp_dtype)
+      if features_only:
+        return x_BTD, head_VD.T
       logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, head_VD)
     else:
       head_DV = _param(self, "lm_head", (s.d_model, s.vocab_size), ("embed", "vocab"),
                        _normal(_INIT_STD), o)
+      if features_only:
+        return x_BTD, head_DV
       logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV)
     # Rounded to the compute dtype before the float32 cast (as autocast does): a float32 product
     # would make the vocab-sized matmuls of the backward pass run in float32.
@@ -377,6 +387,11 @@ def forward(model: Transformer, params: dict, tokens_BT: jax.Array) -> jax.Array
   """Logits [B, T, V] of a full causal forward pass (training and evaluation)."""
   logits_BTV, _ = model.apply({"params": params}, tokens_BT)
   return logits_BTV
+
+
+def features(model: Transformer, params: dict, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Final normalised hidden states [B, T, D] and the LM head [D, V] (logits = their product)."""
+  return model.apply({"params": params}, tokens_BT, features_only=True)
 
 
 def prefill(model: Transformer, params: dict, tokens_BT: jax.Array, max_len: int | None = None,

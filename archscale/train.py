@@ -53,6 +53,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from archscale import costmodel, io, sharding
+from archscale import loss as loss_lib
 from archscale import model as model_lib
 from archscale.arch import ArchSpec
 
@@ -112,15 +113,20 @@ def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
   return adamw
 
 
-def loss_fn(model: model_lib.Transformer, params: Any, tokens_BT1: jax.Array,
-            z_loss: float) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """Mean next-token cross-entropy plus `z_loss * mean(logsumexp^2)`; returns (total, (ce, z))."""
+def loss_fn(model: model_lib.Transformer, params: Any, tokens_BT1: jax.Array, z_loss: float,
+            loss_chunk: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """Mean next-token cross-entropy plus `z_loss * mean(logsumexp^2)`; returns (total, (ce, z)).
+
+  `loss_chunk` > 0 fuses the LM head into the loss, `loss_chunk` positions at a time, so the
+  [B, T, V] logits are never materialised (`archscale.loss`).
+  """
   inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
-  logits_BTV = model_lib.forward(model, params, inputs_BT).astype(jnp.float32)
-  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  ce = jnp.mean(lse_BT - target_BT)
-  z = z_loss * jnp.mean(lse_BT**2) if z_loss else jnp.zeros((), jnp.float32)
+  if loss_chunk:
+    x_BTD, head_DV = model_lib.features(model, params, inputs_BT)
+    total, ce, z = loss_lib.chunked_cross_entropy(x_BTD, head_DV, targets_BT, z_loss, loss_chunk)
+    return total, (ce, z_loss * z)
+  ce, z = loss_lib.cross_entropy(model_lib.forward(model, params, inputs_BT), targets_BT)
+  z = z_loss * z if z_loss else jnp.zeros((), jnp.float32)
   return ce + z, (ce, z)
 
 
@@ -132,7 +138,8 @@ def make_train_step(model: model_lib.Transformer, tx: optax.GradientTransformati
   rows a, a + A, ...: every micro-batch stays spread over all data-parallel devices.
   """
   accum, z_coef, schedule = train_cfg.grad_accum, train_cfg.z_loss, learning_rate(train_cfg)
-  grad_fn = jax.value_and_grad(lambda p, x: loss_fn(model, p, x, z_coef), has_aux=True)
+  grad_fn = jax.value_and_grad(
+      lambda p, x: loss_fn(model, p, x, z_coef, train_cfg.loss_chunk), has_aux=True)
 
   def step(state, tokens_BT1):
     params = state["params"]
@@ -163,9 +170,9 @@ def make_train_step(model: model_lib.Transformer, tx: optax.GradientTransformati
   return step
 
 
-def make_eval_step(model: model_lib.Transformer) -> Callable:
+def make_eval_step(model: model_lib.Transformer, loss_chunk: int = 0) -> Callable:
   """`eval(params, tokens_BT1) -> mean cross-entropy` (no z-loss)."""
-  return lambda params, tokens_BT1: loss_fn(model, params, tokens_BT1, 0.0)[1][0]
+  return lambda params, tokens_BT1: loss_fn(model, params, tokens_BT1, 0.0, loss_chunk)[1][0]
 
 
 # ------------------------------------------------------------------------- validation, setup
@@ -215,6 +222,10 @@ def validate_train_config(config: Any) -> None:
   _check(t.eps > 0, f"train.eps must be positive, got {t.eps}")
   _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
   _check(t.z_loss >= 0, f"train.z_loss must be >= 0 (0 = off), got {t.z_loss}")
+  _check(isinstance(t.loss_chunk, int) and not isinstance(t.loss_chunk, bool)
+         and t.loss_chunk >= 0,
+         f"train.loss_chunk must be a non-negative integer (positions per chunk of the fused "
+         f"head + loss; 0 = full logits), got {t.loss_chunk!r}")
   _check(t.global_batch_size % t.grad_accum == 0,
          f"train.global_batch_size={t.global_batch_size} must be divisible by "
          f"train.grad_accum={t.grad_accum}")
@@ -348,11 +359,11 @@ def compile_step(setup: Setup, train_cfg: Any) -> Any:
     return jitted.lower(setup.abstract_state, batch).compile()
 
 
-def compile_eval(setup: Setup, batch_size: int) -> Any:
+def compile_eval(setup: Setup, batch_size: int, loss_chunk: int = 0) -> Any:
   """The eval step compiled ahead of time."""
   batch = jax.ShapeDtypeStruct((batch_size, setup.seq_len + 1), jnp.int32,
                                sharding=setup.batch_sharding)
-  jitted = jax.jit(make_eval_step(setup.model),
+  jitted = jax.jit(make_eval_step(setup.model, loss_chunk),
                    in_shardings=(setup.state_shardings["params"], setup.batch_sharding),
                    out_shardings=sharding.replicated(setup.mesh))
   with _tracing_context(setup):
@@ -599,7 +610,7 @@ def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_s
 
   compile_start = time.time()
   step_fn = compile_step(setup, t)
-  eval_fn = compile_eval(setup, t.global_batch_size) if t.eval_batches else None
+  eval_fn = compile_eval(setup, t.global_batch_size, t.loss_chunk) if t.eval_batches else None
   compile_s = time.time() - compile_start
   logging.info("train: compiled in %.1fs; steps %d..%d, %d tokens per step, %.3g FLOPs per token",
                compile_s, start_step, t.steps, setup.tokens_per_step, flops_per_token)

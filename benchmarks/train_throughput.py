@@ -21,6 +21,7 @@ On CPU (smoke test): --config=configs/demo.py --config.train.global_batch_size=4
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -42,6 +43,14 @@ _PEER = flags.DEFINE_enum("peer", "auto", ["auto", "off", "only"],
                           "HF transformers peer: auto (when importable, on CUDA), off, or only "
                           "(run just the peer and print its JSON; used for the child process).")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
+_VARIANTS = flags.DEFINE_string(
+    "variants", "",
+    "Further settings to time in the same process against the base config, ';'-separated, each "
+    "a ','-separated list of section.field=value, e.g. "
+    "'train.loss_chunk=512;compute.remat=none,train.loss_chunk=512'.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile and report compiled memory without running steps (e.g. to "
+    "size a large model's step on a CPU host).")
 
 
 def _median(xs: list[float]) -> float:
@@ -54,6 +63,28 @@ def _shape(config: Any) -> dict[str, Any]:
   return {"global_batch_size": config.train.global_batch_size, "seq_len": config.data.seq_len}
 
 
+def parse_variants(text: str, config: Any) -> list[tuple[str, Any]]:
+  """(label, config copy) per ';'-separated variant; values take the type of the base field."""
+  variants = []
+  for label in filter(None, (v.strip() for v in text.split(";"))):
+    variant = copy.deepcopy(config)
+    for item in filter(None, (i.strip() for i in label.split(","))):
+      key, sep, value = item.partition("=")
+      section, _, field = key.strip().partition(".")
+      if not sep or section not in variant or field not in variant[section]:
+        raise app.UsageError(f"--variants: {item!r} is not section.field=value of a config field")
+      old = variant[section][field]
+      value = value.strip()
+      if isinstance(old, bool):
+        if value.lower() not in ("true", "false"):
+          raise app.UsageError(f"--variants: {key} takes true or false, got {value!r}")
+        variant[section][field] = value.lower() == "true"
+      else:
+        variant[section][field] = type(old)(value)
+    variants.append((label, variant))
+  return variants
+
+
 def jax_step(config: Any) -> dict[str, Any]:
   """Compiles and times archscale's train step; returns its figures."""
   import jax
@@ -61,13 +92,18 @@ def jax_step(config: Any) -> dict[str, Any]:
 
   from archscale import sharding, train
 
-  sharding.initialize_distributed(config.distributed)
   setup = train.build(config, with_data=False)
   b, t = config.train.global_batch_size, config.data.seq_len
-  state = train.init_state(setup, config.seed)
   start = time.perf_counter()
   step = train.compile_step(setup, config.train)
   compile_s = time.perf_counter() - start
+  analysis = step.memory_analysis()
+  compiled = {"compile_s": compile_s,
+              "compiled_temp_memory_gb": (analysis.temp_size_in_bytes / 1e9
+                                          if analysis is not None else None)}
+  if _COMPILE_ONLY.value:
+    return {"framework": f"archscale (jax {jax.__version__})", **compiled}
+  state = train.init_state(setup, config.seed)
   tokens = jax.jit(lambda: jax.random.randint(jax.random.key(1), (b, t + 1), 0,
                                               setup.spec.vocab_size, jnp.int32),
                    out_shardings=setup.batch_sharding)()
@@ -87,7 +123,8 @@ def jax_step(config: Any) -> dict[str, Any]:
   flops_per_token = setup.spec.train_flops_per_token(t)
   stats = [d.memory_stats() or {} for d in jax.local_devices()]
   peak_bytes = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0) or None
-  analysis = step.memory_analysis()
+  loss = float(metrics["loss"])
+  del state, metrics
   return {
       "framework": f"archscale (jax {jax.__version__})",
       "device_kind": device.device_kind,
@@ -97,11 +134,10 @@ def jax_step(config: Any) -> dict[str, Any]:
       "step_s_runs": times,
       "tokens_per_sec": b * t / step_s,
       "mfu": b * t / step_s * flops_per_token / (peak * jax.device_count()) if peak else None,
-      "compile_s": compile_s,
+      **compiled,
+      # The process-wide high-water mark: for a variant, the largest of all runs so far.
       "peak_memory_gb": peak_bytes / 1e9 if peak_bytes else None,
-      "compiled_temp_memory_gb": (analysis.temp_size_in_bytes / 1e9
-                                  if analysis is not None else None),
-      "loss": float(metrics["loss"]),
+      "loss": loss,
   }
 
 
@@ -215,11 +251,27 @@ def main(argv):
       "mfu_formula": "tokens/s x ArchSpec.train_flops_per_token (6 x matmul weights + causal "
                      "attention at half) / (dense bf16 peak x devices)",
   }
+  variants = parse_variants(_VARIANTS.value, config)  # bad flags fail before any compile
   peer = None
-  if _PEER.value == "auto":
+  if _PEER.value == "auto" and not _COMPILE_ONLY.value:
     reason = _peer_unavailable()
     peer = {"skipped": reason} if reason else _run_peer_child()
-  result["archscale"] = jax_step(config)
+  from archscale import sharding
+
+  sharding.initialize_distributed(config.distributed)
+  base = result["archscale"] = jax_step(config)
+  if variants:
+    result["variants"] = []
+    for label, variant in variants:
+      row = {"variant": label, **jax_step(variant)}
+      if base.get("tokens_per_sec") and row.get("tokens_per_sec"):
+        row["speedup_vs_base"] = row["tokens_per_sec"] / base["tokens_per_sec"]
+      if base.get("compiled_temp_memory_gb") and row.get("compiled_temp_memory_gb"):
+        row["temp_memory_vs_base"] = (row["compiled_temp_memory_gb"]
+                                      / base["compiled_temp_memory_gb"])
+      if peer and peer.get("tokens_per_sec") and row.get("tokens_per_sec"):
+        row["speedup_vs_hf"] = row["tokens_per_sec"] / peer["tokens_per_sec"]
+      result["variants"].append(row)
   if peer is not None:
     result["hf_peer"] = peer
     if peer.get("tokens_per_sec"):

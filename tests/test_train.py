@@ -212,6 +212,7 @@ def assert_trees_close(a: dict, b: dict, rtol: float) -> None:
     (lambda c: setattr(c.mesh, "rules", "embed=tensor"), "mesh.rules"),
     (lambda c: setattr(c.train, "schedule", "linear"), "train.schedule"),
     (lambda c: setattr(c.train, "steps", 0), "train.steps"),
+    (lambda c: setattr(c.train, "loss_chunk", -1), "train.loss_chunk"),
 ])
 def test_bad_inputs_fail_fast_naming_the_field(corpus, tmp_path, change, field):
   config = tiny_config(corpus)
@@ -338,9 +339,11 @@ def flat(tree):
           for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 results = {}
-for name, mesh in {"2x4": (2, 4, 1), "2x2x2": (2, 2, 2)}.items():
+for name, (mesh, loss_chunk) in {"2x4": ((2, 4, 1), 0), "2x2x2": ((2, 2, 2), 0),
+                                  "2x2x2_chunked_loss": ((2, 2, 2), 5)}.items():
   c = ml_collections.ConfigDict(config.to_dict())
   c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+  c.train.loss_chunk = loss_chunk
   setup = train.build(c)
   step = train.compile_step(setup, c.train)
   state = train.init_state(setup, c.seed)
@@ -388,7 +391,7 @@ def test_eight_device_meshes_match_one_device(reference, cache_dir, tmp_path):
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-5000:]
 
   m1, p1 = one_step(config)
-  for name in ("2x4", "2x2x2"):
+  for name in ("2x4", "2x2x2", "2x2x2_chunked_loss"):
     got = dict(np.load(tmp_path / f"step_{name}.npz"))
     assert float(got.pop("loss")) == pytest.approx(float(m1["loss"]), rel=1e-5)
     assert float(got.pop("grad_norm")) == pytest.approx(float(m1["grad_norm"]), rel=1e-5)
@@ -451,6 +454,15 @@ def test_gradient_accumulation_matches_the_full_batch(corpus, cache_dir):
   m2, p2 = one_step(tiny_config(corpus, grad_accum=4))
   assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
   assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-5)
+  assert_step_close(p2, p1)
+
+
+@pytest.mark.parametrize("loss_chunk", [8, 5])  # 5 does not divide seq_len=32: padded chunks
+def test_chunked_fused_loss_step_matches_full_logits(corpus, loss_chunk):
+  m1, p1 = one_step(tiny_config(corpus, z_loss=1e-2))
+  m2, p2 = one_step(tiny_config(corpus, z_loss=1e-2, loss_chunk=loss_chunk))
+  for key in ("loss", "z_loss", "grad_norm"):
+    assert float(m2[key]) == pytest.approx(float(m1[key]), rel=1e-5), key
   assert_step_close(p2, p1)
 
 
