@@ -90,7 +90,7 @@ def jax_step(config: Any) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from archscale import sharding, train
+  from archscale import train
 
   setup = train.build(config, with_data=False)
   b, t = config.train.global_batch_size, config.data.seq_len

@@ -41,7 +41,7 @@ def test_chunked_matches_full_logits_in_float32(chunk, z_coef):
   # The cotangent of the loss scales both gradients (here 3x).
   g_want = _grads(_full, x_BTD, head_DV, targets_BT, z_coef, scale=3.0)
   g_got = _grads(_chunked(chunk), x_BTD, head_DV, targets_BT, z_coef, scale=3.0)
-  for a, b in zip(g_got, g_want):
+  for a, b in zip(g_got, g_want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -52,7 +52,7 @@ def test_chunked_matches_full_logits_in_bfloat16():
   np.testing.assert_allclose(got, want, rtol=1e-6)  # same bf16 logits, float32 softmax
   g_want = _grads(_full, x_BTD, head_DV, targets_BT, 1e-2)
   g_got = _grads(_chunked(4), x_BTD, head_DV, targets_BT, 1e-2)
-  for a, b in zip(g_got, g_want):
+  for a, b in zip(g_got, g_want, strict=True):
     assert a.dtype == b.dtype == jnp.bfloat16
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)  # bf16 rounding of dlogits
