@@ -180,7 +180,9 @@ def logical_shardings(abstract: Any, logical: Any, mesh: Mesh, rules: Rules) -> 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Sharding of a [batch, seq] token array: rows over the batch axes, positions replicated."""
-  return NamedSharding(mesh, logical_to_mesh(("batch", "seq"), activation_rules(rules), "batch"))
+  # Positions stay whole: the token array is seq_len + 1 long, which a sequence-parallel rule
+  # for activations ("seq=...") would rarely divide.
+  return NamedSharding(mesh, logical_to_mesh(("batch", None), activation_rules(rules), "batch"))
 
 
 def batch_parallelism(mesh: Mesh, rules: Rules) -> int:

@@ -146,11 +146,6 @@ def make_train_step(model: model_lib.Transformer, tx: optax.GradientTransformati
     if accum == 1:
       (_, (ce, z)), grads = grad_fn(params, tokens_BT1)
     else:
-      b, t1 = tokens_BT1.shape
-      micro_ABT1 = tokens_BT1.reshape(b // accum, accum, t1).swapaxes(0, 1)
-      if micro_sharding is not None:
-        micro_ABT1 = jax.lax.with_sharding_constraint(micro_ABT1, micro_sharding)
-
       def body(carry, micro_BT1):
         g_sum, ce_sum, z_sum = carry
         (_, (ce_i, z_i)), g_i = grad_fn(params, micro_BT1)
@@ -158,7 +153,8 @@ def make_train_step(model: model_lib.Transformer, tx: optax.GradientTransformati
 
       zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
                jnp.zeros((), jnp.float32))
-      (grads, ce, z), _ = jax.lax.scan(body, zeros, micro_ABT1)
+      (grads, ce, z), _ = jax.lax.scan(
+          body, zeros, split_micro_batches(tokens_BT1, accum, micro_sharding))
       grads = jax.tree.map(lambda g: g / accum, grads)
       ce, z = ce / accum, z / accum
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -170,9 +166,33 @@ def make_train_step(model: model_lib.Transformer, tx: optax.GradientTransformati
   return step
 
 
-def make_eval_step(model: model_lib.Transformer, loss_chunk: int = 0) -> Callable:
-  """`eval(params, tokens_BT1) -> mean cross-entropy` (no z-loss)."""
-  return lambda params, tokens_BT1: loss_fn(model, params, tokens_BT1, 0.0, loss_chunk)[1][0]
+def split_micro_batches(tokens_BT1: jax.Array, accum: int,
+                        micro_sharding: NamedSharding | None) -> jax.Array:
+  """[B, T+1] -> [A, B/A, T+1]: micro-batch a takes rows a, a + A, ... (see make_train_step)."""
+  b, t1 = tokens_BT1.shape
+  micro_ABT1 = tokens_BT1.reshape(b // accum, accum, t1).swapaxes(0, 1)
+  if micro_sharding is not None:
+    micro_ABT1 = jax.lax.with_sharding_constraint(micro_ABT1, micro_sharding)
+  return micro_ABT1
+
+
+def make_eval_step(model: model_lib.Transformer, train_cfg: Any,
+                   micro_sharding: NamedSharding | None = None) -> Callable:
+  """`eval(params, tokens_BT1) -> mean cross-entropy` (no z-loss).
+
+  Runs over the same `grad_accum` micro-batches as the train step, so evaluation needs no more
+  memory than training.
+  """
+  accum, chunk = train_cfg.grad_accum, train_cfg.loss_chunk
+  cross_entropy = lambda params, x_BT1: loss_fn(model, params, x_BT1, 0.0, chunk)[1][0]
+
+  def evaluate(params, tokens_BT1):
+    if accum == 1:
+      return cross_entropy(params, tokens_BT1)
+    micro_ABT1 = split_micro_batches(tokens_BT1, accum, micro_sharding)
+    return jnp.mean(jax.lax.map(lambda x_BT1: cross_entropy(params, x_BT1), micro_ABT1))
+
+  return evaluate
 
 
 # ------------------------------------------------------------------------- validation, setup
@@ -343,13 +363,17 @@ def _tracing_context(setup: Setup):
     yield
 
 
+def _micro_sharding(setup: Setup, accum: int) -> NamedSharding | None:
+  """Sharding of the [A, B/A, T+1] micro-batches: each spread over the data-parallel devices."""
+  if accum == 1:
+    return None
+  return NamedSharding(setup.mesh, PartitionSpec(None, *setup.batch_sharding.spec))
+
+
 def compile_step(setup: Setup, train_cfg: Any) -> Any:
   """The train step compiled ahead of time for the state and batch shardings (state donated)."""
-  micro_sharding = None
-  if train_cfg.grad_accum > 1:
-    spec = setup.batch_sharding.spec
-    micro_sharding = NamedSharding(setup.mesh, PartitionSpec(None, *spec))
-  step = make_train_step(setup.model, setup.tx, train_cfg, micro_sharding)
+  step = make_train_step(setup.model, setup.tx, train_cfg,
+                         _micro_sharding(setup, train_cfg.grad_accum))
   batch = jax.ShapeDtypeStruct((train_cfg.global_batch_size, setup.seq_len + 1), jnp.int32,
                                sharding=setup.batch_sharding)
   jitted = jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
@@ -359,11 +383,12 @@ def compile_step(setup: Setup, train_cfg: Any) -> Any:
     return jitted.lower(setup.abstract_state, batch).compile()
 
 
-def compile_eval(setup: Setup, batch_size: int, loss_chunk: int = 0) -> Any:
-  """The eval step compiled ahead of time."""
-  batch = jax.ShapeDtypeStruct((batch_size, setup.seq_len + 1), jnp.int32,
+def compile_eval(setup: Setup, train_cfg: Any) -> Any:
+  """The eval step for global batches of `train.global_batch_size`, compiled ahead of time."""
+  batch = jax.ShapeDtypeStruct((train_cfg.global_batch_size, setup.seq_len + 1), jnp.int32,
                                sharding=setup.batch_sharding)
-  jitted = jax.jit(make_eval_step(setup.model, loss_chunk),
+  evaluate = make_eval_step(setup.model, train_cfg, _micro_sharding(setup, train_cfg.grad_accum))
+  jitted = jax.jit(evaluate,
                    in_shardings=(setup.state_shardings["params"], setup.batch_sharding),
                    out_shardings=sharding.replicated(setup.mesh))
   with _tracing_context(setup):
@@ -610,7 +635,7 @@ def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_s
 
   compile_start = time.time()
   step_fn = compile_step(setup, t)
-  eval_fn = compile_eval(setup, t.global_batch_size, t.loss_chunk) if t.eval_batches else None
+  eval_fn = compile_eval(setup, t) if t.eval_batches else None
   compile_s = time.time() - compile_start
   logging.info("train: compiled in %.1fs; steps %d..%d, %d tokens per step, %.3g FLOPs per token",
                compile_s, start_step, t.steps, setup.tokens_per_step, flops_per_token)
@@ -701,14 +726,14 @@ def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_s
     if _is_eval_step(step, t) or ckpt.should_save(step) or step == t.steps:
       m = finish_step(*pending)
       pending = None
+      if ckpt.should_save(step) and step < t.steps:
+        save(step)  # before the eval: an eval that fails must not cost the checkpoint
       eval_loss = None
       if _is_eval_step(step, t) and eval_fn is not None:
         eval_loss = meta["eval_loss"] = evaluate(state["params"])
         window["t"] = None
       if _is_log_step(step, t) or eval_loss is not None:
         log_row(step, m, eval_loss)
-      if ckpt.should_save(step) and step < t.steps:
-        save(step)
   if pending is not None:
     m = finish_step(*pending)
     log_row(pending[0], m, None)

@@ -156,6 +156,9 @@ _EIGHT_DEVICES = textwrap.dedent("""
     b = sharding.batch_sharding(m, sharding.LOGICAL_RULES)
     assert b.spec == P(("data", "fsdp"), None) and b.shard_shape((8, 33)) == (2, 33)
     assert sharding.batch_parallelism(m, sharding.LOGICAL_RULES) == 4
+    # A sequence-parallel activation rule leaves the token array's (odd) positions whole.
+    seq_rules = sharding.parse_rules("seq=tensor")
+    assert sharding.batch_sharding(m, seq_rules).spec == P(("data", "fsdp"), None)
 
     try:  # 2 KV heads cannot be split 8 ways.
       sharding.logical_shardings(abstract, axes, mesh(1, 1, 8), sharding.LOGICAL_RULES)

@@ -457,6 +457,20 @@ def test_gradient_accumulation_matches_the_full_batch(corpus, cache_dir):
   assert_step_close(p2, p1)
 
 
+def test_eval_runs_over_the_training_micro_batches(corpus):
+  config = tiny_config(corpus)
+  config.model.vocab_size = 4096  # so that logits dominate the eval step's memory
+  setup = train.build(config)
+  params = model_lib.init_params(setup.model, jax.random.key(0))
+  tokens = train.BatchSource(config, setup, "eval")(0)
+  full = train.compile_eval(setup, config.train)
+  config.train.grad_accum = 4
+  micro = train.compile_eval(setup, config.train)
+  assert float(micro(params, tokens)) == pytest.approx(float(full(params, tokens)), rel=1e-6)
+  temp = lambda fn: fn.memory_analysis().temp_size_in_bytes
+  assert temp(micro) < 0.5 * temp(full)
+
+
 @pytest.mark.parametrize("loss_chunk", [8, 5])  # 5 does not divide seq_len=32: padded chunks
 def test_chunked_fused_loss_step_matches_full_logits(corpus, loss_chunk):
   m1, p1 = one_step(tiny_config(corpus, z_loss=1e-2))
