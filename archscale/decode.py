@@ -117,17 +117,17 @@ def prefill_last_logits(model: model_lib.Transformer, params: dict, tokens_BT: j
   return logits_B1V[:, 0], cache
 
 
-def _generate_program(params, prompt_BT, cache, rng, n_new, *, spec, options, decode_options,
-                      sampler):
+def _generate_program(params, prompt_BT, cache, rng, n_new, *, spec, prefill_options,
+                      decode_options, sampler):
   """Prefill, then up to n_new - 1 decode steps in a while loop; tokens buffer sized to the cache.
 
-  Token i (0-based) comes from the prefill (i = 0) or decode step i, which feeds token i - 1.
+  `params` are in the unrolled layout (`unstack_layers`), which both phases use. Token i
+  (0-based) comes from the prefill (i = 0) or decode step i, which feeds token i - 1.
   """
   b, t = prompt_BT.shape
   max_new = cache.max_len - t
-  prefill_model = model_lib.Transformer(spec, options)
+  prefill_model = model_lib.Transformer(spec, prefill_options)
   decode_model = model_lib.Transformer(spec, decode_options)
-  decode_params = unstack_layers(params, spec.n_layers) if options.scan_layers else params
 
   logits_BV, cache = prefill_last_logits(prefill_model, params, prompt_BT, cache)
   rng, step_rng = jax.random.split(rng)
@@ -148,7 +148,7 @@ def _generate_program(params, prompt_BT, cache, rng, n_new, *, spec, options, de
 
   def body(carry):
     i, tok_B, cache, tokens_BN, done_B, lengths_B, rng = carry
-    logits_BV, cache = model_lib.decode_step(decode_model, decode_params, cache, tok_B)
+    logits_BV, cache = model_lib.decode_step(decode_model, params, cache, tok_B)
     rng, step_rng = jax.random.split(rng)
     next_B = sample_logits(logits_BV, step_rng, sampler)
     if sampler.stops_at_eos:
@@ -169,7 +169,7 @@ def _generate_program(params, prompt_BT, cache, rng, n_new, *, spec, options, de
 
 
 _generate_jit = jax.jit(_generate_program,
-                        static_argnames=("spec", "options", "decode_options", "sampler"),
+                        static_argnames=("spec", "prefill_options", "decode_options", "sampler"),
                         donate_argnames=("cache",))
 
 
@@ -199,13 +199,17 @@ def unstack_layers(params: dict, n_layers: int) -> dict:
   return out
 
 
+_unstack_jit = jax.jit(unstack_layers, static_argnums=1)
+
+
 def decode_model_options(options: model_lib.ModelOptions,
                          decode_attention: str | None = None) -> model_lib.ModelOptions:
-  """Options of the decode steps: layers unrolled, no remat, optionally another attention kernel.
+  """Options of generation: layers unrolled, no remat, optionally another attention kernel.
 
-  A decode step under `nn.scan` slices every layer's weights out of the stacked arrays, which on
+  Under `nn.scan` a decode step slices every layer's weights out of the stacked arrays, which on
   GPU materialises a copy of all weights per step (LLaMA-3.2-1B on an H100 at batch 1: 2.9 ms
-  per step scanned, 1.7 ms unrolled); `unstack_layers` pays that copy once per generation.
+  per step scanned, 1.7 ms unrolled), and a prefill stacks and splits the per-layer KV cache
+  (copies of the whole cache). Generation therefore runs unrolled on weights unstacked once.
   """
   return dataclasses.replace(
       options, scan_layers=False, remat="none",
@@ -238,9 +242,9 @@ def generate(params: dict, spec: ArchSpec, prompt_tokens: jax.Array, n_new: int,
   rng = jax.random.key(0) if rng is None else rng
   cache = model_lib.init_cache(spec, b, t + n_new, options.jnp_dtype)
   tokens_BN, lengths_B, cache = _generate_jit(
-      params, prompt_BT.astype(jnp.int32), cache, rng, jnp.int32(n_new), spec=spec,
-      options=options, decode_options=decode_model_options(options, decode_attention),
-      sampler=sampler)
+      _unstack_jit(params, spec.n_layers), prompt_BT.astype(jnp.int32), cache, rng,
+      jnp.int32(n_new), spec=spec, prefill_options=decode_model_options(options),
+      decode_options=decode_model_options(options, decode_attention), sampler=sampler)
   return Generation(tokens_BN[:, :n_new], lengths_B, cache)
 
 
@@ -299,11 +303,12 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
   """
   sampler = Sampler(ignore_eos=True)
   dtype_bytes = jnp.dtype(options.jnp_dtype).itemsize
+  param_bytes = jnp.dtype(options.jnp_param_dtype).itemsize
   max_len = input_len + output_len
-  model = model_lib.Transformer(spec, options)
-  params = jax.jit(lambda rng: model_lib.init_params(model, rng))(jax.random.key(seed))
+  prefill_options = decode_model_options(options)
   decode_options = decode_model_options(options, decode_attention)
-  decode_params = unstack_layers(params, spec.n_layers) if options.scan_layers else params
+  model = model_lib.Transformer(spec, prefill_options)  # unrolled: one copy of the weights
+  params = jax.jit(lambda rng: model_lib.init_params(model, rng))(jax.random.key(seed))
   chunk = _chunk_steps(output_len)
   n_chunks = (output_len - 1) // chunk
   contexts = costmodel.decode_contexts(input_len, output_len)
@@ -321,7 +326,7 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
         "kv_cache_bytes": costmodel.kv_cache_bytes(spec, batch, max_len, dtype_bytes),
         "params_total": spec.params_total,
     }
-    needed = weight_bytes + row["kv_cache_bytes"]
+    needed = spec.param_bytes(param_bytes) + row["kv_cache_bytes"]
     if failed_at is not None:
       rows.append({**row, "error": f"out of memory: skipped after batch {failed_at} did not fit"})
       continue
@@ -331,8 +336,8 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
                                    f"device limit {bytes_limit / 1e9:.1f} GB"})
       continue
     try:
-      row.update(_bench_batch(spec, params, decode_params, options, decode_options, sampler,
-                              batch, input_len, output_len, repeats, chunk, n_chunks, seed))
+      row.update(_bench_batch(spec, params, prefill_options, decode_options, sampler, batch,
+                              input_len, output_len, repeats, chunk, n_chunks, seed))
     except jax.errors.JaxRuntimeError as err:
       if not _is_oom(err):
         raise
@@ -357,20 +362,21 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
                  row["output_tokens_per_s"], row["step_ms_median"], row["step_ms_p90"],
                  row["prefill_s"], row["hbm_gbps"], row["roofline_fraction"])
     rows.append(row)
-  del params, decode_params
+  del params
   gc.collect()
   return rows
 
 
-def _bench_batch(spec, params, decode_params, options, decode_options, sampler, batch, input_len,
+def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, input_len,
                  output_len, repeats, chunk, n_chunks, seed) -> dict[str, Any]:
   """Compiles and times one (architecture, batch) point; see the module doc for the method."""
   max_len = input_len + output_len
   keys = jax.random.split(jax.random.key(seed + 1), 2)
   prompt_BT = jax.random.randint(keys[0], (batch, input_len), 0, spec.vocab_size, jnp.int32)
   new_cache = lambda: jax.block_until_ready(
-      model_lib.init_cache(spec, batch, max_len, options.jnp_dtype))
-  statics = dict(spec=spec, options=options, decode_options=decode_options, sampler=sampler)
+      model_lib.init_cache(spec, batch, max_len, prefill_options.jnp_dtype))
+  statics = dict(spec=spec, prefill_options=prefill_options, decode_options=decode_options,
+                 sampler=sampler)
 
   t0 = time.perf_counter()
   program = _generate_jit.lower(params, prompt_BT, new_cache(), keys[1], jnp.int32(0),
@@ -384,7 +390,7 @@ def _bench_batch(spec, params, decode_params, options, decode_options, sampler, 
   run = lambda n_new: _timed(program, params, prompt_BT, new_cache(), keys[1], jnp.int32(n_new))
 
   (tokens_BN, _, cache), _ = run(0)  # Warm-up; also gives a cache to compile the chunk with.
-  chunk_fn = _decode_chunk_jit.lower(decode_params, cache, tokens_BN[:, 0], spec=spec,
+  chunk_fn = _decode_chunk_jit.lower(params, cache, tokens_BN[:, 0], spec=spec,
                                      options=decode_options, n_steps=chunk).compile()
   del tokens_BN, cache
 
@@ -394,7 +400,7 @@ def _bench_batch(spec, params, decode_params, options, decode_options, sampler, 
     prefill_s.append(t)
     tok_B = tokens_BN[:, 0]
     for i in range(n_chunks):  # The first chunk ever run is a warm-up, not a sample.
-      (cache, tok_B), t = _timed(chunk_fn, decode_params, cache, tok_B)
+      (cache, tok_B), t = _timed(chunk_fn, params, cache, tok_B)
       if repeat or i or n_chunks == 1:
         step_s.append(t / chunk)
     del tokens_BN, cache, tok_B

@@ -6,7 +6,8 @@ dataset). Prints one JSON object: tokens/s, MFU, compile time, peak device memor
 and transformers import and CUDA is present, the same step in HF `LlamaForCausalLM` (same
 architecture and batch, random weights, float32 master weights with bfloat16 autocast, fused
 AdamW, `torch.compile`) runs first in a child process on one GPU, and the JSON adds its figures
-and the ratio of per-device tokens/s. Both MFUs use `ArchSpec.train_flops_per_token` against `train.peak_flops`.
+and the ratio of per-device tokens/s. Both MFUs use `ArchSpec.train_flops_per_token` against
+`train.peak_flops`.
 
   python benchmarks/train_throughput.py --config=configs/llama3_2_1b.py \\
       --config.compute.dtype=bfloat16 --config.compute.attention=cudnn \\

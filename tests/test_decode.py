@@ -63,6 +63,21 @@ def test_unrolled_model_generates_the_same(setup):
   np.testing.assert_array_equal(np.asarray(out.tokens_BN), np.asarray(ref.tokens_BN))
 
 
+def test_generation_makes_no_copy_of_the_kv_cache(setup):
+  _, params, _ = setup
+  batch, prompt, max_len = 16, 8, SPEC.max_seq_len  # the cache dominates the program's memory
+  options = M.ModelOptions(scan_layers=True)  # training's layout; generation unrolls it
+  cache = M.init_cache(SPEC, batch, max_len, jnp.float32)
+  cache_bytes = sum(x.nbytes for x in cache.k_BSKH + cache.v_BSKH)
+  program = D._generate_jit.lower(
+      D.unstack_layers(params, SPEC.n_layers), jnp.zeros((batch, prompt), jnp.int32), cache,
+      jax.random.key(0), jnp.int32(8), spec=SPEC, prefill_options=D.decode_model_options(options),
+      decode_options=D.decode_model_options(options), sampler=D.Sampler()).compile()
+  memory = program.memory_analysis()
+  assert memory.alias_size_in_bytes >= cache_bytes  # the donated cache is updated in place
+  assert memory.temp_size_in_bytes < cache_bytes  # a scanned prefill took 2.1x: stack + split
+
+
 def test_one_program_per_shape(setup):
   _, params, prompt_BT = setup
   D.generate(params, SPEC, prompt_BT, N_NEW)
@@ -168,8 +183,7 @@ def test_decode_bench_end_to_end(tmp_path):
 def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
   calls = []
 
-  def fake_bench_batch(spec, params, decode_params, options, decode_options, sampler, batch,
-                       *args):
+  def fake_bench_batch(spec, params, prefill_options, decode_options, sampler, batch, *args):
     calls.append(batch)
     if batch == 2:
       raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 byte")
@@ -177,7 +191,7 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
             "output_tokens_per_s": batch * 4 / 0.2}
 
   monkeypatch.setattr(D, "_bench_batch", fake_bench_batch)
-  monkeypatch.setattr(M, "init_params", lambda model, rng: {"layers": {"w": jnp.zeros((2, 3))}})
+  monkeypatch.setattr(M, "init_params", lambda model, rng: {"layers_0": {"w": jnp.zeros(3)}})
   specs = {"demo": SPEC, "demo_mqa": SPEC.replace(n_kv_heads=1)}
   rows = D.run_sweep(specs, [4, 1, 2], 8, 4, 1, dtype="float32", accelerator="h100-sxm")
   assert calls == [1, 2, 1, 2]  # batch 4 is not tried once batch 2 failed
