@@ -40,6 +40,7 @@ def chunked_cross_entropy(x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.
   if chunk < 1:
     raise ValueError(f"train.loss_chunk must be >= 1 to chunk the loss (0 = off), got {chunk}")
   b, t, _ = x_BTD.shape
+  chunk = min(chunk, t)
   pad = -t % chunk
   weight_BT = jnp.ones((b, t), jnp.float32)
   if pad:
