@@ -238,9 +238,15 @@ class ArchSpec:
     return 2.0 * self.matmul_params_per_token + self.attention_flops_per_token(context_len)
 
   def prefill_flops(self, prompt_len: int) -> float:
-    """Forward FLOPs of a causal prefill of `prompt_len` tokens for one sequence."""
-    return prompt_len * (2.0 * self.matmul_params_per_token
-                         + self.attention_flops_per_token(prompt_len / 2))
+    """Forward FLOPs of a causal prefill of `prompt_len` tokens for one sequence.
+
+    The LM head runs on the last position only (a serving prefill needs just the next-token
+    logits; `decode.generate` does this), the layers on every position.
+    """
+    head = self.vocab_size * self.d_model
+    layers = self.matmul_params_per_token - head
+    return (prompt_len * (2.0 * layers + self.attention_flops_per_token(prompt_len / 2))
+            + 2.0 * head)
 
   def kv_bytes_per_token(self, bytes_per_element: int = 2) -> int:
     """KV-cache bytes one token occupies: K and V for every layer and KV head."""
