@@ -50,9 +50,9 @@ fit.json: form, l_opt ("empirical", "chinchilla", a path, "given" or "none"), pa
 ({name: [lo, hi]} at interval_level, the optimum's d_over_sqrt_n and r included), stderr (bootstrap
 standard deviations), optimum (d_over_sqrt_n, r, closed_form, interior; null for chinchilla),
 objective, starts (total, converged, at_best, status counts), settings, metrics (in_sample;
-progressive steps), timings, l_opt_groups (N, D, L_opt, rows per budget), rows_used (each row plus
-d_over_sqrt_n, l_opt, predicted, predicted_interval, scale_index, budget_index), rows_excluded
-(each row plus reason), results, plots, provenance.
+progressive steps), timings, l_opt_groups (N, D, L_opt, rows and N spread per budget), rows_used
+(each row plus d_over_sqrt_n, l_opt, predicted, predicted_interval, scale_index, budget_index),
+rows_excluded (each row plus reason), results, plots, provenance.
 """
 
 from __future__ import annotations
@@ -702,6 +702,11 @@ def _prepare(rows: Sequence[Mapping[str, Any]], form: str,
                      f"needs finite positive {list(fields)}; fix or remove these rows.")
   if not finished:
     raise ValueError(f"none of the {len(rows)} rows has status 'finished': nothing to fit")
+  sources = sorted({str(row["loss_source"]) for row in finished if "loss_source" in row})
+  if len(sources) > 1:
+    raise ValueError(f"the rows' loss comes from different sources {sources} (field loss_source); "
+                     "held-out and training losses are not comparable: rerun the 'train' runs with "
+                     "train.eval_batches > 0, or fit the rows of one source at a time")
   rows = finished
   cols = {k: np.array([float(row[k]) for row in rows]) for k in fields}
   n, d, loss = cols["params_nonembed"], cols["tokens"], cols["loss"]
@@ -898,15 +903,42 @@ def _empirical_l_opt(table: _Table) -> np.ndarray:
   return best[table.budget]
 
 
+def _best_rows(table: _Table) -> np.ndarray:
+  """Index of the lowest-loss row of each budget."""
+  return np.array([i[np.argmin(table.loss[i])] for i in
+                   (np.flatnonzero(table.budget == g) for g in range(table.budget.max() + 1))])
+
+
+# Realised N may differ from its budget's by this much before an empirical L_opt warns.
+N_SPREAD_WARNING = 0.01
+
+
+def _n_spread(table: _Table, g: int) -> float:
+  """Largest relative distance of a budget's realised N from its best row's N."""
+  n_g = table.n[table.budget == g]
+  return float(np.max(np.abs(n_g / table.n[_best_rows(table)[g]] - 1)))
+
+
+def _warn_n_spread(table: _Table) -> None:
+  spreads = [_n_spread(table, g) for g in range(table.budget.max() + 1)]
+  if max(spreads) > N_SPREAD_WARNING:
+    logging.warning(
+        "fit: with an empirical L_opt every row of a budget shares its best loss, but realised N "
+        "varies by up to %.1f%% within a budget; its loss effect is then read as an architecture "
+        "effect. Use fit.l_opt=chinchilla (or a fit.json with Chinchilla params), which evaluates "
+        "L_opt at each row's own N, or a smaller sweep.n_tolerance.", 100 * max(spreads))
+
+
 def _resolve_l_opt(l_opt: Any, table: _Table, settings: dict[str, Any],
                    rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float] | None, str]:
   """L_opt per row, the Chinchilla params behind it (if any), and a description."""
   if isinstance(l_opt, str) and l_opt == "empirical":
+    _warn_n_spread(table)
     return _empirical_l_opt(table), None, "empirical"
   if isinstance(l_opt, str) and l_opt == "chinchilla":
     n_budgets = table.budget.max() + 1
-    first = np.array([np.flatnonzero(table.budget == g)[0] for g in range(n_budgets)])
-    mins = _empirical_l_opt(table)[first]
+    first = _best_rows(table)  # each budget's minimum, at the N and D of the row that reached it
+    mins = table.loss[first]
     if n_budgets <= len(CHINCHILLA_KEYS) or _distinct(table.n[first]) < 2 \
         or _distinct(table.d[first]) < 2:
       raise ValueError(
@@ -1105,7 +1137,7 @@ def fit(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
       i = np.flatnonzero(table.budget == g)
       result.l_opt_groups.append(dict(
           params_nonembed=float(np.median(table.n[i])), tokens=float(np.median(table.d[i])),
-          l_opt=float(l_opt_R[i[0]]), rows=len(i)))
+          l_opt=float(l_opt_R[i[0]]), rows=len(i), n_spread=_n_spread(table, g)))
   return result
 
 

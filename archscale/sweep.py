@@ -532,12 +532,17 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
   return row
 
 
-def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run]) -> pathlib.Path:
-  """Writes `launch_commands.sh`: one self-contained command per run (config frozen to a file)."""
+def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
+                  data_path: pathlib.Path) -> pathlib.Path:
+  """Writes `launch_commands.sh`: one self-contained command per run (config frozen to a file).
+
+  The frozen config points at the prepared `data_path`, so no job tokenises the corpus again.
+  """
   workdir = workdir.resolve()
   frozen = config.copy_and_resolve_references()
   frozen.sweep.launch = "local"
   frozen.sweep.only = ""
+  frozen.data.path = str(data_path)
   config_path = write_config_py(workdir / SWEEP_CONFIG, frozen,
                                 f"The configuration of the sweep in {workdir}.")
   lines = ["#!/bin/sh",
@@ -611,13 +616,13 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   say(f"sweep: {len(runs)} runs planned over {len({r.scale for r in runs})} scale(s), "
       f"{len(dropped)} grid points dropped (see {workdir / PLAN})")
 
+  data_path = _data_path(config, workdir)
   if config.sweep.launch == "emit":
-    path = emit_commands(config, workdir, runs)
+    path = emit_commands(config, workdir, runs, data_path)
     say(f"sweep: wrote {len(runs)} launch commands to {path}")
     return {"planned": len(runs), "dropped": len(dropped), "emitted": len(runs)}
 
   selected = _selected(runs, config.sweep.only)
-  data_path = _data_path(config, workdir)
   if trainer is None:
     trainer = train_in_subprocess if config.sweep.isolation == "process" else train_in_process
   table = results_path(workdir)

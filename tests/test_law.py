@@ -144,6 +144,19 @@ def test_empirical_l_opt_is_the_best_loss_of_each_budget():
   assert result.optimum["d_over_sqrt_n"] == pytest.approx(want["d_over_sqrt_n"], rel=0.1)
 
 
+def test_empirical_l_opt_reports_and_warns_about_realised_n_spread(caplog):
+  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=4, n_r=4)
+  result = law.fit(rows, form="multiplicative", l_opt="empirical", starts="random", n_starts=4)
+  assert all(g["n_spread"] == 0 for g in result.l_opt_groups)
+  assert "realised N varies" not in caplog.text
+  jitter = np.random.default_rng(1).uniform(-0.03, 0.03, len(rows))
+  for row, j in zip(rows, jitter, strict=True):  # the sweep's rounding moves N by a few percent
+    row.update(scale=row["params_nonembed"], params_nonembed=row["params_nonembed"] * (1 + j))
+  result = law.fit(rows, form="multiplicative", l_opt="empirical", starts="random", n_starts=4)
+  assert 0.03 < max(g["n_spread"] for g in result.l_opt_groups) < 0.065
+  assert "realised N varies by up to" in caplog.text and "fit.l_opt=chinchilla" in caplog.text
+
+
 def test_joint_form_is_the_bilinear_generalisation():
   """The multiplicative law is the rank-one case of the joint one: a noiseless table is fitted
   exactly, and the numeric optimum matches the closed form."""
@@ -294,6 +307,8 @@ def _rows():
     (lambda rows: rows[7].update(loss=float("nan")), r"row 7 .*loss=nan"),
     (lambda rows: rows[1].update(d_model=-5), r"row 1 .*d_model=-5"),
     (lambda rows: rows[3].update(mlp_attn_ratio=True), r"row 3 .*mlp_attn_ratio=True"),
+    (lambda rows: [r.update(loss_source="eval" if i else "train") for i, r in enumerate(rows)],
+     r"different sources \['eval', 'train'\] \(field loss_source\)"),
 ])
 def test_malformed_rows_are_named(mutate, match):
   rows = _rows()

@@ -266,6 +266,7 @@ def test_emit_writes_one_self_contained_command_per_run(dataset, tmp_path):
   assert os.access(tmp_path / sweep.LAUNCH_COMMANDS, os.X_OK)
   frozen = config_lib.load_config_file(tmp_path / sweep.SWEEP_CONFIG)
   assert frozen.sweep.launch == "local"
+  assert frozen.data.path == str(pathlib.Path(dataset).resolve())  # jobs prepare no data
   assert [r.run_id for r in sweep.plan(frozen)[0]] == [r.run_id for r in runs]
   # What one emitted command does: train only its run, append only its row.
   frozen.sweep.only = runs[1].run_id
