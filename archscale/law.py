@@ -910,7 +910,7 @@ def _best_rows(table: _Table) -> np.ndarray:
 
 
 # Realised N may differ from its budget's by this much before an empirical L_opt warns.
-N_SPREAD_WARNING = 0.01
+N_SPREAD_WARNING = 0.02
 
 
 def _n_spread(table: _Table, g: int) -> float:

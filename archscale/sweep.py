@@ -273,14 +273,19 @@ def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
         dropped.append({**point, "reason": f"infeasible: {e}"})
         continue
       err = report["rel_error"]
-      if abs(err["n_nonembed"]) > s.n_tolerance:
-        # from_budget trades N against r; refilling d_ff alone may bring N back on budget.
-        d_ff = d_ff_for_budget(scale.n_nonembed, spec.d_model, spec.n_layers, spec.d_head,
-                               spec.n_heads, spec.n_kv_heads, int(s.d_ff_multiple))
-        if d_ff is not None:
-          spec = spec.replace(d_ff=d_ff)
-          err = {"n_nonembed": spec.params_nonembed / scale.n_nonembed - 1,
-                 "r": spec.mlp_attn_ratio / r - 1}
+      # from_budget trades N against r. N should win: rows of a scale share one L_opt, while r
+      # enters the fit as each run's realised value. So refill d_ff to the budget when that
+      # brings N closer and keeps r within its tolerance.
+      d_ff = d_ff_for_budget(scale.n_nonembed, spec.d_model, spec.n_layers, spec.d_head,
+                             spec.n_heads, spec.n_kv_heads, int(s.d_ff_multiple))
+      if d_ff is not None and d_ff != spec.d_ff:
+        refilled = spec.replace(d_ff=d_ff)
+        refilled_err = {"n_nonembed": refilled.params_nonembed / scale.n_nonembed - 1,
+                        "r": refilled.mlp_attn_ratio / r - 1}
+        if (abs(refilled_err["n_nonembed"]) < abs(err["n_nonembed"])
+            and (abs(refilled_err["r"]) <= s.r_tolerance
+                 or abs(err["n_nonembed"]) > s.n_tolerance)):
+          spec, err = refilled, refilled_err
           report = {**report, "achieved": {**report["achieved"],
                                            "n_nonembed": spec.params_nonembed,
                                            "d_over_sqrt_n": spec.d_over_sqrt_n,

@@ -39,7 +39,7 @@ def get_config():
   c.sweep.gqa = (4,)
   c.sweep.design = "grid"
   c.sweep.d_model_multiple = 64
-  c.sweep.d_ff_multiple = 256
+  c.sweep.d_ff_multiple = 64              # fine enough to put every run within 1.1% of its N
   c.sweep.launch = "emit"
   c.sweep.isolation = "process"
   return c
