@@ -9,9 +9,11 @@ Steps, in order, each writing into WORKDIR:
   search        search.json, pareto.png, panda.py, surefire.py            (archscale.search)
   report        report.md: the key numbers and every plot
 
-A finished step leaves WORKDIR/.done/<step> (its wall time and when it ended); rerunning the
-pipeline skips those, and the sweep itself skips finished runs and resumes an interrupted one, so
-an interrupted pipeline picks up where it stopped. Delete a marker to redo that step.
+A finished step leaves WORKDIR/.done/<step> (its wall time, when it ended, and a fingerprint of
+the config sections it read); rerunning the pipeline skips those, and the sweep itself skips
+finished runs and resumes an interrupted one, so an interrupted pipeline picks up where it
+stopped. A step whose sections changed since it was done is redone, and so is every step that
+reads its outputs. Delete a marker to redo that step by hand.
 
 The fit, search and report steps read what earlier steps wrote: fit.results defaults to this
 workdir's results.jsonl (the fitter skips the failed attempts the table also records), search.law
@@ -21,6 +23,7 @@ on an accelerator of the cost model's table).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pathlib
@@ -32,6 +35,17 @@ from typing import Any
 from archscale import io, plots, sweep
 
 STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
+# The config sections each step reads, and the steps whose outputs it reads.
+STEP_SECTIONS = {
+    "prepare_data": ("data",),
+    "sweep": ("data", "model", "compute", "train", "sweep", "seed"),
+    "fit": ("fit", "seed"),
+    "decode_bench": ("bench", "seed"),
+    "search": ("search", "bench"),
+    "report": (),
+}
+STEP_INPUTS = {"sweep": ("prepare_data",), "fit": ("sweep",), "search": ("fit", "decode_bench"),
+               "report": ("sweep", "fit", "decode_bench", "search")}
 DONE_DIR = ".done"
 REPORT = "report.md"
 SWEEP_PNG = "sweep.png"
@@ -43,6 +57,14 @@ def _say(msg: str) -> None:
 
 def _done(workdir: pathlib.Path, step: str) -> pathlib.Path:
   return workdir / DONE_DIR / step
+
+
+def fingerprint(config: Any, step: str) -> str:
+  """A short hash of the config sections `step` reads."""
+  sections = {k: (config[k].to_dict() if hasattr(config[k], "to_dict") else config[k])
+              for k in STEP_SECTIONS[step]}
+  text = json.dumps(sections, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _stage_config(config: Any, workdir: pathlib.Path) -> Any:
@@ -125,18 +147,28 @@ def run_pipeline(config: Any, workdir: pathlib.Path) -> dict[str, float]:
   }
   start = time.time()
   times: dict[str, float] = {}
+  redone: set[str] = set()
   _say(f"workdir {workdir.resolve()}; steps: {', '.join(STEPS)}")
   for i, name in enumerate(STEPS, 1):
     marker = _done(workdir, name)
+    fp = fingerprint(c, name)
     if marker.exists():
-      times[name] = json.loads(marker.read_text()).get("seconds", 0.0)
-      _say(f"[{i}/{len(STEPS)}] {name}: done before (delete {marker} to redo)")
-      continue
+      done = json.loads(marker.read_text())
+      stale_inputs = sorted(redone.intersection(STEP_INPUTS.get(name, ())))
+      if done.get("config", fp) == fp and not stale_inputs:
+        times[name] = done.get("seconds", 0.0)
+        _say(f"[{i}/{len(STEPS)}] {name}: done before (delete {marker} to redo)")
+        continue
+      why = (f"{', '.join(stale_inputs)} redone" if stale_inputs else
+             f"config ({', '.join(STEP_SECTIONS[name])}) changed since it was done")
+      _say(f"[{i}/{len(STEPS)}] {name}: redoing: {why}")
+      marker.unlink()
     _say(f"[{i}/{len(STEPS)}] {name} ...")
     t0 = time.time()
     steps[name](c, workdir, lambda msg, i=i: _say(f"[{i}/{len(STEPS)}] {msg}"))
     times[name] = time.time() - t0
-    io.write_json_atomic(marker, {"seconds": times[name],
+    redone.add(name)
+    io.write_json_atomic(marker, {"seconds": times[name], "config": fp,
                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     _say(f"[{i}/{len(STEPS)}] {name}: done in {times[name]:.0f}s "
          f"({time.time() - start:.0f}s this call)")

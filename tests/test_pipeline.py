@@ -131,7 +131,19 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
   resumed.clear()
   pipeline.run_pipeline(c, workdir)
   assert resumed == []
-  assert "all steps done" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "all steps done" in out and "redoing" not in out
+
+  # Changed fit settings redo the fit and what reads it, and nothing before it.
+  c.fit.delta = 2e-3
+  pipeline.run_pipeline(c, workdir)
+  out = capsys.readouterr().out
+  assert resumed == []
+  assert "fit: redoing: config (fit, seed) changed" in out
+  assert "search: redoing: fit redone" in out and "report: redoing: fit, search redone" in out
+  for step in ("prepare_data", "sweep", "decode_bench"):
+    assert f"{step}: done before" in out
+  assert json.loads((workdir / "fit.json").read_text())["settings"]["delta"] == 2e-3
 
 
 def test_pipeline_rejects_an_emitting_sweep_before_training(corpus, tmp_path):
