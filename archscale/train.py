@@ -506,7 +506,8 @@ class _Preemption:
   """Whether the run should checkpoint and stop now.
 
   One process: a SIGTERM handler sets a flag (checked at step boundaries). Several processes:
-  JAX's preemption service agrees on one step for all of them.
+  JAX's preemption service (which catches SIGTERM) agrees on one step for all of them, about a
+  second after the notice on localhost, so the stop may land a few steps later.
   """
 
   def __init__(self):

@@ -408,14 +408,22 @@ def test_eight_device_meshes_match_one_device(reference, cache_dir, tmp_path):
 
 
 _PROCESS = """
-import json, sys
+import json, os, signal, sys, time
 import jax, ml_collections
 from archscale import train
 
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
 config.distributed.update(coordinator_address=sys.argv[3], num_processes=2,
                           process_id=int(sys.argv[4]))
-summary = train.train(config, sys.argv[2])
+sigterm_at = int(sys.argv[5])  # 0: never; else every process gets SIGTERM after this step
+
+def preempt(step, _):
+  if step == sigterm_at:
+    os.kill(os.getpid(), signal.SIGTERM)
+  if sigterm_at and step >= sigterm_at:
+    time.sleep(0.3)  # the processes agree on a stop step about a second after the notice
+
+summary = train.train(config, sys.argv[2], step_callback=preempt)
 assert jax.process_count() == 2 and jax.device_count() == 2
 print("OK", summary["status"])
 """
@@ -427,18 +435,32 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(reference, cache_dir, tmp_path):
-  config = reference["config"]
-  workdir = _resume_copy(reference, tmp_path / "run", 20)
+def _two_processes(config, workdir, cache_dir, sigterm_at: int) -> list[str]:
   address = f"localhost:{_free_port()}"
-  env = subprocess_env(cache_dir)
   procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PROCESS),
-                             json.dumps(config.to_dict()), str(workdir), address, str(i)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             json.dumps(config.to_dict()), str(workdir), address, str(i),
+                             str(sigterm_at)],
+                            env=subprocess_env(cache_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (stdout, stderr) in zip(procs, outs, strict=True):
-    assert p.returncode == 0 and "OK finished" in stdout, stderr[-5000:]
+  for p, (_, stderr) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, stderr[-5000:]
+  return [stdout for stdout, _ in outs]
+
+
+def test_two_processes_match_one_through_a_preemption(reference, cache_dir, tmp_path):
+  """Resumed from the reference's step-20 checkpoint, SIGTERM to both processes after step 21
+  (the scheduler's preemption notice), then resumed again: the same losses and parameters."""
+  config = reference["config"]
+  workdir = _resume_copy(reference, tmp_path / "run", 20)
+  outs = _two_processes(config, workdir, cache_dir, sigterm_at=21)
+  assert all("OK preempted" in out for out in outs), outs
+  saved = train.Checkpoints(workdir / "checkpoints", config.train)
+  assert 21 <= saved.latest_step() < STEPS  # both stopped at the agreed step and saved it
+  saved.close()
+  outs = _two_processes(config, workdir, cache_dir, sigterm_at=0)
+  assert all("OK finished" in out for out in outs), outs
 
   losses = {r["step"]: r["loss"] for r in metrics(workdir)}
   for r in reference["metrics"][20:]:
