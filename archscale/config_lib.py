@@ -58,6 +58,7 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
       scan_layers=True,         # nn.scan over layers: compile time flat in depth
       remat="none",             # none | full | dots | dots_no_batch (model.REMAT_POLICIES)
       attention="xla",          # xla | dpa | cudnn (archscale.model.ATTENTION_IMPLS)
+      attention_chunk=0,        # xla: queries per attention block (bounds its memory); 0 = all
   ))
 
   c.data = ml_collections.ConfigDict(dict(

@@ -367,9 +367,24 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
   return rows
 
 
+# Where the prefill runs XLA's attention, queries go in blocks whose float32 scores stay under
+# this many bytes (model.ModelOptions.attention_chunk).
+PREFILL_SCORES_BYTES = 1 << 30
+
+
+def prefill_attention_chunk(spec: ArchSpec, batch: int, prompt_len: int) -> int:
+  """Queries per block (a power of two, 16 at least) keeping B N C T float32 scores in budget."""
+  per_query = batch * spec.n_heads * prompt_len * 4
+  chunk = 1 << max(4, int(math.log2(max(PREFILL_SCORES_BYTES // per_query, 1))))
+  return 0 if chunk >= prompt_len else chunk
+
+
 def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, input_len,
                  output_len, repeats, chunk, n_chunks, seed) -> dict[str, Any]:
   """Compiles and times one (architecture, batch) point; see the module doc for the method."""
+  if prefill_options.attention == "xla":
+    prefill_options = dataclasses.replace(
+        prefill_options, attention_chunk=prefill_attention_chunk(spec, batch, input_len))
   max_len = input_len + output_len
   keys = jax.random.split(jax.random.key(seed + 1), 2)
   prompt_BT = jax.random.randint(keys[0], (batch, input_len), 0, spec.vocab_size, jnp.int32)
@@ -422,6 +437,7 @@ def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, 
       "total_tokens_per_s": batch * max_len / total_mean,
       "peak_memory_bytes": compiled_bytes,
       "device_peak_bytes_in_use": peak,
+      "prefill_attention_chunk": prefill_options.attention_chunk or None,
   }
 
 

@@ -50,6 +50,10 @@ class ModelOptions:
 
   attention: "xla" is the reference einsum path; "dpa" calls `jax.nn.dot_product_attention` and
   lets JAX choose the kernel; "cudnn" forces cuDNN flash attention (GPU only).
+  attention_chunk: "xla" attention over blocks of this many queries, each block rematerialised
+  in the backward pass, so its scores take B N C S instead of B N T S floats (0: one block).
+  Exact; it is what keeps long prefills and training sequences in memory where no fused kernel
+  exists (CPU, TPU).
   """
 
   dtype: str = "float32"
@@ -57,6 +61,7 @@ class ModelOptions:
   scan_layers: bool = True
   remat: str = "none"
   attention: str = "xla"
+  attention_chunk: int = 0
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
@@ -68,6 +73,10 @@ class ModelOptions:
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(
           f"compute.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+    if not (isinstance(self.attention_chunk, int) and not isinstance(self.attention_chunk, bool)
+            and self.attention_chunk >= 0):
+      raise ValueError("compute.attention_chunk must be a non-negative integer (queries per "
+                       f"block of XLA attention; 0 = one block), got {self.attention_chunk!r}")
 
   @classmethod
   def from_config(cls, config: Any) -> ModelOptions:
@@ -185,6 +194,27 @@ def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
   return out_BTKGH.reshape(b, t, n, h)
 
 
+def _chunked_xla_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, key_pos_S,
+                           chunk: int) -> jax.Array:
+  """`_xla_attention` with a causal mask, over blocks of `chunk` queries (see ModelOptions)."""
+  b, t, n, h = q_BTNH.shape
+  pad = -t % chunk
+  if pad:  # padded queries sit at position 0: they see one key, and are dropped below
+    q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    positions_BT = jnp.pad(positions_BT, ((0, 0), (0, pad)))
+  blocks = (t + pad) // chunk
+  q_CBcNH = q_BTNH.reshape(b, blocks, chunk, n, h).swapaxes(0, 1)
+  pos_CBc = positions_BT.reshape(b, blocks, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def block(args):
+    q_BcNH, pos_Bc = args
+    return _xla_attention(q_BcNH, k_BSKH, v_BSKH, key_pos_S[None, None, :] <= pos_Bc[:, :, None])
+
+  out_CBcNH = jax.lax.map(block, (q_CBcNH, pos_CBc))
+  return out_CBcNH.swapaxes(0, 1).reshape(b, blocks * chunk, n, h)[:, :t]
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with rotary positions and an optional KV cache."""
 
@@ -239,6 +269,9 @@ class Attention(nn.Module):
       lengths_B = jnp.full((q_BTNH.shape[0],), end + 1, jnp.int32)
       return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, key_value_seq_lengths=lengths_B,
                                           implementation=impl)
+    chunk = self.options.attention_chunk
+    if chunk and t > chunk:
+      return _chunked_xla_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, key_pos_S, chunk)
     mask_BTS = key_pos_S[None, None, :] <= positions_BT[:, :, None]
     return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
 

@@ -78,6 +78,23 @@ def test_generation_makes_no_copy_of_the_kv_cache(setup):
   assert memory.temp_size_in_bytes < cache_bytes  # a scanned prefill took 2.1x: stack + split
 
 
+def test_chunked_prefill_attention_generates_the_same(setup):
+  _, params, prompt_BT = setup
+  out = D.generate(params, SPEC, prompt_BT, N_NEW, options=M.ModelOptions(attention_chunk=3))
+  ref = D.generate(params, SPEC, prompt_BT, N_NEW)
+  np.testing.assert_array_equal(np.asarray(out.tokens_BN), np.asarray(ref.tokens_BN))
+
+
+def test_harness_prefill_blocks_keep_scores_in_budget():
+  llama = ArchSpec.from_dict(config_lib.ARCHS["llama3_2_1b"])
+  assert D.prefill_attention_chunk(llama, 1, 1024) == 0  # 128 MB of scores: one block
+  for batch in (1, 16, 64):
+    chunk = D.prefill_attention_chunk(llama, batch, 4096)
+    assert 16 <= chunk < 4096 and chunk & (chunk - 1) == 0
+    assert batch * 32 * chunk * 4096 * 4 <= D.PREFILL_SCORES_BYTES < 2 * (batch * 32 * chunk
+                                                                          * 4096 * 4)
+
+
 def test_one_program_per_shape(setup):
   _, params, prompt_BT = setup
   D.generate(params, SPEC, prompt_BT, N_NEW)

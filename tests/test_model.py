@@ -162,6 +162,41 @@ def test_xla_and_dot_product_attention_agree():
     np.testing.assert_allclose(lx, ld, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [4, 5])  # 5 does not divide 12: a padded last block
+def test_chunked_xla_attention_is_exact(chunk):
+  spec = tiny_spec(n_heads=8, n_kv_heads=2)
+  base = M.Transformer(spec)
+  chunked = M.Transformer(spec, M.ModelOptions(attention_chunk=chunk))
+  params = init_params(base, jax.random.key(7))
+  tokens_BT = jax.random.randint(jax.random.key(8), (2, 12), 0, spec.vocab_size)
+  np.testing.assert_allclose(forward(chunked, params, tokens_BT), forward(base, params, tokens_BT),
+                             atol=1e-5, rtol=1e-5)
+  loss = lambda model: jax.grad(lambda p: jnp.mean(forward(model, p, tokens_BT) ** 2))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+               loss(chunked), loss(base))
+  # A prompt prefilled into a cache, then the rest of it fed on top of the cache at once.
+  full, _ = prefill(base, params, tokens_BT, max_len=16)
+  first, cache = prefill(chunked, params, tokens_BT[:, :4], max_len=16)
+  second, _ = jax.jit(lambda p, c, x: chunked.clone(decode=True).apply({"params": p}, x, c))(
+      params, cache, tokens_BT[:, 4:])
+  np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_xla_attention_bounds_the_scores_memory():
+  spec = tiny_spec(n_layers=1, n_heads=8, n_kv_heads=2, max_seq_len=1024)
+  tokens = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+
+  def temp_bytes(options):
+    model = M.Transformer(spec, options)
+    params = jax.eval_shape(lambda: M.init_params(model, jax.random.key(0)))
+    compiled = forward.lower(model, params, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  scores_bytes = 2 * 8 * 1024 * 1024 * 4
+  assert temp_bytes(M.ModelOptions()) >= scores_bytes
+  assert temp_bytes(M.ModelOptions(attention_chunk=128)) < scores_bytes / 2
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   spec = tiny_spec()
   model = M.Transformer(spec, M.ModelOptions(dtype="bfloat16", param_dtype="float32"))
@@ -202,7 +237,8 @@ def test_rope_is_relative():
 @pytest.mark.parametrize(
     "kwargs, match",
     [(dict(dtype="fp8"), "compute.dtype"), (dict(param_dtype="int8"), "compute.param_dtype"),
-     (dict(remat="some"), "compute.remat"), (dict(attention="flash"), "compute.attention")])
+     (dict(remat="some"), "compute.remat"), (dict(attention="flash"), "compute.attention"),
+     (dict(attention_chunk=-1), "compute.attention_chunk")])
 def test_invalid_options_raise_naming_the_field(kwargs, match):
   with pytest.raises(ValueError, match=match):
     M.ModelOptions(**kwargs)
