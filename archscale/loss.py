@@ -30,87 +30,99 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Arr
 
 
 def chunked_cross_entropy(x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.Array,
-                          z_coef: float, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(ce + z_coef * z, ce, z) with logits = x @ head made `chunk` positions at a time.
+                          z_coef: float, chunk: int,
+                          batch_shards: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(ce + z_coef * z, ce, z) with logits = x @ head made about `chunk` positions at a time.
 
   Logits are rounded to x's dtype before the float32 softmax, as `model.Transformer` does. Only
   the first output is differentiable (with respect to x and the head); ce and z are metrics.
-  Positions are padded up to a multiple of `chunk`; padding carries no weight.
+  `z_coef` is a Python number (a static setting). The sequence is cut into equal chunks of at
+  most `chunk` positions, the last padded; padding carries no weight.
+
+  `batch_shards`: how many ways the batch is split over devices. The head's gradient is summed
+  per shard across chunks and over shards once at the end, so data parallelism costs one
+  reduction of it per step (as with full logits), not one per chunk.
   """
   if chunk < 1:
     raise ValueError(f"train.loss_chunk must be >= 1 to chunk the loss (0 = off), got {chunk}")
   b, t, _ = x_BTD.shape
-  chunk = min(chunk, t)
+  if b % batch_shards:
+    raise ValueError(f"batch of {b} rows cannot be split into {batch_shards} shards")
+  chunk = -(-t // -(-t // chunk))  # equal chunks: ceil(t / number of chunks)
   pad = -t % chunk
   weight_BT = jnp.ones((b, t), jnp.float32)
   if pad:
     x_BTD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0)))
     targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
     weight_BT = jnp.pad(weight_BT, ((0, 0), (0, pad)))
-  return _fused(x_BTD, head_DV, targets_BT, weight_BT, float(z_coef), chunk, b * t)
+  return _fused(x_BTD, head_DV, targets_BT, weight_BT, float(z_coef), chunk, b * t,
+                batch_shards)
 
 
-def _chunks(a, chunk):
-  """[B, T, ...] -> [T / chunk, B, chunk, ...], the scan's leading axis first."""
+def _chunks(a, chunk, shards):
+  """[B, T, ...] -> [T / chunk, S, B / S, chunk, ...]: the scan's axis first, then batch shards."""
   b, t = a.shape[:2]
-  return a.reshape(b, t // chunk, chunk, *a.shape[2:]).swapaxes(0, 1)
+  a = a.reshape(shards, b // shards, t // chunk, chunk, *a.shape[2:])
+  return jnp.moveaxis(a, 2, 0)
 
 
 def _unchunk(a):
-  n, b, c = a.shape[:3]
-  return a.swapaxes(0, 1).reshape(b, n * c, *a.shape[3:])
+  n, s, b, c = a.shape[:4]
+  return jnp.moveaxis(a, 0, 2).reshape(s * b, n * c, *a.shape[4:])
 
 
-def _chunk_stats(x_BCD, head_DV, targets_BC):
+def _chunk_stats(x_SBCD, head_DV, targets_SBC):
   """Float32 logits of one chunk, their logsumexp and the target logit."""
-  logits_BCV = jnp.einsum("bcd,dv->bcv", x_BCD, head_DV).astype(jnp.float32)
-  lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-  target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-  return logits_BCV, lse_BC, target_BC
+  logits_SBCV = jnp.einsum("sbcd,dv->sbcv", x_SBCD, head_DV).astype(jnp.float32)
+  lse_SBC = jax.nn.logsumexp(logits_SBCV, axis=-1)
+  target_SBC = jnp.take_along_axis(logits_SBCV, targets_SBC[..., None], axis=-1)[..., 0]
+  return logits_SBCV, lse_SBC, target_SBC
 
 
-def _sums(lse_NBC, target_NBC, weight_NBC, z_coef, n_tokens):
-  ce = jnp.sum((lse_NBC - target_NBC) * weight_NBC) / n_tokens
-  z = jnp.sum(lse_NBC**2 * weight_NBC) / n_tokens
+def _sums(lse, target, weight, z_coef, n_tokens):
+  ce = jnp.sum((lse - target) * weight) / n_tokens
+  z = jnp.sum(lse**2 * weight) / n_tokens
   return ce + z_coef * z, ce, z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(x_BTD, head_DV, targets_BT, weight_BT, z_coef, chunk, n_tokens):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(x_BTD, head_DV, targets_BT, weight_BT, z_coef, chunk, n_tokens, shards):
   def body(_, xs):
-    x_BCD, targets_BC = xs
-    _, lse_BC, target_BC = _chunk_stats(x_BCD, head_DV, targets_BC)
-    return None, (lse_BC, target_BC)
+    x_SBCD, targets_SBC = xs
+    _, lse_SBC, target_SBC = _chunk_stats(x_SBCD, head_DV, targets_SBC)
+    return None, (lse_SBC, target_SBC)
 
-  _, (lse, target) = jax.lax.scan(body, None, (_chunks(x_BTD, chunk), _chunks(targets_BT, chunk)))
-  return _sums(lse, target, _chunks(weight_BT, chunk), z_coef, n_tokens)
+  xs = (_chunks(x_BTD, chunk, shards), _chunks(targets_BT, chunk, shards))
+  _, (lse, target) = jax.lax.scan(body, None, xs)
+  return _sums(lse, target, _chunks(weight_BT, chunk, shards), z_coef, n_tokens)
 
 
-def _fused_fwd(x_BTD, head_DV, targets_BT, weight_BT, z_coef, chunk, n_tokens):
+def _fused_fwd(x_BTD, head_DV, targets_BT, weight_BT, z_coef, chunk, n_tokens, shards):
   v = head_DV.shape[1]
 
-  def body(dhead_DV, xs):
-    x_BCD, targets_BC, weight_BC = xs
-    logits_BCV, lse_BC, target_BC = _chunk_stats(x_BCD, head_DV, targets_BC)
+  def body(dhead_SDV, xs):
+    x_SBCD, targets_SBC, weight_SBC = xs
+    logits_SBCV, lse_SBC, target_SBC = _chunk_stats(x_SBCD, head_DV, targets_SBC)
     # d(loss)/d(logits) = w / n * (softmax - onehot + 2 z_coef lse softmax)
-    probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
-    scale_BC = weight_BC / n_tokens
-    dlogits_BCV = probs_BCV * (scale_BC * (1 + 2 * z_coef * lse_BC))[..., None]
-    dlogits_BCV -= jax.nn.one_hot(targets_BC, v, dtype=jnp.float32) * scale_BC[..., None]
-    dlogits_BCV = dlogits_BCV.astype(x_BCD.dtype)
-    dx_BCD = jnp.einsum("bcv,dv->bcd", dlogits_BCV, head_DV)
-    dhead_DV += jnp.einsum("bcd,bcv->dv", x_BCD, dlogits_BCV,
-                           preferred_element_type=jnp.float32)
-    return dhead_DV, (lse_BC, target_BC, dx_BCD)
+    probs_SBCV = jnp.exp(logits_SBCV - lse_SBC[..., None])
+    scale_SBC = weight_SBC / n_tokens
+    dlogits_SBCV = probs_SBCV * (scale_SBC * (1 + 2 * z_coef * lse_SBC))[..., None]
+    dlogits_SBCV -= jax.nn.one_hot(targets_SBC, v, dtype=jnp.float32) * scale_SBC[..., None]
+    dlogits_SBCV = dlogits_SBCV.astype(x_SBCD.dtype)
+    dx_SBCD = jnp.einsum("sbcv,dv->sbcd", dlogits_SBCV, head_DV)
+    dhead_SDV += jnp.einsum("sbcd,sbcv->sdv", x_SBCD, dlogits_SBCV,
+                            preferred_element_type=jnp.float32)
+    return dhead_SDV, (lse_SBC, target_SBC, dx_SBCD)
 
-  xs = (_chunks(x_BTD, chunk), _chunks(targets_BT, chunk), _chunks(weight_BT, chunk))
-  dhead_DV, (lse, target, dx) = jax.lax.scan(body, jnp.zeros(head_DV.shape, jnp.float32), xs)
+  xs = tuple(_chunks(a, chunk, shards) for a in (x_BTD, targets_BT, weight_BT))
+  dhead_SDV = jnp.zeros((shards, *head_DV.shape), jnp.float32)
+  dhead_SDV, (lse, target, dx) = jax.lax.scan(body, dhead_SDV, xs)
   out = _sums(lse, target, xs[2], z_coef, n_tokens)
-  return out, (_unchunk(dx), dhead_DV.astype(head_DV.dtype))
+  return out, (_unchunk(dx), jnp.sum(dhead_SDV, axis=0).astype(head_DV.dtype))
 
 
-def _fused_bwd(z_coef, chunk, n_tokens, residuals, cotangents):
-  del z_coef, chunk, n_tokens
+def _fused_bwd(z_coef, chunk, n_tokens, shards, residuals, cotangents):
+  del z_coef, chunk, n_tokens, shards
   dx_BTD, dhead_DV = residuals
   g = cotangents[0]  # ce and z are metrics: their cotangents are ignored
   return (g * dx_BTD).astype(dx_BTD.dtype), (g * dhead_DV).astype(dhead_DV.dtype), None, None

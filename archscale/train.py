@@ -114,16 +114,18 @@ def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
 
 
 def loss_fn(model: model_lib.Transformer, params: Any, tokens_BT1: jax.Array, z_loss: float,
-            loss_chunk: int = 0) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            loss_chunk: int = 0,
+            batch_shards: int = 1) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """Mean next-token cross-entropy plus `z_loss * mean(logsumexp^2)`; returns (total, (ce, z)).
 
   `loss_chunk` > 0 fuses the LM head into the loss, `loss_chunk` positions at a time, so the
-  [B, T, V] logits are never materialised (`archscale.loss`).
+  [B, T, V] logits are never materialised (`archscale.loss`; `batch_shards` as there).
   """
   inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
   if loss_chunk:
     x_BTD, head_DV = model_lib.features(model, params, inputs_BT)
-    total, ce, z = loss_lib.chunked_cross_entropy(x_BTD, head_DV, targets_BT, z_loss, loss_chunk)
+    total, ce, z = loss_lib.chunked_cross_entropy(x_BTD, head_DV, targets_BT, z_loss, loss_chunk,
+                                                  batch_shards)
     return total, (ce, z_loss * z)
   ce, z = loss_lib.cross_entropy(model_lib.forward(model, params, inputs_BT), targets_BT)
   z = z_loss * z if z_loss else jnp.zeros((), jnp.float32)
@@ -131,7 +133,8 @@ def loss_fn(model: model_lib.Transformer, params: Any, tokens_BT1: jax.Array, z_
 
 
 def make_train_step(model: model_lib.Transformer, tx: optax.GradientTransformation,
-                    train_cfg: Any, micro_sharding: NamedSharding | None = None) -> Callable:
+                    train_cfg: Any, micro_sharding: NamedSharding | None = None,
+                    batch_shards: int = 1) -> Callable:
   """`step(state, tokens_BT1) -> (state, metrics)`; gradients accumulate over `grad_accum`.
 
   With accumulation the global batch [B, ...] is viewed as [B/A, A, ...] and micro-batch a takes
@@ -139,7 +142,7 @@ def make_train_step(model: model_lib.Transformer, tx: optax.GradientTransformati
   """
   accum, z_coef, schedule = train_cfg.grad_accum, train_cfg.z_loss, learning_rate(train_cfg)
   grad_fn = jax.value_and_grad(
-      lambda p, x: loss_fn(model, p, x, z_coef, train_cfg.loss_chunk), has_aux=True)
+      lambda p, x: loss_fn(model, p, x, z_coef, train_cfg.loss_chunk, batch_shards), has_aux=True)
 
   def step(state, tokens_BT1):
     params = state["params"]
@@ -177,14 +180,15 @@ def split_micro_batches(tokens_BT1: jax.Array, accum: int,
 
 
 def make_eval_step(model: model_lib.Transformer, train_cfg: Any,
-                   micro_sharding: NamedSharding | None = None) -> Callable:
+                   micro_sharding: NamedSharding | None = None, batch_shards: int = 1) -> Callable:
   """`eval(params, tokens_BT1) -> mean cross-entropy` (no z-loss).
 
   Runs over the same `grad_accum` micro-batches as the train step, so evaluation needs no more
   memory than training.
   """
   accum, chunk = train_cfg.grad_accum, train_cfg.loss_chunk
-  cross_entropy = lambda params, x_BT1: loss_fn(model, params, x_BT1, 0.0, chunk)[1][0]
+  cross_entropy = lambda params, x_BT1: loss_fn(model, params, x_BT1, 0.0, chunk,
+                                                batch_shards)[1][0]
 
   def evaluate(params, tokens_BT1):
     if accum == 1:
@@ -213,6 +217,7 @@ class Setup:
   batch_sharding: NamedSharding
   seq_len: int
   tokens_per_step: int
+  batch_shards: int  # how many ways a batch is split over devices
 
 
 def _check(cond: bool, message: str) -> None:
@@ -334,7 +339,7 @@ def build(config: Any, with_data: bool = True) -> Setup:
                abstract_state=abstract, state_shardings=state_shardings,
                batch_sharding=sharding.batch_sharding(mesh, rules),
                seq_len=config.data.seq_len,
-               tokens_per_step=t.global_batch_size * config.data.seq_len)
+               tokens_per_step=t.global_batch_size * config.data.seq_len, batch_shards=ways)
 
 
 def _init_state(model: model_lib.Transformer, tx: optax.GradientTransformation,
@@ -373,7 +378,7 @@ def _micro_sharding(setup: Setup, accum: int) -> NamedSharding | None:
 def compile_step(setup: Setup, train_cfg: Any) -> Any:
   """The train step compiled ahead of time for the state and batch shardings (state donated)."""
   step = make_train_step(setup.model, setup.tx, train_cfg,
-                         _micro_sharding(setup, train_cfg.grad_accum))
+                         _micro_sharding(setup, train_cfg.grad_accum), setup.batch_shards)
   batch = jax.ShapeDtypeStruct((train_cfg.global_batch_size, setup.seq_len + 1), jnp.int32,
                                sharding=setup.batch_sharding)
   jitted = jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
@@ -387,7 +392,8 @@ def compile_eval(setup: Setup, train_cfg: Any) -> Any:
   """The eval step for global batches of `train.global_batch_size`, compiled ahead of time."""
   batch = jax.ShapeDtypeStruct((train_cfg.global_batch_size, setup.seq_len + 1), jnp.int32,
                                sharding=setup.batch_sharding)
-  evaluate = make_eval_step(setup.model, train_cfg, _micro_sharding(setup, train_cfg.grad_accum))
+  evaluate = make_eval_step(setup.model, train_cfg, _micro_sharding(setup, train_cfg.grad_accum),
+                            setup.batch_shards)
   jitted = jax.jit(evaluate,
                    in_shardings=(setup.state_shardings["params"], setup.batch_sharding),
                    out_shardings=sharding.replicated(setup.mesh))

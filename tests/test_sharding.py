@@ -175,3 +175,42 @@ def test_shardings_on_eight_devices():
   out = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], env=env, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+_LOOP_REDUCTIONS = textwrap.dedent("""
+import re
+import jax
+from archscale import config_lib, train
+
+def loop_all_reduces(loss_chunk):
+  c = config_lib.make_config("demo")
+  c.data.seq_len = 128
+  c.train.global_batch_size = 16
+  c.train.loss_chunk = loss_chunk
+  c.mesh.update(data=4, fsdp=2, tensor=1)
+  setup = train.build(c, with_data=False)
+  text = train.compile_step(setup, c.train).as_text()
+  bodies = set(re.findall(r"body=%?([\\w.\\-]+)", text))
+  count, comp = 0, None
+  for line in text.splitlines():
+    m = re.match(r"^(?:ENTRY )?%?([\\w.\\-]+) .*\\{$", line)
+    if m:
+      comp = m.group(1)
+    elif comp in bodies and re.search(r" all-reduce(-start)?\\(", line):
+      count += 1
+  return count
+
+assert jax.device_count() == 8
+full, chunked = loop_all_reduces(0), loop_all_reduces(32)
+assert chunked == full, (full, chunked)
+print("OK", full, chunked)
+""")
+
+
+def test_chunked_loss_reduces_the_head_gradient_once_per_step():
+  """Under data parallelism the fused loss adds no reduction inside its loop over chunks."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, "-c", _LOOP_REDUCTIONS], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
