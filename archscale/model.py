@@ -343,7 +343,11 @@ class Transformer(nn.Module):
     embedding_VD = self.param(
         "embedding", nn.with_logical_partitioning(_normal(_INIT_STD), ("vocab", "embed")),
         (s.vocab_size, s.d_model), o.jnp_param_dtype)
-    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(o.jnp_dtype)
+    # The lookup reads the table whole along embed, as any FSDP weight is gathered for use: a
+    # table split over embed would leave its gradient split over embed too, and moving the
+    # batch-split cotangent there takes a full replication of it.
+    table_VD = nn.with_logical_constraint(embedding_VD, ("vocab", None))
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(o.jnp_dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "seq", "embed"))
 
     block = Block
