@@ -512,7 +512,7 @@ def validate_bench(specs: dict[str, ArchSpec], batch_sizes: Sequence[int], input
 
 def run_sweep(specs: dict[str, ArchSpec], batch_sizes: Sequence[int], input_len: int,
               output_len: int, repeats: int, dtype: str = "bfloat16", attention: str = "auto",
-              decode_attention: str = "auto", accelerator: str = "auto", scan_layers: bool = True,
+              decode_attention: str = "auto", accelerator: str = "auto",
               seed: int = 0) -> list[dict[str, Any]]:
   """Validates the settings, then runs `bench_architecture` for every architecture."""
   batch_sizes = parse_batch_sizes(batch_sizes)
@@ -524,7 +524,7 @@ def run_sweep(specs: dict[str, ArchSpec], batch_sizes: Sequence[int], input_len:
     acc = costmodel.accelerator_for_device_kind(device.device_kind)
   else:
     acc = costmodel.get_accelerator(accelerator).name if accelerator else None
-  options = model_lib.ModelOptions(dtype=dtype, param_dtype=dtype, scan_layers=scan_layers,
+  options = model_lib.ModelOptions(dtype=dtype, param_dtype=dtype, scan_layers=False,
                                    attention=prefill_attn)
   rows = []
   for name, spec in specs.items():
@@ -549,7 +549,7 @@ def run_decode_bench(config: Any, workdir: pathlib.Path) -> list[dict[str, Any]]
       raise ValueError(f"bench.archs: {err}") from None
   rows = run_sweep(specs, bench.batch_sizes, int(bench.input_len), int(bench.output_len),
                    int(bench.repeats), bench.dtype, bench.attention, bench.decode_attention,
-                   bench.accelerator, bool(config.compute.scan_layers), int(config.seed))
+                   bench.accelerator, int(config.seed))
   workdir = pathlib.Path(workdir)
   io.write_json_atomic(workdir / "decode_bench.json", rows)
   io.write_json_atomic(workdir / "decode_bench_provenance.json", io.provenance(config))

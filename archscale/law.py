@@ -913,14 +913,15 @@ def _best_rows(table: _Table) -> np.ndarray:
 N_SPREAD_WARNING = 0.02
 
 
-def _n_spread(table: _Table, g: int) -> float:
-  """Largest relative distance of a budget's realised N from its best row's N."""
-  n_g = table.n[table.budget == g]
-  return float(np.max(np.abs(n_g / table.n[_best_rows(table)[g]] - 1)))
+def _n_spreads(table: _Table) -> list[float]:
+  """Per budget, the largest relative distance of a row's realised N from its best row's N."""
+  best = _best_rows(table)
+  return [float(np.max(np.abs(table.n[table.budget == g] / table.n[best[g]] - 1)))
+          for g in range(len(best))]
 
 
 def _warn_n_spread(table: _Table) -> None:
-  spreads = [_n_spread(table, g) for g in range(table.budget.max() + 1)]
+  spreads = _n_spreads(table)
   if max(spreads) > N_SPREAD_WARNING:
     logging.warning(
         "fit: with an empirical L_opt every row of a budget shares its best loss, but realised N "
@@ -1133,11 +1134,11 @@ def fit(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
     for row, lo_i, hi_i in zip(rows_used, lo, hi, strict=True):
       row["predicted_interval"] = [float(lo_i), float(hi_i)]
   if l_opt_R is not None:
-    for g in range(table.budget.max() + 1):
+    for g, spread in enumerate(_n_spreads(table)):
       i = np.flatnonzero(table.budget == g)
       result.l_opt_groups.append(dict(
           params_nonembed=float(np.median(table.n[i])), tokens=float(np.median(table.d[i])),
-          l_opt=float(l_opt_R[i[0]]), rows=len(i), n_spread=_n_spread(table, g)))
+          l_opt=float(l_opt_R[i[0]]), rows=len(i), n_spread=spread))
   return result
 
 

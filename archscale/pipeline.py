@@ -9,11 +9,11 @@ Steps, in order, each writing into WORKDIR:
   search        search.json, pareto.png, panda.py, surefire.py            (archscale.search)
   report        report.md: the key numbers and every plot
 
-A finished step leaves WORKDIR/.done/<step> (its wall time, when it ended, and a fingerprint of
-the config sections it read); rerunning the pipeline skips those, and the sweep itself skips
-finished runs and resumes an interrupted one, so an interrupted pipeline picks up where it
-stopped. A step whose sections changed since it was done is redone, and so is every step that
-reads its outputs. Delete a marker to redo that step by hand.
+A finished step leaves WORKDIR/.done/<step> (its wall time, when it ended, a fingerprint of what
+it read of the config and the ids of the steps it read outputs of); rerunning the pipeline skips
+those, and the sweep itself skips finished runs and resumes an interrupted one, so an
+interrupted pipeline picks up where it stopped. A step whose config changed since it was done is
+redone, and so is every step that reads its outputs. Delete a marker to redo that step by hand.
 
 The fit, search and report steps read what earlier steps wrote: fit.results defaults to this
 workdir's results.jsonl (the fitter skips the failed attempts the table also records), search.law
@@ -29,20 +29,27 @@ import math
 import pathlib
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from archscale import io, plots, sweep
 
 STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
-# The config sections each step reads, and the steps whose outputs it reads.
-STEP_SECTIONS = {
-    "prepare_data": ("data",),
-    "sweep": ("data", "model", "compute", "train", "sweep", "seed"),
-    "fit": ("fit", "seed"),
-    "decode_bench": ("bench", "seed"),
-    "search": ("search", "bench"),
-    "report": (),
+# What each step reads of the config (bookkeeping such as log cadence or sweep.only left out) and
+# the steps whose outputs it reads.
+_SWEEP_BOOKKEEPING = ("only", "isolation", "launch", "retry_failed")
+STEP_READS = {
+    "prepare_data": lambda c: {f: c.data.get(f) for f in (
+        "source", "text_field", "text_docs", "path", "tokenizer", "eos_token", "bpe_vocab_size",
+        "eval_fraction")},
+    "sweep": lambda c: {"recipe": sweep.training_recipe(c), "model": c.model.to_dict(),
+                        "sweep": {k: v for k, v in c.sweep.to_dict().items()
+                                  if k not in _SWEEP_BOOKKEEPING}, "seed": c.seed},
+    "fit": lambda c: {"fit": c.fit.to_dict(), "seed": c.seed},
+    "decode_bench": lambda c: {"bench": c.bench.to_dict(), "seed": c.seed},
+    "search": lambda c: {"search": c.search.to_dict(), "bench": c.bench.to_dict()},
+    "report": lambda c: {},
 }
 STEP_INPUTS = {"sweep": ("prepare_data",), "fit": ("sweep",), "search": ("fit", "decode_bench"),
                "report": ("sweep", "fit", "decode_bench", "search")}
@@ -60,11 +67,14 @@ def _done(workdir: pathlib.Path, step: str) -> pathlib.Path:
 
 
 def fingerprint(config: Any, step: str) -> str:
-  """A short hash of the config sections `step` reads."""
-  sections = {k: (config[k].to_dict() if hasattr(config[k], "to_dict") else config[k])
-              for k in STEP_SECTIONS[step]}
-  text = json.dumps(sections, sort_keys=True, default=str)
+  """A short hash of what `step` reads of the config (as given, before paths are resolved)."""
+  text = json.dumps(STEP_READS[step](config), sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _marker(workdir: pathlib.Path, step: str) -> dict[str, Any] | None:
+  path = _done(workdir, step)
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def _stage_config(config: Any, workdir: pathlib.Path) -> Any:
@@ -147,29 +157,29 @@ def run_pipeline(config: Any, workdir: pathlib.Path) -> dict[str, float]:
   }
   start = time.time()
   times: dict[str, float] = {}
-  redone: set[str] = set()
   _say(f"workdir {workdir.resolve()}; steps: {', '.join(STEPS)}")
   for i, name in enumerate(STEPS, 1):
     marker = _done(workdir, name)
-    fp = fingerprint(c, name)
-    if marker.exists():
-      done = json.loads(marker.read_text())
-      stale_inputs = sorted(redone.intersection(STEP_INPUTS.get(name, ())))
-      if done.get("config", fp) == fp and not stale_inputs:
+    fp = fingerprint(config, name)
+    inputs = {step: (_marker(workdir, step) or {}).get("id") for step in STEP_INPUTS.get(name, ())}
+    done = _marker(workdir, name)
+    if done is not None:
+      changed = [s for s, run_id in done.get("inputs", inputs).items() if inputs.get(s) != run_id]
+      if done.get("config", fp) == fp and not changed:
         times[name] = done.get("seconds", 0.0)
         _say(f"[{i}/{len(STEPS)}] {name}: done before (delete {marker} to redo)")
         continue
-      why = (f"{', '.join(stale_inputs)} redone" if stale_inputs else
-             f"config ({', '.join(STEP_SECTIONS[name])}) changed since it was done")
+      why = (f"{', '.join(changed)} redone since" if changed else
+             "the config it reads changed since it was done")
       _say(f"[{i}/{len(STEPS)}] {name}: redoing: {why}")
       marker.unlink()
     _say(f"[{i}/{len(STEPS)}] {name} ...")
     t0 = time.time()
     steps[name](c, workdir, lambda msg, i=i: _say(f"[{i}/{len(STEPS)}] {msg}"))
     times[name] = time.time() - t0
-    redone.add(name)
-    io.write_json_atomic(marker, {"seconds": times[name], "config": fp,
-                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    io.write_json_atomic(marker, {
+        "seconds": times[name], "config": fp, "inputs": inputs, "id": uuid.uuid4().hex,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     _say(f"[{i}/{len(STEPS)}] {name}: done in {times[name]:.0f}s "
          f"({time.time() - start:.0f}s this call)")
   _say(f"all steps done; report: {workdir.resolve() / REPORT}")

@@ -429,10 +429,9 @@ class MeasuredThroughput:
   cheap = False
 
   def __init__(self, scenario: Scenario, dtype: str, repeats: int, cache_path: pathlib.Path,
-               scan_layers: bool = True, seed: int = 0, attention: str = "auto",
-               decode_attention: str = "auto"):
+               seed: int = 0, attention: str = "auto", decode_attention: str = "auto"):
     self.scenario, self.dtype, self.repeats = scenario, dtype, repeats
-    self.cache_path, self.scan_layers, self.seed = cache_path, scan_layers, seed
+    self.cache_path, self.seed = cache_path, seed
     self.attention, self.decode_attention = attention, decode_attention
     self.name = "measure"
     self._cache = {r["key"]: r for r in io.read_jsonl(cache_path) if "key" in r}
@@ -454,7 +453,7 @@ class MeasuredThroughput:
       rows = decode.run_sweep({"candidate": spec}, [s.batch_size], s.input_len, s.output_len,
                               self.repeats, dtype=self.dtype, attention=self.attention,
                               decode_attention=self.decode_attention, accelerator="",
-                              scan_layers=self.scan_layers, seed=self.seed)
+                              seed=self.seed)
       row = rows[0]
       entry = {"key": key, "arch": spec.to_dict(), "scenario": dataclasses.asdict(s),
                "output_tokens_per_s": row.get("output_tokens_per_s"), "error": row.get("error")}
@@ -518,8 +517,7 @@ def _throughput_source(config: Any, workdir: pathlib.Path, scenario: Scenario) -
   text = str(s.throughput).strip()
   if text == "measure":
     return MeasuredThroughput(scenario, config.bench.dtype, int(config.bench.repeats),
-                              pathlib.Path(workdir) / MEASURE_CACHE,
-                              bool(config.compute.scan_layers), int(config.seed),
+                              pathlib.Path(workdir) / MEASURE_CACHE, int(config.seed),
                               config.bench.get("attention", "auto"),
                               config.bench.get("decode_attention", "auto"))
   if not text.startswith("model:"):

@@ -734,7 +734,9 @@ def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_s
       m = finish_step(*pending)
       pending = None
       if ckpt.should_save(step) and step < t.steps:
-        save(step)  # before the eval: an eval that fails must not cost the checkpoint
+        # Before the eval: an eval that fails must not cost the checkpoint. Its metadata keeps
+        # the previous eval loss; the final summary's comes from the eval at the last step.
+        save(step)
       eval_loss = None
       if _is_eval_step(step, t) and eval_fn is not None:
         eval_loss = meta["eval_loss"] = evaluate(state["params"])

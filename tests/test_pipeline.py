@@ -139,11 +139,16 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
   pipeline.run_pipeline(c, workdir)
   out = capsys.readouterr().out
   assert resumed == []
-  assert "fit: redoing: config (fit, seed) changed" in out
+  assert "fit: redoing: the config it reads changed" in out
   assert "search: redoing: fit redone" in out and "report: redoing: fit, search redone" in out
   for step in ("prepare_data", "sweep", "decode_bench"):
     assert f"{step}: done before" in out
   assert json.loads((workdir / "fit.json").read_text())["settings"]["delta"] == 2e-3
+
+  # Bookkeeping (log cadence, which runs to take) redoes nothing.
+  c.train.log_every, c.sweep.isolation = 7, "process"
+  pipeline.run_pipeline(c, workdir)
+  assert "redoing" not in capsys.readouterr().out
 
 
 def test_pipeline_rejects_an_emitting_sweep_before_training(corpus, tmp_path):
