@@ -40,9 +40,7 @@ STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
 # the steps whose outputs it reads.
 _SWEEP_BOOKKEEPING = ("only", "isolation", "launch", "retry_failed")
 STEP_READS = {
-    "prepare_data": lambda c: {f: c.data.get(f) for f in (
-        "source", "text_field", "text_docs", "path", "tokenizer", "eos_token", "bpe_vocab_size",
-        "eval_fraction")},
+    "prepare_data": lambda c: {f: c.data.get(f) for f in sweep.DATA_PREPARE_FIELDS + ("path",)},
     "sweep": lambda c: {"recipe": sweep.training_recipe(c), "model": c.model.to_dict(),
                         "sweep": {k: v for k, v in c.sweep.to_dict().items()
                                   if k not in _SWEEP_BOOKKEEPING}, "seed": c.seed},

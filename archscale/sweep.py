@@ -182,12 +182,14 @@ def d_ff_for_budget(n_nonembed: float, d_model: int, n_layers: int, d_head: int,
   return units * multiple if units >= 1 else None
 
 
+# The data.* fields `data.prepare` reads: they decide the tokens and the held-out split.
+DATA_PREPARE_FIELDS = ("source", "text_field", "text_docs", "tokenizer", "eos_token",
+                       "bpe_vocab_size", "eval_fraction")
 # Settings that change what a run learns or the held-out text it is measured on; bookkeeping
 # (logging, eval and checkpoint cadence) and where the data sits on disk are left out, so they
 # can change without retraining.
 _RECIPE_FIELDS = {
-    "data": ("source", "text_field", "text_docs", "tokenizer", "eos_token", "bpe_vocab_size",
-             "eval_fraction", "seq_len"),
+    "data": DATA_PREPARE_FIELDS + ("seq_len",),
     "train": ("global_batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule",
               "decay_fraction", "weight_decay", "b1", "b2", "eps", "grad_clip", "z_loss"),
     "compute": ("dtype", "param_dtype"),

@@ -30,14 +30,9 @@ def get_config():
   c.search.batch_size = 16
   c.search.input_len = 4096
   c.search.output_len = 1024
-  # The training recipe panda.py / surefire.py inherit (that of configs/sweep.py): with it,
+  # panda.py / surefire.py inherit the sweep's training recipe (configs/sweep.py): with it,
   # train.steps there is D / (256 x 2048) = 185,613 steps.
-  c.data.seq_len = 2048
-  c.compute.dtype = "bfloat16"
-  c.train.global_batch_size = 256
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 1000
-  c.train.eval_every = 1000
-  c.train.eval_batches = 16
-  c.train.checkpoint_every = 1000
+  recipe = config_lib.load_config_file(pathlib.Path(__file__).resolve().parent / "sweep.py")
+  c.train, c.compute = recipe.train, recipe.compute
+  c.data.seq_len = recipe.data.seq_len
   return c
