@@ -30,7 +30,7 @@ import logging
 import math
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -224,7 +224,8 @@ def generate(params: dict, spec: ArchSpec, prompt_tokens: jax.Array, n_new: int,
 
   `options` (default ModelOptions()) sets numerics and the prefill attention kernel;
   `decode_attention` (default: the same) the kernel of the decode steps, since the best one
-  differs between the two phases.
+  differs between the two phases. Parameters of a scanned model are unstacked on every call (a
+  copy of the weights): to generate repeatedly, pass `unstack_layers(params, n_layers)`.
   """
   options = model_lib.ModelOptions() if options is None else options
   prompt_BT = jnp.asarray(prompt_tokens)
@@ -299,7 +300,8 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
   """Harness rows for one architecture over `batch_sizes` (ascending; see the module doc).
 
   A batch that runs out of device memory gets an `error` row, and so do the larger ones after
-  it without being tried; the sweep continues with the next architecture.
+  it without being tried; the sweep continues with the next architecture. A batch that fails in
+  any other way gets an `error` row naming the exception (logged in full) and the sweep goes on.
   """
   sampler = Sampler(ignore_eos=True)
   dtype_bytes = jnp.dtype(options.jnp_dtype).itemsize
@@ -338,11 +340,14 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
     try:
       row.update(_bench_batch(spec, params, prefill_options, decode_options, sampler, batch,
                               input_len, output_len, repeats, chunk, n_chunks, seed))
-    except jax.errors.JaxRuntimeError as err:
-      if not _is_oom(err):
-        raise
-      failed_at = batch
-      rows.append({**row, "error": f"out of memory: {str(err).splitlines()[0][:300]}"})
+    except Exception as err:  # One failed point must not cost the rows measured before it.
+      first_line = (str(err).splitlines() or [""])[0][:300]
+      if isinstance(err, jax.errors.JaxRuntimeError) and _is_oom(err):
+        failed_at = batch
+        rows.append({**row, "error": f"out of memory: {first_line}"})
+      else:
+        logging.exception("decode_bench %s batch=%d failed", name, batch)
+        rows.append({**row, "error": f"{type(err).__name__}: {first_line}"})
       gc.collect()
       continue
     step_s = row["step_ms_median"] * 1e-3
@@ -404,7 +409,9 @@ def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, 
                          + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   run = lambda n_new: _timed(program, params, prompt_BT, new_cache(), keys[1], jnp.int32(n_new))
 
-  (tokens_BN, _, cache), _ = run(0)  # Warm-up; also gives a cache to compile the chunk with.
+  # Warm-up that also runs one iteration of the decode loop, so that no first-execution cost
+  # lands in a timed generation; it leaves a cache to compile the chunked steps with.
+  (tokens_BN, _, cache), _ = run(2)
   chunk_fn = _decode_chunk_jit.lower(params, cache, tokens_BN[:, 0], spec=spec,
                                      options=decode_options, n_steps=chunk).compile()
   del tokens_BN, cache
@@ -512,9 +519,14 @@ def validate_bench(specs: dict[str, ArchSpec], batch_sizes: Sequence[int], input
 
 def run_sweep(specs: dict[str, ArchSpec], batch_sizes: Sequence[int], input_len: int,
               output_len: int, repeats: int, dtype: str = "bfloat16", attention: str = "auto",
-              decode_attention: str = "auto", accelerator: str = "auto",
-              seed: int = 0) -> list[dict[str, Any]]:
-  """Validates the settings, then runs `bench_architecture` for every architecture."""
+              decode_attention: str = "auto", accelerator: str = "auto", seed: int = 0,
+              on_rows: Callable[[list[dict[str, Any]]], None] | None = None
+              ) -> list[dict[str, Any]]:
+  """Validates the settings, then runs `bench_architecture` for every architecture.
+
+  `on_rows(rows)` receives all rows so far after each architecture (e.g. to save them, so an
+  interrupted sweep keeps what it measured).
+  """
   batch_sizes = parse_batch_sizes(batch_sizes)
   validate_bench(specs, batch_sizes, input_len, output_len, repeats, dtype)
   device = jax.devices()[0]
@@ -528,10 +540,11 @@ def run_sweep(specs: dict[str, ArchSpec], batch_sizes: Sequence[int], input_len:
                                    attention=prefill_attn)
   rows = []
   for name, spec in specs.items():
-    rows.extend(bench_architecture(name, spec, batch_sizes, input_len, output_len, repeats,
-                                   options, decode_attn, acc, seed))
-  for row in rows:
-    row["device_kind"] = device.device_kind
+    for row in bench_architecture(name, spec, batch_sizes, input_len, output_len, repeats,
+                                  options, decode_attn, acc, seed):
+      rows.append({**row, "device_kind": device.device_kind})
+    if on_rows is not None:
+      on_rows(rows)
   return rows
 
 
@@ -547,11 +560,16 @@ def run_decode_bench(config: Any, workdir: pathlib.Path) -> list[dict[str, Any]]
       specs[name] = ArchSpec.from_dict(config_lib.arch_config(name))
     except ValueError as err:
       raise ValueError(f"bench.archs: {err}") from None
+  workdir = pathlib.Path(workdir)
+  # Rows so far go to a partial file, so an interrupted sweep neither loses them nor replaces
+  # the table of an earlier complete one.
+  partial = workdir / "decode_bench.partial.json"
   rows = run_sweep(specs, bench.batch_sizes, int(bench.input_len), int(bench.output_len),
                    int(bench.repeats), bench.dtype, bench.attention, bench.decode_attention,
-                   bench.accelerator, int(config.seed))
-  workdir = pathlib.Path(workdir)
+                   bench.accelerator, int(config.seed),
+                   on_rows=lambda rows: io.write_json_atomic(partial, rows))
   io.write_json_atomic(workdir / "decode_bench.json", rows)
+  partial.unlink(missing_ok=True)
   io.write_json_atomic(workdir / "decode_bench_provenance.json", io.provenance(config))
   plot_throughput(rows, workdir / "decode_bench.png")
   acc = rows[0]["accelerator"] if rows else None

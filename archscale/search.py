@@ -455,6 +455,8 @@ class MeasuredThroughput:
                               decode_attention=self.decode_attention, accelerator="",
                               seed=self.seed)
       row = rows[0]
+      if row.get("error") and not row["error"].startswith("out of memory"):
+        raise RuntimeError(f"measuring {spec.to_dict()} failed: {row['error']}")
       entry = {"key": key, "arch": spec.to_dict(), "scenario": dataclasses.asdict(s),
                "output_tokens_per_s": row.get("output_tokens_per_s"), "error": row.get("error")}
       io.append_jsonl(self.cache_path, entry)

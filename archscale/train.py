@@ -627,13 +627,17 @@ def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_s
     if meta.get("arch") != setup.spec.to_dict():
       raise ValueError(f"{workdir} holds checkpoints of a different model (ArchSpec "
                        f"{meta.get('arch')}); use a new --workdir")
+    # Checkpoints from before timed_peak_flop was kept: their timed seconds ran on these devices.
+    meta.setdefault("timed_peak_flop", meta["train_s"] * peak_total if peak_total else None)
     state = ckpt.restore(latest, setup.abstract_state)
     logging.info("train: resumed from the checkpoint at step %d", latest)
     if is_main:
       _truncate_metrics(metrics_path, latest)
   else:
     meta = {"arch": setup.spec.to_dict(), "tail_losses": {}, "train_s": 0.0, "timed_steps": 0,
-            "wall_s": 0.0, "eval_loss": None}
+            "timed_peak_flop": 0.0, "wall_s": 0.0, "eval_loss": None}
+    if is_main:  # rows of an earlier attempt that failed before its first checkpoint
+      _truncate_metrics(metrics_path, 0)
     init_start = time.time()
     state = init_state(setup, config.seed)
     jax.block_until_ready(state)
@@ -649,6 +653,17 @@ def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_s
 
   train_batches = BatchSource(config, setup, "train")
   eval_batches = BatchSource(config, setup, "eval") if eval_fn is not None else None
+  epochs = t.steps * t.global_batch_size / train_batches.batches.num_windows
+  if epochs > 1:
+    logging.info("train: %d steps make %.2f passes over the %d training windows", t.steps,
+                 epochs, train_batches.batches.num_windows)
+  if eval_batches is not None:
+    eval_windows = t.eval_batches * t.global_batch_size
+    if eval_windows > eval_batches.batches.num_windows:
+      logging.warning(
+          "train: an eval reads %d windows but the eval split has %d, so it counts some twice; "
+          "lower train.eval_batches or raise data.eval_fraction", eval_windows,
+          eval_batches.batches.num_windows)
 
   def evaluate(params) -> float:
     losses = [eval_fn(params, eval_batches(i)) for i in range(t.eval_batches)]
@@ -702,6 +717,12 @@ def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_s
       m["tokens_per_sec"] = setup.tokens_per_step / m["step_time_s"]
       meta["train_s"] += dt
       meta["timed_steps"] += step - window["step"]
+      # The FLOPs the devices could have done in the window: MFU stays right when a resumed run
+      # has other devices than the sessions before it.
+      if peak_total and meta.get("timed_peak_flop") is not None:
+        meta["timed_peak_flop"] += dt * peak_total
+      else:
+        meta["timed_peak_flop"] = None
     window.update(t=now, step=step)
     if step > tail_start:
       meta["tail_losses"][str(step)] = m["loss"]
@@ -767,14 +788,16 @@ def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_s
       "params_total": n_total,
       "steps": final_step,
       "tokens": final_step * setup.tokens_per_step,
+      "epochs": epochs * final_step / t.steps,
       "seq_len": setup.seq_len,
       "global_batch_size": t.global_batch_size,
       "final_train_loss": float(np.mean(tail)) if tail else None,
       "final_train_loss_steps": len(tail),
       "eval_loss": meta["eval_loss"],
       "tokens_per_sec": tokens_per_sec,
-      "mfu": (tokens_per_sec * flops_per_token / peak_total
-              if tokens_per_sec and peak_total else None),
+      "mfu": (meta["timed_steps"] * setup.tokens_per_step * flops_per_token
+              / meta["timed_peak_flop"] if meta["timed_steps"] and meta.get("timed_peak_flop")
+              else None),
       "flops_per_token": flops_per_token,
       "wall_s": meta_wall_base + time.time() - wall_start,
       "compile_s": compile_s,

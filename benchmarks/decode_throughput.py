@@ -6,12 +6,14 @@ Experiments (`--experiment`):
               `LlamaForCausalLM.generate` with a static cache on the same dimensions and random
               weights (greedy, min_new_tokens = max_new_tokens). Checks: roofline fraction >= 0.6
               and >= 3x HF output tokens/s at every batch size.
-  arch_ratio  Surefire-1B against LLaMA-3.2-1B at 4096 / 1024, batches 1..64: measured throughput
-              ratio against the cost model's ratio (the roofline floor, and the model calibrated
-              on this run's rows).
+  arch_ratio  Surefire-1B against LLaMA-3.2-1B at 4096 / 1024, batches 1..64, mean of 5 runs (the
+              paper's protocol): measured throughput ratio against the cost model's ratio (the
+              roofline floor, and the model calibrated on this run's rows). About 20 minutes on
+              an H100; --repeats=1 takes about half of that.
 
-Prints one JSON document (and writes it to --out). The HF side runs in a child process before
-JAX claims the GPU, so the two frameworks share neither memory nor CUDA libraries.
+Prints one JSON document (and writes it to --out; the rows measured so far are saved to
+OUT.partial.json after each architecture). The HF side runs in a child process before JAX claims
+the GPU, so the two frameworks share neither memory nor CUDA libraries.
 
   python3 benchmarks/decode_throughput.py --experiment=peer
   python3 benchmarks/decode_throughput.py --experiment=arch_ratio
@@ -36,7 +38,7 @@ EXPERIMENTS = {
     "peer": dict(archs="llama3_2_1b", batch_sizes="1,16,64", input_len=1024, output_len=256,
                  repeats=5),
     "arch_ratio": dict(archs="llama3_2_1b,surefire_1b", batch_sizes="1,2,4,8,16,32,64",
-                       input_len=4096, output_len=1024, repeats=1),
+                       input_len=4096, output_len=1024, repeats=5),
 }
 QUICK = dict(batch_sizes="1,2", input_len=24, output_len=8, repeats=1, dtype="float32")
 # Tiny stand-ins for --quick: the demo architecture and a multi-query variant of it.
@@ -109,8 +111,10 @@ def hf_worker(args: argparse.Namespace) -> None:
       row["total_s"] = sum(runs) / len(runs)
       row["total_s_runs"] = runs
       row["output_tokens_per_s"] = batch * args.output_len / row["total_s"]
-    except torch.OutOfMemoryError as err:
-      row["error"] = f"out of memory: {str(err).splitlines()[0][:300]}"
+    except Exception as err:  # e.g. out of memory, also when torch.compile wraps it
+      oom = isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+      kind = "out of memory" if oom else type(err).__name__
+      row["error"] = f"{kind}: {(str(err).splitlines() or [''])[0][:300]}"
     rows.append(row)
     if device == "cuda":
       torch.cuda.empty_cache()
@@ -126,11 +130,14 @@ def run_hf_peer(args: argparse.Namespace) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
   except subprocess.TimeoutExpired:
     return {"error": "HF worker timed out after 1800 s"}
-  lines = [line for line in proc.stdout.splitlines() if line.startswith(("[", "{"))]
-  if proc.returncode or not lines:
-    return {"error": f"HF worker failed (exit {proc.returncode}): {proc.stderr[-2000:]}"}
-  result = json.loads(lines[-1])
-  return result if isinstance(result, dict) else {"rows": result}
+  for line in reversed(proc.stdout.splitlines()):  # the rows are its last JSON line
+    try:
+      result = json.loads(line)
+    except ValueError:
+      continue
+    if proc.returncode == 0 and isinstance(result, (list, dict)):
+      return result if isinstance(result, dict) else {"rows": result}
+  return {"error": f"HF worker failed (exit {proc.returncode}): {proc.stderr[-2000:]}"}
 
 
 # ------------------------------------------------------------------------------------- main
@@ -170,7 +177,8 @@ def _all(values) -> bool | None:
   return None if not values or any(v is None for v in values) else all(values)
 
 
-def summarise_ratio(rows: list[dict], specs: dict, accelerator: str | None) -> dict[str, Any]:
+def summarise_ratio(rows: list[dict], specs: dict, accelerator: str | None,
+                    dtype_bytes: int) -> dict[str, Any]:
   """Measured throughput ratio of the second architecture over the first, against the model."""
   from archscale import costmodel
 
@@ -178,7 +186,7 @@ def summarise_ratio(rows: list[dict], specs: dict, accelerator: str | None) -> d
   calibration = None
   ok = [r for r in rows if not r.get("error")]
   if accelerator is not None and ok:
-    calibration = costmodel.fit_calibration(ok, accelerator, specs)
+    calibration = costmodel.fit_calibration(ok, accelerator, specs, dtype_bytes)
   a, b = _by_batch(rows, base), _by_batch(rows, other)
   table = []
   for batch in sorted(set(a) & set(b)):
@@ -192,8 +200,8 @@ def summarise_ratio(rows: list[dict], specs: dict, accelerator: str | None) -> d
       for label, cal in (("floor", None), ("calibrated", calibration)):
         if label == "calibrated" and cal is None:
           continue
-        ta = costmodel.throughput(specs[base], accelerator, *lens, calibration=cal)
-        tb = costmodel.throughput(specs[other], accelerator, *lens, calibration=cal)
+        ta = costmodel.throughput(specs[base], accelerator, *lens, dtype_bytes, calibration=cal)
+        tb = costmodel.throughput(specs[other], accelerator, *lens, dtype_bytes, calibration=cal)
         entry[f"{label}_model_ratio"] = tb["output_tokens_per_s"] / ta["output_tokens_per_s"]
         entry[f"{label}_model_{base}_output_tokens_per_s"] = ta["output_tokens_per_s"]
     table.append(entry)
@@ -243,14 +251,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   hf = {"skipped": "--no_hf"} if args.no_hf or args.experiment != "peer" else run_hf_peer(args)
 
   import jax
+  import jax.numpy as jnp
 
   from archscale import decode, io
   from archscale.arch import ArchSpec
 
   specs = {n: ArchSpec.from_dict(table[n]) for n in names}
+  partial = f"{args.out.removesuffix('.json')}.partial.json" if args.out else None
+  save_partial = lambda rows: io.write_json_atomic(partial, {"hf": hf, "rows": rows})
   t0 = time.perf_counter()
   rows = decode.run_sweep(specs, args.batch_sizes, args.input_len, args.output_len, args.repeats,
-                          args.dtype, args.attention, args.decode_attention, args.accelerator)
+                          args.dtype, args.attention, args.decode_attention, args.accelerator,
+                          on_rows=save_partial if partial else None)
   accelerator = rows[0]["accelerator"] if rows else None
   result: dict[str, Any] = {
       "experiment": args.experiment, "quick": args.quick,
@@ -263,13 +275,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.experiment == "peer":
     result["summary"] = summarise_peer(rows, hf, names[0])
   elif len(specs) >= 2:
-    result["summary"] = summarise_ratio(rows, specs, accelerator)
+    result["summary"] = summarise_ratio(rows, specs, accelerator,
+                                        jnp.dtype(args.dtype).itemsize)
   result["provenance"] = io.provenance()
   if args.plot:
     decode.plot_throughput(rows, args.plot)
   text = json.dumps(result, indent=2, default=str)
   if args.out:
     io.write_text_atomic(args.out, text + "\n")
+    pathlib.Path(partial).unlink(missing_ok=True)
   print(text)
   return result
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -32,6 +33,8 @@ from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # archscale, hf_peer
 
 # JAX reserves 75% of GPU memory by default; a 1B model's state and activations need more.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
@@ -161,15 +164,19 @@ def hf_step(config: Any) -> dict[str, Any]:
   model.train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.b1, tc.b2), eps=tc.eps,
                                 weight_decay=tc.weight_decay, fused=True)
-  compiled = torch.compile(model)
   ids = torch.randint(0, spec.vocab_size, (b, t + 1), device="cuda")
   inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
-  def step():
+  @torch.compile
+  def loss_of(inputs, labels):
+    # The loss is compiled with the model, so the float32 cast of the logits fuses into it.
     with torch.autocast("cuda", dtype=torch.bfloat16):
-      logits = compiled(input_ids=inputs).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
+      logits = model(input_ids=inputs, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
                                              labels.view(-1))
+
+  def step():
+    loss = loss_of(inputs, labels)
     loss.backward()
     if tc.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, foreach=True)

@@ -195,6 +195,7 @@ def test_decode_bench_end_to_end(tmp_path):
   assert (tmp_path / "decode_bench.png").stat().st_size > 0
   assert json.loads((tmp_path / "decode_bench_provenance.json").read_text())["platform"] == "cpu"
   assert not (tmp_path / "calibration.json").exists()
+  assert not (tmp_path / "decode_bench.partial.json").exists()
 
 
 def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
@@ -219,6 +220,24 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
   floor = rows[0]["predicted_step_ms"]
   assert rows[0]["roofline_fraction"] == pytest.approx(floor / 2.0)
   assert rows[0]["hbm_gbps"] > 0
+
+
+def test_a_failed_batch_is_recorded_and_rows_are_handed_over_per_architecture(monkeypatch):
+  def fake_bench_batch(spec, params, prefill_options, decode_options, sampler, batch, *args):
+    if batch == 1 and spec.n_kv_heads == 1:
+      raise ValueError("cuDNN does not support this\nsecond line")
+    return {"prefill_s": 0.1, "step_ms_median": 2.0, "step_ms_p90": 2.5,
+            "output_tokens_per_s": batch * 4 / 0.2}
+
+  monkeypatch.setattr(D, "_bench_batch", fake_bench_batch)
+  monkeypatch.setattr(M, "init_params", lambda model, rng: {"layers_0": {"w": jnp.zeros(3)}})
+  specs = {"demo": SPEC, "demo_mqa": SPEC.replace(n_kv_heads=1)}
+  handed = []
+  rows = D.run_sweep(specs, [1, 2], 8, 4, 1, dtype="float32",
+                     on_rows=lambda rows: handed.append([r["arch"] for r in rows]))
+  assert handed == [["demo", "demo"], ["demo", "demo", "demo_mqa", "demo_mqa"]]
+  assert rows[2]["error"] == "ValueError: cuDNN does not support this"
+  assert "error" not in rows[3]  # a failure that is not out of memory does not stop the batches
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -239,6 +239,8 @@ def test_loss_falls_and_outputs_are_complete(reference):
     assert key in on_disk, key
   assert on_disk["tokens"] == STEPS * 8 * 32 and on_disk["steps"] == STEPS
   assert on_disk["mfu"] is None  # no peak FLOP/s is known for CPU
+  windows = data_lib.Batches(reference["config"].data.path, "train", 32, 8, 0).num_windows
+  assert on_disk["epochs"] == pytest.approx(STEPS * 8 / windows)
   assert sum("eval_loss" in r for r in rows) == 3
 
 
@@ -283,23 +285,36 @@ def test_killed_and_restarted_run_matches_bitwise(reference, cache_dir, tmp_path
     np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
 
 
-def test_sigterm_checkpoints_then_resumes(reference, tmp_path):
+def test_sigterm_checkpoints_then_resumes(reference, tmp_path, monkeypatch):
   config = reference["config"]
 
   def preempt(step, _):
     if step == 12:
       os.kill(os.getpid(), signal.SIGTERM)
 
+  # The resumed session runs on "devices" twice as fast as the first one's.
+  monkeypatch.setattr(train, "peak_flops", lambda kind: 1e12)
   result = train.train(config, tmp_path, step_callback=preempt)
   assert result["status"] == "preempted"
   saved = train.Checkpoints(tmp_path / "checkpoints", config.train)
-  assert saved.latest_step() in (12, 13)  # the step boundary after the signal
+  first = saved.latest_step()
+  assert first in (12, 13)  # the step boundary after the signal
+  first_train_s = saved.restore_meta(first)["train_s"]
   saved.close()
   assert not (tmp_path / "summary.json").exists()
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is uninstalled
 
+  monkeypatch.setattr(train, "peak_flops", lambda kind: 2e12)
   summary = train.train(config, tmp_path)
   assert summary["final_train_loss"] == reference["summary"]["final_train_loss"]
+  # MFU over both sessions: the achieved FLOPs against each session's own peak for its time.
+  saved = train.Checkpoints(tmp_path / "checkpoints", config.train)
+  total_train_s = saved.restore_meta(STEPS)["train_s"]
+  saved.close()
+  achieved = summary["tokens_per_sec"] * summary["flops_per_token"] * total_train_s
+  available = (first_train_s * 1e12 + (total_train_s - first_train_s) * 2e12) * jax.device_count()
+  assert first_train_s > 0 and total_train_s > first_train_s
+  assert summary["mfu"] == pytest.approx(achieved / available, rel=1e-9)
   resumed, ref = flat(params_of(tmp_path, config)), flat(reference["params"])
   for k in ref:
     np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
@@ -323,6 +338,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
   saved.close()
   params = flat(params_of(tmp_path, config))
   assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_rerun_after_a_failure_before_any_checkpoint_starts_a_clean_log(corpus, tmp_path,
+                                                                        monkeypatch):
+  config = tiny_config(corpus, steps=6, checkpoint_every=0, eval_every=0)
+  original = data_lib.Batches.__call__
+  monkeypatch.setattr(data_lib.Batches, "__call__",
+                      lambda self, step: original(self, step) + (1000 if step >= 2 else 0))
+  with pytest.raises(FloatingPointError, match="last good checkpoint is none"):
+    train.train(config, tmp_path)
+  assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+  monkeypatch.undo()
+  train.train(config, tmp_path)
+  assert [r["step"] for r in metrics(tmp_path)] == list(range(1, 7))
+
+
+def test_an_eval_larger_than_the_eval_split_is_reported(corpus, tmp_path, caplog):
+  windows = data_lib.Batches(corpus, "eval", 32, 8, 0).num_windows
+  config = tiny_config(corpus, steps=1, eval_batches=windows // 8 + 1)
+  train.train(config, tmp_path)
+  assert "lower train.eval_batches or raise data.eval_fraction" in caplog.text
 
 
 _EIGHT_DEVICES = """
