@@ -8,8 +8,8 @@ Experiments (`--experiment`):
               and >= 3x HF output tokens/s at every batch size.
   arch_ratio  Surefire-1B against LLaMA-3.2-1B at 4096 / 1024, batches 1..64, mean of 5 runs (the
               paper's protocol): measured throughput ratio against the cost model's ratio (the
-              roofline floor, and the model calibrated on this run's rows). About 20 minutes on
-              an H100; --repeats=1 takes about half of that.
+              roofline floor, and the model calibrated on this run's rows). --repeats=1 for a
+              quicker pass (an estimated 10 minutes on an H100, about half of the default).
 
 Prints one JSON document (and writes it to --out; the rows measured so far are saved to
 OUT.partial.json after each architecture). The HF side runs in a child process before JAX claims
