@@ -2,9 +2,10 @@
 
 `generate` runs a batched prefill and then the whole decode loop inside one jitted program (a
 `lax.while_loop` over `model.decode_step`), so the host never waits per token. The KV cache is
-allocated for prompt + output before the call and donated to it. One program is compiled per
-(spec, options, sampler, batch, prompt length, cache length); `n_new` is a runtime value, so a
-prefill-only call (n_new=0) reuses the program of a full generation of the same shapes.
+allocated for the prompt and the tokens fed back (all generated ones but the last) before the
+call and donated to it. One program is compiled per (spec, options, sampler, batch, prompt
+length, cache length); `n_new` is a runtime value, so the harness's prefill-only calls (n_new=0)
+reuse the program of its full generations, which share the cache length.
 
 The harness measures, per architecture and batch size (random weights, random-token prompts):
 
@@ -121,18 +122,21 @@ def _generate_program(params, prompt_BT, cache, rng, n_new, *, spec, prefill_opt
                       decode_options, sampler):
   """Prefill, then up to n_new - 1 decode steps in a while loop; tokens buffer sized to the cache.
 
+  The cache needs room for the prompt and the n_new - 1 tokens fed back (the last one generated
+  is never fed), so a cache of length C allows up to C - t + 1 new tokens.
+
   `params` are in the unrolled layout (`unstack_layers`), which both phases use. Token i
   (0-based) comes from the prefill (i = 0) or decode step i, which feeds token i - 1.
   """
   b, t = prompt_BT.shape
-  max_new = cache.max_len - t
+  max_new = cache.max_len - t + 1
   prefill_model = model_lib.Transformer(spec, prefill_options)
   decode_model = model_lib.Transformer(spec, decode_options)
 
   logits_BV, cache = prefill_last_logits(prefill_model, params, prompt_BT, cache)
   rng, step_rng = jax.random.split(rng)
   first_B = sample_logits(logits_BV, step_rng, sampler)
-  tokens_BN = jnp.zeros((b, max(max_new, 1)), jnp.int32).at[:, 0].set(first_B)
+  tokens_BN = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first_B)
   if sampler.stops_at_eos:
     done_B = first_B == sampler.eos_id
   else:
@@ -237,11 +241,12 @@ def generate(params: dict, spec: ArchSpec, prompt_tokens: jax.Array, n_new: int,
     raise ValueError(f"prompt_tokens must hold at least one token per row, got shape {(b, t)}")
   if n_new < 0:
     raise ValueError(f"n_new must be >= 0, got {n_new}")
-  if t + n_new > spec.max_seq_len:
-    raise ValueError(f"prompt ({t}) + n_new ({n_new}) exceeds model.max_seq_len="
+  cache_len = t + max(n_new - 1, 0)  # the prompt and every generated token but the last
+  if cache_len > spec.max_seq_len:
+    raise ValueError(f"prompt ({t}) + n_new ({n_new}) - 1 positions exceed model.max_seq_len="
                      f"{spec.max_seq_len}; shorten the prompt or generate fewer tokens")
   rng = jax.random.key(0) if rng is None else rng
-  cache = model_lib.init_cache(spec, b, t + n_new, options.jnp_dtype)
+  cache = model_lib.init_cache(spec, b, cache_len, options.jnp_dtype)
   tokens_BN, lengths_B, cache = _generate_jit(
       _unstack_jit(params, spec.n_layers), prompt_BT.astype(jnp.int32), cache, rng,
       jnp.int32(n_new), spec=spec, prefill_options=decode_model_options(options),

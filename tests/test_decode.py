@@ -30,16 +30,19 @@ def setup():
 def naive_greedy(model, params, prompt_BT, n_new):
   """Reruns the full causal forward for every new token (no cache).
 
-  The sequence lives in a buffer of its final length so one compiled forward serves every step;
-  causality makes the logits at position t independent of the (zero) tokens after it.
+  The sequence lives in a buffer of the positions it feeds (the last token is only predicted),
+  so one compiled forward serves every step; causality makes the logits at position t
+  independent of the (zero) tokens after it.
   """
   b, t = prompt_BT.shape
   forward = jax.jit(lambda p, x: M.forward(model, p, x))
-  tokens_BS = jnp.zeros((b, t + n_new), jnp.int32).at[:, :t].set(prompt_BT)
+  tokens_BS = jnp.zeros((b, t + n_new - 1), jnp.int32).at[:, :t].set(prompt_BT)
+  new = []
   for i in range(n_new):
-    next_B = jnp.argmax(forward(params, tokens_BS)[:, t + i - 1], axis=-1)
-    tokens_BS = tokens_BS.at[:, t + i].set(next_B.astype(jnp.int32))
-  return np.asarray(tokens_BS[:, t:])
+    new.append(jnp.argmax(forward(params, tokens_BS)[:, t + i - 1], axis=-1).astype(jnp.int32))
+    if t + i < tokens_BS.shape[1]:
+      tokens_BS = tokens_BS.at[:, t + i].set(new[-1])
+  return np.stack(new, axis=1)
 
 
 def test_greedy_generate_equals_full_forward_loop(setup):
@@ -49,8 +52,18 @@ def test_greedy_generate_equals_full_forward_loop(setup):
   assert len(np.unique(expected)) > N_NEW  # the check can tell positions apart
   np.testing.assert_array_equal(np.asarray(out.tokens_BN), expected)
   np.testing.assert_array_equal(np.asarray(out.lengths_B), [N_NEW] * 3)
-  assert int(out.cache.end) == prompt_BT.shape[1] + N_NEW - 1
-  assert out.cache.max_len == prompt_BT.shape[1] + N_NEW
+  assert int(out.cache.end) == out.cache.max_len == prompt_BT.shape[1] + N_NEW - 1
+
+
+def test_generation_may_fill_the_context_exactly(setup):
+  model, params, _ = setup
+  prompt_BT = jax.random.randint(jax.random.key(2), (1, SPEC.max_seq_len - N_NEW + 1), 0,
+                                 SPEC.vocab_size)
+  out = D.generate(params, SPEC, prompt_BT, N_NEW)  # feeds positions up to max_seq_len - 1
+  np.testing.assert_array_equal(np.asarray(out.tokens_BN),
+                                naive_greedy(model, params, prompt_BT, N_NEW))
+  with pytest.raises(ValueError, match="max_seq_len"):
+    D.generate(params, SPEC, prompt_BT, N_NEW + 1)
 
 
 def test_unrolled_model_generates_the_same(setup):
