@@ -130,12 +130,12 @@ def run_hf_peer(args: argparse.Namespace) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=1800)
   except subprocess.TimeoutExpired:
     return {"error": "HF worker timed out after 1800 s"}
-  for line in reversed(proc.stdout.splitlines()):  # the rows are its last JSON line
-    try:
+  for line in reversed(proc.stdout.splitlines() if proc.returncode == 0 else []):
+    try:  # the rows are its last JSON line
       result = json.loads(line)
     except ValueError:
       continue
-    if proc.returncode == 0 and isinstance(result, (list, dict)):
+    if isinstance(result, (list, dict)):
       return result if isinstance(result, dict) else {"rows": result}
   return {"error": f"HF worker failed (exit {proc.returncode}): {proc.stderr[-2000:]}"}
 
