@@ -12,11 +12,14 @@ overridden from the command line as `--config.section.field=value`. Sections:
 
 from __future__ import annotations
 
+import os
 import pathlib
+import pprint
+from typing import Any
 
 import ml_collections
 
-from archscale import settings
+from archscale import io, settings
 from archscale.model import ModelOptions
 
 # Table 1 of the paper (arXiv 2510.18245) plus a tiny CPU demo. Values are ArchSpec fields.
@@ -71,6 +74,20 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.search = ml_collections.ConfigDict(settings.SearchConfig.defaults())
   c.sweep = ml_collections.ConfigDict(settings.SweepConfig.defaults())
   return c
+
+
+def write_config_py(path: str | os.PathLike, config: Any, doc: str) -> pathlib.Path:
+  """Writes a standalone config file whose `get_config()` returns exactly `config`."""
+  path = pathlib.Path(path)
+  body = pprint.pformat(config.to_dict(), indent=1, width=96, sort_dicts=True)
+  text = (f'"""{doc}"""\n\nimport ml_collections\n\n\ndef get_config():\n'
+          f"  return ml_collections.ConfigDict(\n{_indent(body, 6)})\n")
+  io.write_text_atomic(path, text)
+  return path
+
+
+def _indent(text: str, n: int) -> str:
+  return "".join(" " * n + line + "\n" for line in text.splitlines())
 
 
 def arch_config(name: str) -> dict:

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import pathlib
-import pprint
 import signal
 import socket
 import subprocess
@@ -60,7 +59,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from archscale import io, settings
+from archscale import config_lib, io, settings
 from archscale.arch import ArchSpec, steps_for_tokens
 from archscale.monitor import EXIT_BUSY, EXIT_PREEMPTED
 from archscale.settings import SweepConfig
@@ -347,20 +346,6 @@ def failed_row(run: Run, status: str, error: str, run_config: Any, wall_s: float
 # ------------------------------------------------------------------------------------ running
 
 
-def write_config_py(path: str | os.PathLike, config: Any, doc: str) -> pathlib.Path:
-  """Writes a standalone config file whose `get_config()` returns exactly `config`."""
-  path = pathlib.Path(path)
-  body = pprint.pformat(config.to_dict(), indent=1, width=96, sort_dicts=True)
-  text = (f'"""{doc}"""\n\nimport ml_collections\n\n\ndef get_config():\n'
-          f"  return ml_collections.ConfigDict(\n{_indent(body, 6)})\n")
-  io.write_text_atomic(path, text)
-  return path
-
-
-def _indent(text: str, n: int) -> str:
-  return "".join(" " * n + line + "\n" for line in text.splitlines())
-
-
 def run_config(config: Any, run: Run, data_path: str | os.PathLike) -> ml_collections.ConfigDict:
   """The training config of one run: the sweep's config with the run's model, steps and data."""
   c = config.copy_and_resolve_references()
@@ -403,7 +388,7 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -
   "preempted" when the trainer exited with `monitor.EXIT_PREEMPTED`).
   """
   run_dir.mkdir(parents=True, exist_ok=True)
-  config_path = write_config_py(run_dir / RUN_CONFIG, cfg,
+  config_path = config_lib.write_config_py(run_dir / RUN_CONFIG, cfg,
                                 f"Training config of sweep run {cfg.name}.")
   log_path = run_dir / "train.log"
   cmd = [sys.executable, "-m", "archscale.main", f"--config={config_path}", "--mode=train",
@@ -429,7 +414,7 @@ def train_in_process(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> d
   from archscale import train as train_lib
 
   run_dir.mkdir(parents=True, exist_ok=True)
-  write_config_py(run_dir / RUN_CONFIG, cfg, f"Training config of sweep run {cfg.name}.")
+  config_lib.write_config_py(run_dir / RUN_CONFIG, cfg, f"Training config of sweep run {cfg.name}.")
   return train_lib.train(cfg, run_dir)
 
 
@@ -500,7 +485,7 @@ def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
   frozen.sweep.launch = "local"
   frozen.sweep.only = ""
   frozen.data.path = str(data_path)
-  config_path = write_config_py(workdir / SWEEP_CONFIG, frozen,
+  config_path = config_lib.write_config_py(workdir / SWEEP_CONFIG, frozen,
                                 f"The configuration of the sweep in {workdir}.")
   lines = ["#!/bin/sh",
            f"# {len(runs)} sweep runs; each trains one architecture into "

@@ -420,15 +420,14 @@ def train(config: Any, workdir: str | pathlib.Path,
   wall_start = time.time()
   workdir = io.make_dir(workdir, "--workdir")
   sharding.initialize_distributed(config.distributed)
-  logging.info("%s", sharding.describe_topology())
-  setup = build(config)
-  is_main = jax.process_index() == 0
-  logging.info("mesh: %s", " x ".join(f"{a}={n}" for a, n in setup.mesh.shape.items()))
   lock = io.WorkdirLock(workdir)
-  if is_main:
+  if jax.process_index() == 0:
     lock.acquire()
   preempt = monitor.Preemption(multi_process=jax.process_count() > 1)
   try:
+    logging.info("%s", sharding.describe_topology())
+    setup = build(config)
+    logging.info("mesh: %s", " x ".join(f"{a}={n}" for a, n in setup.mesh.shape.items()))
     return _train_session(config, workdir, setup, preempt, step_callback, wall_start)
   except monitor.Preempted:
     logging.warning("train: stopped by SIGTERM before the first step; rerun to start or resume")
