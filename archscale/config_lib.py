@@ -70,6 +70,8 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
       eos_token="",             # tokenizer.json: token ending a document ("" = usual names)
       bpe_vocab_size=1024,
       eval_fraction=0.01,       # held-out share of documents
+      workers=1,                # prepare_data: tokenizing processes on this machine
+      partition="0/1",          # prepare_data: "i/n" = this job's share of n jobs
       seq_len=128,
   ))
 

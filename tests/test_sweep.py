@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from archscale import config_lib, data, io, sweep
+from archscale import config_lib, io, prepare, sweep
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,8 @@ def dataset(tmp_path_factory):
   text = root / "corpus.txt"
   text.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" * 3
                             for i in range(400)))
-  info = data.prepare(str(text), root / "prepared", "byte", eval_fraction=0.1,
-                      text_docs="line")
+  info = prepare.prepare(str(text), root / "prepared", "byte", eval_fraction=0.1,
+                         text_docs="line")
   return info["path"]
 
 

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from archscale import config_lib, io, train
+from archscale import config_lib, io, prepare, train
 from archscale import data as data_lib
 from archscale import model as model_lib
 
@@ -55,8 +55,8 @@ def corpus(tmp_path_factory):
   words = ["the", "lord", "said", "unto", "moses", "and", "he", "went", "up", "into", "mountain"]
   text = "\n\n".join(" ".join(rng.choice(words, size=40)) + "." for _ in range(300))
   (root / "corpus.txt").write_text(text)
-  data_lib.prepare(str(root / "corpus.txt"), root / "data", tokenizer="byte",
-                   text_docs="paragraph", eval_fraction=0.05)
+  prepare.prepare(str(root / "corpus.txt"), root / "data", tokenizer="byte",
+                  text_docs="paragraph", eval_fraction=0.05)
   return root / "data"
 
 

@@ -1,0 +1,201 @@
+"""Tests for archscale.prepare and archscale.sources: corpora to resumable, partitioned shards."""
+
+import gzip
+
+import corpora
+import numpy as np
+import pytest
+
+from archscale import config_lib, data, prepare, sources
+
+
+def test_folder_of_text_files_becomes_eos_separated_documents(tmp_path):
+  texts = corpora.docs(12)
+  src = tmp_path / "src"
+  (src / "nested").mkdir(parents=True)
+  (src / ".hidden").mkdir()
+  for i, t in enumerate(texts):
+    (src / ("nested" if i % 2 else "") / f"{i:02d}.txt").write_text(t, encoding="utf-8")
+  (src / ".hidden" / "skip.txt").write_text("hidden")
+  (src / "notes.bin").write_bytes(b"\xff\xfe")
+  with gzip.open(src / "extra.txt.gz", "wt", encoding="utf-8") as f:
+    f.write("compressed document")
+  out = tmp_path / "ds"
+  info = prepare.prepare(str(src), out, "byte", eval_fraction=0.25)
+
+  train, held_out = corpora.split_docs(out, "train"), corpora.split_docs(out, "eval")
+  assert sorted(train + held_out) == sorted(texts + ["compressed document"])
+  assert not set(train) & set(held_out) and held_out
+  assert info["docs"] == {"train": len(train), "eval": len(held_out)}
+  assert info["tokens"]["train"] == len(corpora.stream(out, "train"))
+  assert info["dtype"] == "uint8" and len(info["source_files"]) == 13
+
+
+def test_jsonl_inputs_plain_and_compressed(tmp_path):
+  texts = corpora.docs(30)
+  corpora.write_jsonl(tmp_path / "a.jsonl", texts[:10], field="content")
+  corpora.write_jsonl(tmp_path / "b.jsonl.gz", texts[10:20], field="content")
+  corpora.write_jsonl(tmp_path / "c.json.gz", texts[20:], field="content")  # Dolma's naming.
+  src = ",".join(str(tmp_path / n) for n in ["a.jsonl", "b.jsonl.gz", "c.json.gz"])
+  out = tmp_path / "ds"
+  prepare.prepare(src, out, text_field="content", eval_fraction=0.2)
+  train, held_out = corpora.split_docs(out, "train"), corpora.split_docs(out, "eval")
+  assert sorted(train + held_out) == sorted(texts)
+  # Each split keeps source order.
+  assert train == [t for t in texts if t in set(train)]
+  # A glob over the same files gives the same dataset.
+  out2 = tmp_path / "glob"
+  prepare.prepare(str(tmp_path / "*.json*"), out2, text_field="content", eval_fraction=0.2)
+  both = corpora.split_docs(out2, "train") + corpora.split_docs(out2, "eval")
+  assert sorted(both) == sorted(texts)
+
+
+def test_heldout_split_is_by_document_and_deterministic(tmp_path):
+  texts = corpora.docs(200)
+  corpora.write_jsonl(tmp_path / "c.jsonl", texts)
+  runs = {}
+  for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+    prepare.prepare(str(tmp_path / "c.jsonl"), tmp_path / name, eval_fraction=0.1, seed=seed)
+    runs[name] = tuple(corpora.split_docs(tmp_path / name, split) for split in data.SPLITS)
+  train, held_out = runs["a"]
+  assert not set(train) & set(held_out)
+  assert sorted(train + held_out) == sorted(texts)
+  assert 5 <= len(held_out) <= 40
+  assert runs["b"] == runs["a"]
+  assert runs["c"][1] != held_out
+
+
+def test_small_corpus_still_holds_out_a_document(tmp_path):
+  texts = corpora.docs(3)
+  corpora.write_jsonl(tmp_path / "c.jsonl", texts)
+  info = prepare.prepare(str(tmp_path / "c.jsonl"), tmp_path / "ds", eval_fraction=0.001)
+  assert info["docs"] == {"train": 2, "eval": 1}
+  assert corpora.split_docs(tmp_path / "ds", "eval") == [texts[-1]]
+
+  (tmp_path / "one.txt").write_text("just one document")
+  with pytest.raises(ValueError, match="data.eval_fraction"):
+    prepare.prepare(str(tmp_path / "one.txt"), tmp_path / "one")
+  assert not (tmp_path / "one").exists()
+  info = prepare.prepare(str(tmp_path / "one.txt"), tmp_path / "one", eval_fraction=0.0)
+  assert info["docs"] == {"train": 1, "eval": 0}
+
+
+def test_text_docs_split_files_by_paragraph_or_line(tmp_path):
+  (tmp_path / "t.txt").write_text("p1 line1\np1 line2\n\n\np2\n  \np3\n")
+  counts = {}
+  for mode in sources.TEXT_DOCS:
+    info = prepare.prepare(str(tmp_path / "t.txt"), tmp_path / mode, text_docs=mode,
+                        eval_fraction=0.0)
+    counts[mode] = info["docs"]["train"]
+  assert counts == {"file": 1, "paragraph": 3, "line": 4}
+  assert corpora.split_docs(tmp_path / "paragraph", "train") == ["p1 line1\np1 line2", "p2", "p3"]
+
+
+def test_kjv_documents_are_chapters():
+  pytest.importorskip("bible")
+  docs = list(sources._kjv_documents())
+  assert len(docs) == 1189
+  assert docs[0].startswith("Genesis 1\nIn the beginning God created the heaven and the earth.")
+  assert docs[-1].startswith("Revelation 22\n")
+
+
+@pytest.mark.parametrize("source,field", [
+    ("", "data.source"),
+    ("{tmp}/missing.txt", "data.source"),
+    ("{tmp}/nomatch*.jsonl", "data.source"),
+    ("{tmp}/empty_dir", "data.source"),
+    ("{tmp}/bad.jsonl", "data.source"),
+    ("{tmp}/latin1.txt", "data.source"),
+    ("{tmp}/other_field.jsonl", "data.text_field"),
+])
+def test_bad_sources_name_the_field(tmp_path, source, field):
+  (tmp_path / "empty_dir").mkdir()
+  (tmp_path / "empty_dir" / "data.csv").write_text("a,b")
+  (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+  corpora.write_jsonl(tmp_path / "other_field.jsonl", ["x", "y"], field="body")
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=field):
+    prepare.prepare(source.format(tmp=tmp_path), out)
+  assert not out.exists()
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_bad_settings_name_the_field(tmp_path):
+  (tmp_path / "t.txt").write_text("text")
+  src = str(tmp_path / "t.txt")
+  for kwargs, field in [(dict(eval_fraction=1.0), "data.eval_fraction"),
+                        (dict(text_docs="page"), "data.text_docs"),
+                        (dict(tokenizer="bpe", bpe_vocab_size=200), "data.bpe_vocab_size"),
+                        (dict(tokenizer="gpt9"), "data.tokenizer"),
+                        (dict(workers=0), "data.workers"),
+                        (dict(partition="2/2"), "data.partition"),
+                        (dict(partition="half"), "data.partition")]:
+    with pytest.raises(ValueError, match=field):
+      prepare.prepare(src, tmp_path / "out", **kwargs)
+
+
+def test_failure_midway_leaves_nothing_that_looks_complete(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  corpora.write_jsonl(src / "a.jsonl", corpora.docs(20))
+  corpora.write_jsonl(src / "b.jsonl", ["no text field here"], field="body")
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match="data.text_field"):
+    prepare.prepare(str(src), out)
+  # The finished unit (a.jsonl) is kept for the next run; nothing looks like a dataset.
+  with pytest.raises(ValueError, match="not finished"):
+    data.dataset_info(out)
+  with pytest.raises(ValueError, match="data.path"):
+    data.Batches(out, "train", 8, 4, 0)
+  assert not [p for p in tmp_path.rglob(".*")]
+  kept = {p: p.stat().st_mtime_ns for p in (out / data.SHARDS_DIR).iterdir()}
+  assert len(kept) == 3  # a.jsonl's train and eval shards and its record
+
+  corpora.write_jsonl(src / "b.jsonl", ["now with text"])
+  info = prepare.prepare(str(src), out)
+  assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+  fresh = prepare.prepare(str(src), tmp_path / "fresh")
+  for split in data.SPLITS:
+    np.testing.assert_array_equal(corpora.stream(out, split), corpora.stream(tmp_path / "fresh",
+                                                                            split))
+  assert info["docs"] == fresh["docs"] and sum(info["docs"].values()) == 21
+
+
+def test_prepare_is_idempotent_and_refuses_to_mix_datasets(tmp_path):
+  corpora.write_jsonl(tmp_path / "c.jsonl", corpora.docs(20))
+  out = tmp_path / "ds"
+  out.mkdir()  # An empty directory is fine to fill.
+  first = prepare.prepare(str(tmp_path / "c.jsonl"), out, eval_fraction=0.2)
+  stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+  second = prepare.prepare(str(tmp_path / "c.jsonl"), out, eval_fraction=0.2)
+  assert second == first and first["path"] == str(out)
+  assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+  with pytest.raises(ValueError, match=r"data.path.*eval_fraction"):
+    prepare.prepare(str(tmp_path / "c.jsonl"), out, eval_fraction=0.3)
+  (tmp_path / "junk").mkdir()
+  (tmp_path / "junk" / "x").write_text("x")
+  with pytest.raises(ValueError, match="data.path"):
+    prepare.prepare(str(tmp_path / "c.jsonl"), tmp_path / "junk")
+  with pytest.raises(ValueError, match="data.path"):
+    data.dataset_info(tmp_path / "nowhere")
+
+
+def test_run_prepare_data_uses_config_fields(tmp_path):
+  corpora.write_jsonl(tmp_path / "c.jsonl", corpora.docs(20), field="body")
+  config = config_lib.make_config("demo")
+  config.data.source = str(tmp_path / "c.jsonl")
+  config.data.text_field = "body"
+  config.data.eval_fraction = 0.2
+  workdir = tmp_path / "run"
+  prepare.run_prepare_data(config, workdir)
+  assert data.data_path(config, workdir) == workdir / "data"
+  info = data.dataset_info(workdir / "data")
+  assert info["docs"]["train"] + info["docs"]["eval"] == 20
+  prepare.run_prepare_data(config, workdir)  # Idempotent.
+
+  config.data.source = ""
+  prepare.run_prepare_data(config, workdir)  # Uses the existing dataset.
+  config.data.path = str(tmp_path / "elsewhere")
+  with pytest.raises(ValueError, match="data.source"):
+    prepare.run_prepare_data(config, workdir)
