@@ -1,12 +1,20 @@
 """Tests for archscale.prepare and archscale.sources: corpora to resumable, partitioned shards."""
 
 import gzip
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
 
 import corpora
 import numpy as np
 import pytest
 
-from archscale import config_lib, data, prepare, sources
+from archscale import config_lib, data, prepare, sources, tokenizer
 
 
 def test_folder_of_text_files_becomes_eos_separated_documents(tmp_path):
@@ -199,3 +207,165 @@ def test_run_prepare_data_uses_config_fields(tmp_path):
   config.data.path = str(tmp_path / "elsewhere")
   with pytest.raises(ValueError, match="data.source"):
     prepare.run_prepare_data(config, workdir)
+
+
+# ---------------------------------------------------------------------------- division of work
+
+
+def _mixed_corpus(root: pathlib.Path) -> pathlib.Path:
+  """JSONL (plain, large enough to cut, and gzip) and paragraph text, in a folder."""
+  src = root / "src"
+  src.mkdir()
+  texts = corpora.docs(240, words=25)
+  corpora.write_jsonl(src / "a.jsonl", texts[:150])
+  corpora.write_jsonl(src / "b.jsonl.gz", texts[150:180])
+  paragraphs = "\r\n\r\n  \n".join(t.replace("\n", "\r\n") for t in texts[180:])
+  (src / "c.txt").write_bytes(paragraphs.encode())
+  return src
+
+
+def _same_streams(a: pathlib.Path, b: pathlib.Path) -> None:
+  for split in data.SPLITS:
+    assert corpora.stream(a, split).tobytes() == corpora.stream(b, split).tobytes(), split
+
+
+def test_streams_do_not_depend_on_workers_partitions_or_units(tmp_path):
+  src = _mixed_corpus(tmp_path)
+  tok_file = tmp_path / "tokenizer.json"
+  tokenizer.train_bpe(corpora.docs(50), 400, "<|endoftext|>").hf.save(str(tok_file))
+  common = dict(tokenizer=str(tok_file), eval_fraction=0.1, text_docs="paragraph")
+  ref = prepare.prepare(str(src), tmp_path / "ref", **common)
+  assert ref["units"] == 3 and ref["dtype"] == "uint16"
+  one = prepare.prepare(str(src), tmp_path / "one", **common, unit_bytes=2048)
+  two = prepare.prepare(str(src), tmp_path / "two", **common, unit_bytes=2048, workers=2)
+  assert one["units"] == two["units"] > 10
+  parts = tmp_path / "parts"
+  assert prepare.prepare(str(src), parts, **common, unit_bytes=2048, partition="1/2") is None
+  with pytest.raises(ValueError, match="not finished"):
+    data.dataset_info(parts)
+  both = prepare.prepare(str(src), parts, **common, unit_bytes=2048, partition="0/2")
+  for out, info in [(tmp_path / "one", one), (tmp_path / "two", two), (parts, both)]:
+    _same_streams(tmp_path / "ref", out)
+    assert (info["tokens"], info["docs"]) == (ref["tokens"], ref["docs"])
+  assert ref["docs"]["eval"] >= 10 and sum(ref["docs"].values()) == 240
+
+  texts = corpora.docs(240, words=25)
+  assert sorted(corpora.split_docs(parts, "train") + corpora.split_docs(parts, "eval")) == sorted(
+      texts)
+  manifest = json.loads((parts / data.MANIFEST).read_text())
+  assert [u["key"] for u in manifest["units"]] == list(manifest["finished"])
+  for key, record in manifest["finished"].items():
+    for split in data.SPLITS:
+      shard = (parts / data.SHARDS_DIR / f"{key}.{split}.bin").read_bytes()
+      assert record["sha256"][split] == hashlib.sha256(shard).hexdigest()
+      assert len(shard) == 2 * record["tokens"][split]
+
+
+def test_a_trained_bpe_is_shared_by_partitions(tmp_path):
+  src = _mixed_corpus(tmp_path)
+  common = dict(tokenizer="bpe", bpe_vocab_size=300, eval_fraction=0.1, unit_bytes=4096)
+  ref = prepare.prepare(str(src), tmp_path / "ref", **common)
+  assert prepare.prepare(str(src), tmp_path / "parts", **common, partition="0/2") is None
+  both = prepare.prepare(str(src), tmp_path / "parts", **common, partition="1/2")
+  assert both["tokenizer"] == "bpe" and both["vocab_size"] == ref["vocab_size"]
+  _same_streams(tmp_path / "ref", tmp_path / "parts")
+
+
+_SLOW_PREPARE = """
+import sys, time
+from archscale import prepare, tokenizer
+encode = tokenizer.ByteTokenizer.encode_batch
+tokenizer.ByteTokenizer.encode_batch = lambda self, texts: (time.sleep(0.1), encode(self, texts))[1]
+prepare._CHUNK_CHARS = 1000
+prepare.prepare(sys.argv[1], sys.argv[2], "byte", eval_fraction=0.1, unit_bytes=6000)
+"""
+
+
+def test_a_killed_preparation_resumes_with_unfinished_units_only(tmp_path):
+  texts = corpora.docs(400, words=20)
+  corpora.write_jsonl(tmp_path / "c.jsonl", texts)
+  out = tmp_path / "ds"
+  child = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, str(tmp_path / "c.jsonl"),
+                            str(out)])
+  shards = out / data.SHARDS_DIR
+  deadline = time.time() + 120
+  while time.time() < deadline and child.poll() is None:
+    if len(list(shards.glob("*.json"))) >= 2 and list(shards.glob(".*.tmp-*")):
+      break
+    time.sleep(0.02)
+  child.kill()  # SIGKILL: no cleanup runs
+  child.wait()
+  finished = {p: p.stat().st_mtime_ns for p in shards.iterdir() if not p.name.startswith(".")}
+  assert len(finished) >= 6 and list(shards.glob(".*.tmp-*"))
+  assert not (out / data.METADATA).exists()
+  legacy = tmp_path / ".ds.tmp-123-abcdef12"  # left by the single-file format's preparation
+  legacy.mkdir()
+
+  info = prepare.prepare(str(tmp_path / "c.jsonl"), out, "byte", eval_fraction=0.1,
+                         unit_bytes=6000)
+  assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+  assert not list(tmp_path.rglob(".*"))
+  ref = prepare.prepare(str(tmp_path / "c.jsonl"), tmp_path / "ref", "byte", eval_fraction=0.1)
+  _same_streams(out, tmp_path / "ref")
+  assert info["docs"] == ref["docs"] and info["units"] > len(finished) // 3
+
+
+_PEAK_MEMORY = """
+import resource, sys
+from archscale import prepare
+prepare._CHUNK_CHARS = 1 << 16
+prepare.prepare(sys.argv[1], sys.argv[2], "byte", eval_fraction=0.01)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_does_not_grow_with_corpus_size(tmp_path):
+  rng = np.random.default_rng(0)
+  words = np.asarray(["alpha", "beta", "gamma", "delta", "café", "x", "yz", "ok"])
+  peaks = []
+  for n_docs in [2_000, 24_000]:  # about 2 MB and 24 MB of JSONL, one unit each
+    path = tmp_path / f"{n_docs}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+      for _ in range(n_docs):
+        f.write(json.dumps({"text": " ".join(rng.choice(words, 160))}) + "\n")
+    run = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, str(path), str(tmp_path / "out")],
+                         capture_output=True, text=True, check=True, timeout=300)
+    shutil.rmtree(tmp_path / "out")
+    peaks.append(int(run.stdout.split()[-1]) / 1024)  # ru_maxrss is in KiB on Linux
+  assert os.path.getsize(tmp_path / "24000.jsonl") > 18e6
+  # Holding the corpus would add more than 18 MB (text and ids); streaming adds noise only.
+  assert peaks[1] - peaks[0] < 8, peaks
+
+
+# ---------------------------------------------------------------------------- units and keys
+
+
+@pytest.mark.parametrize("name,text_docs", [("c.jsonl", "file"), ("t.txt", "line"),
+                                            ("t.txt", "paragraph")])
+def test_documents_and_keys_do_not_depend_on_where_files_are_cut(tmp_path, name, text_docs):
+  texts = corpora.docs(120)
+  if name.endswith(".jsonl"):
+    corpora.write_jsonl(tmp_path / name, texts)
+  else:  # Mixed line endings, a Unicode line separator and blank lines holding spaces.
+    body = "\r\n \n\n".join(t.replace("\n", "\r") + "\u2028tail" for t in texts)
+    (tmp_path / name).write_bytes(body.encode())
+  files = [tmp_path / name]
+  whole = sources.plan_units(files, text_docs, 1 << 30, salt="s")
+  cut = sources.plan_units(files, text_docs, 700, salt="s")
+  assert len(whole) == 1 and len(cut) > 8
+  assert [(u.start, u.end) for u in cut][0][0] == 0 and cut[-1].end == whole[0].size
+  assert all(a.end == b.start for a, b in zip(cut, cut[1:], strict=False))
+
+  def docs_of(units):
+    return [d for u in units for d in sources.unit_documents(u, "text", text_docs)]
+
+  assert docs_of(cut) == docs_of(whole)
+  assert len({key for key, _ in docs_of(whole)}) == len(docs_of(whole))
+  if text_docs == "line":  # The lines of the file read as text, as str.splitlines cuts them.
+    lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
+    assert [text for _, text in docs_of(cut)] == [line for line in lines if line.strip()]
+  if text_docs == "paragraph":
+    assert len(docs_of(cut)) == 120
+  # Keys name the unit's file and range: they change when the file or the recipe does.
+  assert [u.key for u in sources.plan_units(files, text_docs, 700, salt="t")] != [
+      u.key for u in cut]
