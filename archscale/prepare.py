@@ -11,7 +11,10 @@ units only, and the temporary files of dead attempts are removed on the next run
 so n jobs (a SLURM array, for instance) fill the same output; whichever job finds every unit
 finished runs the final step: it checks the records against the shards, writes `manifest.json`
 and then `metadata.json` with the index of shards per split (`archscale.data` documents it).
-Rerunning a finished or partial preparation in one job is always safe.
+Until then each job rewrites `manifest.json` now and then with the records it has seen; the
+records under `shards/` are what counts. Rerunning a finished or partial preparation in one job
+is always safe. Nothing relies on file locks: a unit's files have one writer, and shared files
+are replaced atomically.
 
 The token streams do not depend on the division of work: a split is the concatenation of its
 unit shards in source order, and which documents are held out depends only on their keys.
@@ -45,7 +48,7 @@ _WAIT_FOR_TOKENIZER_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
+class Tokenization:
   """What a unit's tokens depend on, as a worker process needs it (picklable)."""
 
   out_dir: str
@@ -107,12 +110,12 @@ def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
   if not (out_dir / data.MANIFEST).exists():
     _write_manifest(out_dir, recipe, plan, {})
   tok = _install_tokenizer(out_dir, tok, recipe, plan, part)
-  settings = Settings(
+  how = Tokenization(
       str(out_dir), None if tok.kind == "byte" else str(out_dir / tok_lib.TOKENIZER_FILE),
       tok.eos_token or "", _token_dtype(tok.vocab_size).name, int(seed), float(eval_fraction),
       text_field, text_docs)
-  _prepare_share(settings, recipe, plan, part, workers)
-  records = _finished(out_dir, plan, settings.dtype)
+  _prepare_share(how, recipe, plan, part, workers)
+  records = _finished(out_dir, plan, how.dtype)
   if len(records) < len(plan):
     _write_manifest(out_dir, recipe, plan, records)
     logging.info("data: this job's units are done; %d of %d units belong to other partitions "
@@ -124,7 +127,7 @@ def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
               source_files=[str(sources.kjv_path())] if files is None else recipe["source"],
               tokenizer=tok.kind, tokenizer_file=None if tok.kind == "byte" else
               tok_lib.TOKENIZER_FILE, eos_token=tok.eos_token, vocab_size=tok.vocab_size,
-              eos_id=tok.eos_id, dtype=settings.dtype)
+              eos_id=tok.eos_id, dtype=how.dtype)
   return _finalize(out_dir, recipe, plan, records, info)
 
 
@@ -294,7 +297,7 @@ class _ShardWriter:
 _TOKENIZERS: dict[tuple[str | None, str], tok_lib.Tokenizer] = {}
 
 
-def _worker_tokenizer(s: Settings) -> tok_lib.Tokenizer:
+def _worker_tokenizer(s: Tokenization) -> tok_lib.Tokenizer:
   """The tokenizer, loaded once per process."""
   spec = (s.tokenizer_file, s.eos_token)
   if spec not in _TOKENIZERS:
@@ -302,7 +305,7 @@ def _worker_tokenizer(s: Settings) -> tok_lib.Tokenizer:
   return _TOKENIZERS[spec]
 
 
-def tokenize_unit(s: Settings, unit: sources.Unit) -> dict[str, Any]:
+def tokenize_unit(s: Tokenization, unit: sources.Unit) -> dict[str, Any]:
   """Tokenizes one unit into its shards and record; returns the record."""
   start = time.time()
   tok = _worker_tokenizer(s)
@@ -341,7 +344,7 @@ def _flush(tok: tok_lib.Tokenizer, pending: dict[str, list[str]],
       texts.clear()
 
 
-def _prepare_share(s: Settings, recipe: dict, plan: Sequence[sources.Unit],
+def _prepare_share(s: Tokenization, recipe: dict, plan: Sequence[sources.Unit],
                    part: tuple[int, int], workers: int) -> None:
   """Tokenizes this job's unfinished units, `workers` at a time, logging progress."""
   out_dir = pathlib.Path(s.out_dir)
@@ -368,7 +371,7 @@ def _prepare_share(s: Settings, recipe: dict, plan: Sequence[sources.Unit],
   progress.log()
 
 
-def _run(s: Settings, todo: Sequence[sources.Unit],
+def _run(s: Tokenization, todo: Sequence[sources.Unit],
          workers: int) -> Iterable[tuple[sources.Unit, dict[str, Any]]]:
   """(unit, record) as units finish: in this process, or in a pool of spawned workers."""
   if workers == 1 or len(todo) <= 1:
