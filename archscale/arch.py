@@ -156,6 +156,24 @@ class ArchSpec:
     """A copy with some fields changed (validated again)."""
     return dataclasses.replace(self, **changes)
 
+  def refilled(self, n_nonembed: float, r: float, d_ff_multiple: int, *, r_tolerance: float,
+               n_tolerance: float) -> ArchSpec:
+    """This spec with d_ff refilled to the budget N where that brings N closer.
+
+    `from_budget` trades N against r. In a sweep N should win: rows of a scale share one L_opt,
+    while r enters a fit as each run's realised value. So the refill is taken when r stays within
+    `r_tolerance` of the request, or when N is outside `n_tolerance` anyway.
+    """
+    d_ff = d_ff_for_budget(n_nonembed, self.d_model, self.n_layers, self.d_head, self.n_heads,
+                           self.n_kv_heads, d_ff_multiple)
+    if d_ff is None or d_ff == self.d_ff:
+      return self
+    refilled = self.replace(d_ff=d_ff)
+    n_error = abs(self.params_nonembed / n_nonembed - 1)
+    closer = abs(refilled.params_nonembed / n_nonembed - 1) < n_error
+    r_ok = abs(refilled.mlp_attn_ratio / r - 1) <= r_tolerance
+    return refilled if closer and (r_ok or n_error > n_tolerance) else self
+
   # ---------------------------------------------------------------------------- parameters
 
   @property
@@ -286,6 +304,24 @@ class ArchSpec:
         "decode_context_len": context_len,
         "kv_bytes_per_token_bf16": self.kv_bytes_per_token(2),
     }
+
+
+def d_ff_for_budget(n_nonembed: float, d_model: int, n_layers: int, d_head: int, n_heads: int,
+                    n_kv_heads: int, multiple: int) -> int | None:
+  """The d_ff (a multiple of `multiple`) that brings N closest to `n_nonembed`, or None.
+
+  N = L (attention + 3 d_model d_ff + 2 d_model) + d_model is linear in d_ff, so the nearest
+  multiple to the exact fill is the closest N. None when not even one multiple fits.
+  """
+  attention = d_model * d_head * 2 * (n_heads + n_kv_heads)
+  rest = n_nonembed - d_model - n_layers * (attention + 2 * d_model)
+  units = round(rest / (3 * d_model * n_layers * multiple))
+  return units * multiple if units >= 1 else None
+
+
+def steps_for_tokens(tokens: float, tokens_per_step: int) -> int:
+  """Training steps that cover `tokens` at `tokens_per_step` (rounded up, at least one)."""
+  return max(1, math.ceil(tokens / tokens_per_step))
 
 
 def run_describe(config: Any, workdir: pathlib.Path) -> None:

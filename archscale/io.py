@@ -8,11 +8,21 @@ import os
 import pathlib
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 
 PathLike = str | os.PathLike
+
+
+def make_dir(path: PathLike, field: str) -> pathlib.Path:
+  """`path` as an existing directory (created if missing); `field` names it in the error."""
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"{field}={path} is a file, not a directory; choose another {field}")
+  path.mkdir(parents=True, exist_ok=True)
+  return path
 
 
 def write_json_atomic(path: PathLike, obj: Any, indent: int = 2) -> None:
@@ -79,6 +89,93 @@ def read_jsonl(path: PathLike) -> Iterator[dict[str, Any]]:
         continue
       if isinstance(row, dict):
         yield row
+
+
+class ReportedError(RuntimeError):
+  """A failure whose message says all a user needs: the command line prints it in one line."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+  """The innermost OSError behind `error` (a full disk, a permission), else `error` itself."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return error
+
+
+def describe_error(error: BaseException) -> str:
+  """One line: the root cause's message and the file it concerns."""
+  cause = root_cause(error)
+  if isinstance(cause, OSError) and cause.strerror:
+    where = f" ({cause.filename})" if cause.filename else ""
+    return f"{cause.strerror}{where}"
+  text = str(cause).strip()
+  return f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def one_line_error(error: BaseException) -> str | None:
+  """The one-line report of a ReportedError or an I/O failure; None for anything else."""
+  if isinstance(error, ReportedError):
+    return str(error)
+  return describe_error(error) if isinstance(root_cause(error), OSError) else None
+
+
+class WorkdirBusy(ReportedError):
+  """Another live process trains in this directory."""
+
+
+class WorkdirLock:
+  """Held by a trainer for its whole life: an exclusive `flock` on `workdir/.lock`.
+
+  The holder's pid, host and command are written inside, so a second trainer stops at once naming
+  it; the kernel drops the lock when its holder dies, so a killed trainer never blocks a rerun.
+  """
+
+  NAME = ".lock"
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = workdir / self.NAME
+    self._fd: int | None = None
+
+  def acquire(self) -> None:
+    """Takes the lock or raises WorkdirBusy naming its holder."""
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise WorkdirBusy(f"{self.path.parent} is in use by {self.holder()}; wait for it to "
+                        "finish or stop it, or train in another --workdir") from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    self._fd = fd
+
+  def holder(self) -> str:
+    """The recorded holder, as text."""
+    try:
+      h = json.loads(self.path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+      h = {}
+    return (f"pid {h.get('pid', '?')} on {h.get('host', '?')} (since {h.get('since', '?')}: "
+            f"{' '.join(h.get('argv', [])) or '?'})")
+
+  def release(self) -> None:
+    if self._fd is not None:
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> WorkdirLock:
+    self.acquire()
+    return self
+
+  def __exit__(self, *_: Any) -> None:
+    self.release()
 
 
 def code_revision() -> str | None:

@@ -3,9 +3,12 @@
 import importlib
 import logging as py_logging
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from archscale import io
 
 # mode -> "module:function"; each function takes (config, workdir) and does the whole job.
 MODES = {
@@ -44,9 +47,18 @@ def main(argv):
   for handler in py_logging.getLogger().handlers:
     handler.addFilter(_LibraryInfoFilter())
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / config.name)
+  if workdir.exists() and not workdir.is_dir():
+    raise app.UsageError(f"--workdir={workdir} is a file, not a directory; choose another")
   logging.info("archscale: mode=%s workdir=%s", mode, workdir)
   module_name, fn_name = MODES[mode].split(":")
-  getattr(importlib.import_module(module_name), fn_name)(config, workdir)
+  try:
+    getattr(importlib.import_module(module_name), fn_name)(config, workdir)
+  except Exception as e:  # noqa: BLE001 - I/O failures end in one line; everything else raises.
+    message = io.one_line_error(e)
+    if message is None:
+      raise
+    logging.error("archscale: %s failed: %s", mode, message)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

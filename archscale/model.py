@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from archscale import settings
 from archscale.arch import ArchSpec
 
 ATTENTION_IMPLS = ("xla", "dpa", "cudnn")
@@ -45,7 +46,7 @@ LLAMA3_ROPE_SCALING = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelOptions:
+class ModelOptions(settings.Section):
   """How the model runs (not what it is): numerics, layer stacking, remat and attention kernel.
 
   attention: "xla" is the reference einsum path; "dpa" calls `jax.nn.dot_product_attention` and
@@ -56,12 +57,14 @@ class ModelOptions:
   exists (CPU, TPU).
   """
 
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat: str = "none"
-  attention: str = "xla"
-  attention_chunk: int = 0
+  SECTION: ClassVar[str] = "compute"
+
+  dtype: str = "float32"          # activations / matmul inputs: float32 | bfloat16
+  param_dtype: str = "float32"    # stored parameters and optimiser state
+  scan_layers: bool = settings.bookkeeping(True)  # nn.scan over layers: compile time flat in depth
+  remat: str = settings.bookkeeping("none")       # none | full | dots | dots_no_batch
+  attention: str = settings.bookkeeping("xla")    # xla | dpa | cudnn
+  attention_chunk: int = settings.bookkeeping(0)  # xla: queries per attention block; 0 = all
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
@@ -77,11 +80,6 @@ class ModelOptions:
             and self.attention_chunk >= 0):
       raise ValueError("compute.attention_chunk must be a non-negative integer (queries per "
                        f"block of XLA attention; 0 = one block), got {self.attention_chunk!r}")
-
-  @classmethod
-  def from_config(cls, config: Any) -> ModelOptions:
-    """Options from `config.compute`."""
-    return cls(**config.compute.to_dict())
 
   @property
   def jnp_dtype(self):

@@ -33,17 +33,16 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from archscale import io, plots, sweep
+from archscale import io, plots, settings, sweep
+from archscale.settings import DataConfig, SweepConfig
 
 STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
 # What each step reads of the config (bookkeeping such as log cadence or sweep.only left out) and
 # the steps whose outputs it reads.
-_SWEEP_BOOKKEEPING = ("only", "isolation", "launch", "retry_failed")
 STEP_READS = {
-    "prepare_data": lambda c: {f: c.data.get(f) for f in sweep.DATA_PREPARE_FIELDS + ("path",)},
-    "sweep": lambda c: {"recipe": sweep.training_recipe(c), "model": c.model.to_dict(),
-                        "sweep": {k: v for k, v in c.sweep.to_dict().items()
-                                  if k not in _SWEEP_BOOKKEEPING}, "seed": c.seed},
+    "prepare_data": lambda c: {**DataConfig.from_config(c).prepare_fields, "path": c.data.path},
+    "sweep": lambda c: {"recipe": settings.training_recipe(c), "model": c.model.to_dict(),
+                        "sweep": SweepConfig.from_config(c).identity(), "seed": c.seed},
     "fit": lambda c: {"fit": c.fit.to_dict(), "seed": c.seed},
     "decode_bench": lambda c: {"bench": c.bench.to_dict(), "seed": c.seed},
     "search": lambda c: {"search": c.search.to_dict(), "bench": c.bench.to_dict()},
@@ -146,8 +145,8 @@ def run_pipeline(config: Any, workdir: pathlib.Path) -> dict[str, float]:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   c = _stage_config(config, workdir)
-  sweep.validate(c)  # Fail on a bad sweep section before preparing anything.
-  if c.sweep.launch != "local":
+  # Fail on a bad sweep section before preparing anything.
+  if SweepConfig.from_config(c).launch != "local":
     raise ValueError("the pipeline trains its sweep here: set sweep.launch='local' (or run "
                      "--mode=sweep with launch='emit' on a cluster, then --mode=fit and search)")
   steps: dict[str, Callable[[Any, pathlib.Path, Callable[[str], None]], None]] = {

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from archscale import data, io, sources
+from archscale import data, io, settings, sources
 from archscale import tokenizer as tok_lib
 
 UNIT_BYTES = 64 << 20     # target input bytes per unit of an uncompressed file
@@ -59,19 +59,6 @@ class Tokenization:
   eval_fraction: float
   text_field: str
   text_docs: str
-
-
-def parse_partition(partition: str) -> tuple[int, int]:
-  """(i, n) from `data.partition="i/n"`: this job prepares units i, i + n, i + 2n, ..."""
-  try:
-    i, n = (int(p) for p in str(partition).split("/"))
-  except ValueError:
-    i, n = -1, 0
-  if n < 1 or not 0 <= i < n:
-    raise ValueError(
-        f"data.partition={partition!r} must be 'i/n' with 0 <= i < n, e.g. '0/1' for one job or "
-        "'3/8' for the fourth of eight jobs")
-  return i, n
 
 
 def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
@@ -95,7 +82,7 @@ def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
     raise ValueError(f"data.workers={workers} must be at least 1")
   if unit_bytes < 1:
     raise ValueError(f"unit_bytes={unit_bytes} must be positive")
-  part = parse_partition(partition)
+  part = settings.parse_partition(partition)
   existing = _existing_dataset(out_dir, recipe)
   if existing is not None:
     logging.info("data: %s already holds this dataset (%s tokens train, %s eval); skipping",
@@ -517,9 +504,9 @@ def _remove_stale(out_dir: pathlib.Path, keys: set[str]) -> None:
 
 def run_prepare_data(config: Any, workdir: pathlib.Path) -> None:
   """`--mode=prepare_data`: tokenizes `data.source` into `data.path` (default workdir/data)."""
-  d = config.data
+  d = settings.DataConfig.from_config(config)
   path = data.data_path(config, workdir)
-  if not str(d.source).strip() and (path / data.METADATA).exists():
+  if not d.source.strip() and (path / data.METADATA).exists():
     info = data.dataset_info(path)
     logging.info("data: data.source is empty; using the dataset already at %s", path)
   else:

@@ -52,8 +52,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from archscale import config_lib, costmodel, io, sweep
+from archscale import arch, config_lib, costmodel, io, sweep
 from archscale.arch import ArchSpec
+from archscale.settings import BenchConfig, SearchConfig
 
 SEARCH_JSON = "search.json"
 PARETO_PNG = "pareto.png"
@@ -99,7 +100,7 @@ class Space:
 def fill_d_ff(budget: Budget, space: Space, d_model: int, n_heads: int,
               n_kv_heads: int) -> int | None:
   """The d_ff (a multiple of `space.d_ff_multiple`) that brings N closest to the budget."""
-  return sweep.d_ff_for_budget(budget.n_nonembed, d_model, budget.n_layers, budget.d_head,
+  return arch.d_ff_for_budget(budget.n_nonembed, d_model, budget.n_layers, budget.d_head,
                                n_heads, n_kv_heads, space.d_ff_multiple)
 
 
@@ -470,17 +471,18 @@ class MeasuredThroughput:
 
 def parse_target(value: Any) -> tuple[float | None, str | None]:
   """`search.target` as (number, None) or (None, baseline name)."""
-  if isinstance(value, (int, float)) and not isinstance(value, bool):
-    return float(value), None
   text = str(value).strip()
   if text.startswith("baseline:") and text[len("baseline:"):].strip():
     return None, text[len("baseline:"):].strip()
   try:
-    return float(text), None
+    loss = float(value) if isinstance(value, (int, float)) else float(text)
   except ValueError:
+    loss = None
+  if isinstance(value, bool) or loss is None or not math.isfinite(loss):
     raise ValueError(
         f"search.target={value!r} must be a loss (a number) or 'baseline:<architecture or config "
-        "file>', e.g. 'baseline:llama3_2_1b'") from None
+        "file>', e.g. 'baseline:llama3_2_1b'")
+  return loss, None
 
 
 def _baseline_spec(name: str) -> ArchSpec:
@@ -494,14 +496,14 @@ def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
   """The law of `search.law`, or one fitted now from `search.results` / `fit.results`."""
   from archscale import law as law_lib
 
-  s = config.search
+  s = SearchConfig.from_config(config)
   if str(s.law).strip():
     path = pathlib.Path(str(s.law)).expanduser()
     if not path.exists():
       raise ValueError(f"search.law={str(s.law)!r} does not exist; point it at a fit.json (from "
                        "--mode=fit, or written by hand with `form` and `params`)")
     return law_lib.load_law(path), str(path)
-  results = str(s.get("results", "") or config.fit.results).strip()
+  results = str(s.results or config.fit.results).strip()
   if not results or not pathlib.Path(results).expanduser().exists():
     raise ValueError(
         "search.law is empty and there is no results table to fit one from: set search.law to a "
@@ -515,13 +517,12 @@ def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
 
 
 def _throughput_source(config: Any, workdir: pathlib.Path, scenario: Scenario) -> Any:
-  s = config.search
+  s = SearchConfig.from_config(config)
   text = str(s.throughput).strip()
   if text == "measure":
-    return MeasuredThroughput(scenario, config.bench.dtype, int(config.bench.repeats),
-                              pathlib.Path(workdir) / MEASURE_CACHE, int(config.seed),
-                              config.bench.get("attention", "auto"),
-                              config.bench.get("decode_attention", "auto"))
+    b = BenchConfig.from_config(config)
+    return MeasuredThroughput(scenario, b.dtype, b.repeats, pathlib.Path(workdir) / MEASURE_CACHE,
+                              int(config.seed), b.attention, b.decode_attention)
   if not text.startswith("model:"):
     raise ValueError(f"search.throughput={text!r} must be 'measure' or 'model:<accelerator>' "
                      f"with an accelerator of {sorted(costmodel.ACCELERATORS)}")
@@ -537,47 +538,21 @@ def _throughput_source(config: Any, workdir: pathlib.Path, scenario: Scenario) -
   return ModelThroughput(name, scenario, calibration)
 
 
-def _positive(config: Any, name: str, cast: type = int) -> Any:
-  value = config.search[name]
-  if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
-    raise ValueError(f"search.{name} must be positive, got {value!r}")
-  return cast(value)
-
-
 def resolve(config: Any) -> dict[str, Any]:
   """Checks the search section and derives the budget, space and target, before any work."""
-  s = config.search
+  s = SearchConfig.from_config(config)
   target_value, baseline_name = parse_target(s.target)
   baseline = _baseline_spec(baseline_name) if baseline_name else None
-  model = ArchSpec.from_config(config)
-  ref = baseline or model
-  for name in ("n_nonembed", "tokens", "n_layers", "d_head", "gqa", "top_k", "gqa_max"):
-    if s[name] < 0:
-      raise ValueError(f"search.{name} must be >= 0 (0 = default), got {s[name]!r}")
+  ref = baseline or ArchSpec.from_config(config)
   n = float(s.n_nonembed) if s.n_nonembed else float(ref.params_nonembed)
-  tokens = float(s.tokens) if s.tokens else 100.0 * n
-  n_layers = int(s.n_layers or ref.n_layers)
-  d_head = int(s.d_head or ref.d_head)
-  gqa = int(s.gqa or ref.gqa)
-  if d_head % 2:
-    raise ValueError(f"search.d_head must be even (rotary embeddings), got {d_head}")
-  r_range = tuple(float(v) for v in s.r_range)
-  width_range = tuple(float(v) for v in s.width_range)
-  if len(r_range) != 2 or not 0 < r_range[0] < r_range[1]:
-    raise ValueError(f"search.r_range must be (low, high) with 0 < low < high, got {s.r_range}")
-  if len(width_range) != 2 or not 0 < width_range[0] <= 1 <= width_range[1]:
-    raise ValueError(f"search.width_range must be (low <= 1, high >= 1), got {s.width_range}")
-  if s.patience < 1:
-    raise ValueError(f"search.patience must be >= 1, got {s.patience}")
-  budget = Budget(n, tokens, n_layers, d_head,
-                  tuple((k, getattr(ref, k)) for k in FIXED_FIELDS))
-  space = Space(_positive(config, "d_model_multiple"), _positive(config, "d_ff_multiple"),
-                r_range, _positive(config, "n_tolerance", float))
-  scenario = Scenario(_positive(config, "batch_size"), _positive(config, "input_len"),
-                      _positive(config, "output_len"), _positive(config, "dtype_bytes"))
+  budget = Budget(n, float(s.tokens) if s.tokens else 100.0 * n, int(s.n_layers or ref.n_layers),
+                  int(s.d_head or ref.d_head), tuple((k, getattr(ref, k)) for k in FIXED_FIELDS))
+  space = Space(s.d_model_multiple, s.d_ff_multiple, tuple(float(v) for v in s.r_range),
+                float(s.n_tolerance))
+  scenario = Scenario(s.batch_size, s.input_len, s.output_len, s.dtype_bytes)
   return {"target_value": target_value, "baseline_name": baseline_name, "baseline": baseline,
-          "budget": budget, "space": space, "scenario": scenario, "gqa": gqa,
-          "width_range": width_range}
+          "budget": budget, "space": space, "scenario": scenario, "gqa": int(s.gqa or ref.gqa),
+          "width_range": tuple(float(v) for v in s.width_range)}
 
 
 def _law_optimum(law: Any) -> float | None:
@@ -591,6 +566,7 @@ def _law_optimum(law: Any) -> float | None:
 def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   """`--mode=search`: Algorithm 1 on the config; writes search.json, pareto.png and the configs."""
   workdir = pathlib.Path(workdir)
+  s = SearchConfig.from_config(config)
   inputs = resolve(config)
   budget, space, scenario = inputs["budget"], inputs["space"], inputs["scenario"]
   baseline = inputs["baseline"]
@@ -599,13 +575,17 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   units = loss_units(law)
   if inputs["target_value"] is not None:
     target = inputs["target_value"]
+    if target <= 0 and units != "offset":
+      raise ValueError(f"search.target={s.target!r}: a {units} target must be positive (the law "
+                       f"{law_path} predicts {units}s); give the loss to reach, or "
+                       "'baseline:<architecture>'")
   else:  # The baseline's shape (x, r) at the search's N and D.
     target = float(np.asarray(law.predict(
         np.array([budget.n_nonembed]), np.array([budget.tokens]),
         np.array([baseline.d_over_sqrt_n]), np.array([baseline.mlp_attn_ratio]))).ravel()[0])
   if not math.isfinite(target):
     raise ValueError(f"search.target: the law predicts a non-finite loss ({target}) for "
-                     f"{config.search.target}; check search.law")
+                     f"{s.target}; check search.law")
   optimum = _law_optimum(law)
   centers = [c for c in (optimum, baseline.d_over_sqrt_n if baseline else None) if c]
   if not centers:
@@ -615,11 +595,9 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   logging.info("search: N=%.4g D=%.4g L=%d d_head=%d, d_model %d..%d, target %.5g (%s), %s",
                budget.n_nonembed, budget.tokens, budget.n_layers, budget.d_head, d_models[0],
                d_models[-1], target, units, source.name)
-  max_measure = int(config.search.max_measure)
-  result = search(law, budget, space, target, source, d_models, inputs["gqa"],
-                  int(config.search.patience), int(config.search.top_k),
-                  int(config.search.get("gqa_max", 0)), baseline,
-                  rate_all=source.cheap, max_rated=0 if source.cheap else max_measure)
+  result = search(law, budget, space, target, source, d_models, inputs["gqa"], s.patience,
+                  s.top_k, s.gqa_max, baseline, rate_all=source.cheap,
+                  max_rated=0 if source.cheap else s.max_measure)
   out = result.to_json()
   out.update({
       "budget": {"n_nonembed": budget.n_nonembed, "tokens": budget.tokens,
@@ -629,7 +607,7 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "scenario": {**dataclasses.asdict(scenario), "throughput": source.name,
                    "accelerator": getattr(source, "accelerator", None),
                    "calibration": getattr(source, "calibration", None)},
-      "target_spec": str(config.search.target),
+      "target_spec": str(s.target),
       "law": {"path": law_path, "form": getattr(law, "form", None),
               "optimum": optimum and {"d_over_sqrt_n": optimum,
                                       "r": _law_optimum_r(law)}},

@@ -22,7 +22,7 @@ row, torn lines skipped by readers), so concurrent sweeps and crashes never corr
 Rows with status "finished" are final: rerunning the sweep skips their runs. Rows with status
 "failed" (an exception or a non-zero exit, with the error) or "preempted" are retried on the next
 run unless `sweep.retry_failed` is off. A run being trained by another process holds
-`runs/<run_id>/.lock` and is skipped.
+`runs/<run_id>/.sweep.lock` (and its trainer `runs/<run_id>/.lock`) and is skipped.
 
 Row fields (what `archscale.law` reads): `params_nonembed`, `tokens` (tokens actually trained),
 `loss`, every ArchSpec field, `mlp_attn_ratio`, `d_over_sqrt_n`, `gqa`, plus `run_id`, `status`,
@@ -60,8 +60,10 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from archscale import io
-from archscale.arch import ArchSpec
+from archscale import io, settings
+from archscale.arch import ArchSpec, steps_for_tokens
+from archscale.monitor import EXIT_BUSY, EXIT_PREEMPTED
+from archscale.settings import SweepConfig
 
 RESULTS = "results.jsonl"
 PLAN = "sweep_plan.json"
@@ -69,10 +71,6 @@ LAUNCH_COMMANDS = "launch_commands.sh"
 RUNS_DIR = "runs"
 RUN_CONFIG = "run_config.py"
 SWEEP_CONFIG = "sweep_config.py"
-LAUNCHES = ("local", "emit")
-ISOLATIONS = ("process", "none")
-LOSSES = ("eval", "train")
-DESIGNS = ("grid", "cross")
 # ArchSpec fields a sweep takes from the config's model rather than from the grid.
 FIXED_FIELDS = ("vocab_size", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps",
                 "max_seq_len")
@@ -151,8 +149,8 @@ def parse_scales(value: Any, model: Any) -> list[Scale]:
   return scales
 
 
-def _grid(config: Any, name: str, cast: Callable[[Any], Any]) -> list[Any]:
-  value = config.sweep[name]
+def _grid(s: SweepConfig, name: str, cast: Callable[[Any], Any]) -> list[Any]:
+  value = getattr(s, name)
   items = [v for v in str(value).split(",") if v.strip()] if isinstance(value, str) else value
   try:
     out = [cast(v) for v in items]
@@ -169,39 +167,6 @@ def _positive_int(value: Any, field: str) -> int:
   return int(value)
 
 
-def d_ff_for_budget(n_nonembed: float, d_model: int, n_layers: int, d_head: int, n_heads: int,
-                    n_kv_heads: int, multiple: int) -> int | None:
-  """The d_ff (a multiple of `multiple`) that brings N closest to `n_nonembed`, or None.
-
-  N = L (attention + 3 d_model d_ff + 2 d_model) + d_model is linear in d_ff, so the nearest
-  multiple to the exact fill is the closest N. None when not even one multiple fits.
-  """
-  attention = d_model * d_head * 2 * (n_heads + n_kv_heads)
-  rest = n_nonembed - d_model - n_layers * (attention + 2 * d_model)
-  units = round(rest / (3 * d_model * n_layers * multiple))
-  return units * multiple if units >= 1 else None
-
-
-# The data.* fields `data.prepare` reads: they decide the tokens and the held-out split.
-DATA_PREPARE_FIELDS = ("source", "text_field", "text_docs", "tokenizer", "eos_token",
-                       "bpe_vocab_size", "eval_fraction")
-# Settings that change what a run learns or the held-out text it is measured on; bookkeeping
-# (logging, eval and checkpoint cadence) and where the data sits on disk are left out, so they
-# can change without retraining.
-_RECIPE_FIELDS = {
-    "data": DATA_PREPARE_FIELDS + ("seq_len",),
-    "train": ("global_batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "schedule",
-              "decay_fraction", "weight_decay", "b1", "b2", "eps", "grad_clip", "z_loss"),
-    "compute": ("dtype", "param_dtype"),
-}
-
-
-def training_recipe(config: Any) -> dict[str, Any]:
-  """The config fields a finished run's result depends on (besides its spec, tokens and seed)."""
-  return {section: {f: config[section].get(f) for f in fields}
-          for section, fields in _RECIPE_FIELDS.items()}
-
-
 def run_id(spec: ArchSpec, tokens: int, seed: int, recipe: dict[str, Any] | None = None) -> str:
   """A stable, readable id: the main dimensions plus a hash of (spec, tokens, seed, recipe).
 
@@ -215,9 +180,8 @@ def run_id(spec: ArchSpec, tokens: int, seed: int, recipe: dict[str, Any] | None
           f"-{digest}")
 
 
-def tokens_for(config: Any, n_nonembed: float) -> int:
+def tokens_for(s: SweepConfig, n_nonembed: float) -> int:
   """Tokens per run at this N: `sweep.tokens`, else `sweep.tokens_per_param` x N."""
-  s = config.sweep
   if s.tokens:
     return int(parse_count(s.tokens, "sweep.tokens"))
   if not (s.tokens_per_param > 0):
@@ -226,83 +190,62 @@ def tokens_for(config: Any, n_nonembed: float) -> int:
   return int(round(s.tokens_per_param * n_nonembed))
 
 
-def validate(config: Any) -> None:
-  """Raises ValueError naming the sweep field before anything is built or trained."""
-  s = config.sweep
-  if s.launch not in LAUNCHES:
-    raise ValueError(f"sweep.launch must be one of {LAUNCHES}, got {s.launch!r}")
-  if s.isolation not in ISOLATIONS:
-    raise ValueError(f"sweep.isolation must be one of {ISOLATIONS}, got {s.isolation!r}")
-  if s.design not in DESIGNS:
-    raise ValueError(f"sweep.design must be one of {DESIGNS}, got {s.design!r}")
-  if s.loss not in LOSSES:
-    raise ValueError(f"sweep.loss must be one of {LOSSES}, got {s.loss!r}")
-  for name in ("n_tolerance", "r_tolerance"):
-    if not (s[name] > 0):
-      raise ValueError(f"sweep.{name} must be positive, got {s[name]!r}")
-  _positive_int(s.d_model_multiple, "sweep.d_model_multiple")
-  _positive_int(s.d_ff_multiple, "sweep.d_ff_multiple")
+def _grid_points(s: SweepConfig) -> list[tuple[float, float, int]]:
+  """The (d_over_sqrt_n, r, gqa) points of the design."""
+  xs = _grid(s, "d_over_sqrt_n", float)
+  rs = _grid(s, "r", float)
+  gqas = _grid(s, "gqa", lambda v: _positive_int(float(v), "sweep.gqa"))
+  if s.design == "grid":
+    return [(x, r, g) for x in xs for r in rs for g in gqas]
+  # cross: one factor at a time through the middle of each grid, as the U-curves are drawn
+  x0, r0, g0 = (sorted(v)[(len(v) - 1) // 2] for v in (xs, rs, gqas))
+  return list(dict.fromkeys([(x, r0, g0) for x in xs] + [(x0, r, g0) for r in rs]
+                            + [(x0, r0, g) for g in gqas]))
+
+
+def _build_point(s: SweepConfig, scale: Scale, x: float, r: float, g: int,
+                 fixed: dict[str, Any]) -> tuple[ArchSpec | None, dict[str, Any]]:
+  """The spec of one grid point at one scale, or (None, why it was dropped)."""
+  point = {"n_nonembed": scale.n_nonembed, "n_layers": scale.n_layers, "d_head": scale.d_head,
+           "d_over_sqrt_n": x, "r": r, "gqa": g}
+  try:
+    spec, _ = ArchSpec.from_budget(
+        scale.n_nonembed, x, r, g, scale.n_layers, scale.d_head,
+        d_model_multiple=int(s.d_model_multiple), d_ff_multiple=int(s.d_ff_multiple), **fixed)
+  except ValueError as e:
+    return None, {**point, "reason": f"infeasible: {e}"}
+  spec = spec.refilled(scale.n_nonembed, r, int(s.d_ff_multiple), r_tolerance=s.r_tolerance,
+                       n_tolerance=s.n_tolerance)
+  achieved = {"n_nonembed": spec.params_nonembed, "d_over_sqrt_n": spec.d_over_sqrt_n,
+              "r": spec.mlp_attn_ratio, "gqa": spec.gqa}
+  n_error, r_error = spec.params_nonembed / scale.n_nonembed - 1, spec.mlp_attn_ratio / r - 1
+  if abs(n_error) > s.n_tolerance:
+    return None, {**point, "reason": (
+        f"N off budget by {n_error:+.1%} (sweep.n_tolerance={s.n_tolerance})"),
+        "achieved": achieved}
+  if abs(r_error) > s.r_tolerance:
+    return None, {**point, "reason": (
+        f"r off by {r_error:+.1%} after rounding heads and d_ff (sweep.r_tolerance="
+        f"{s.r_tolerance})"), "achieved": achieved}
+  return spec, point
 
 
 def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
   """The runs of the sweep and the grid points dropped (each with a `reason`)."""
-  validate(config)
-  s = config.sweep
+  s = SweepConfig.from_config(config)
   scales = parse_scales(s.scales, config.model)
-  xs = _grid(config, "d_over_sqrt_n", float)
-  rs = _grid(config, "r", float)
-  gqas = _grid(config, "gqa", lambda v: _positive_int(float(v), "sweep.gqa"))
+  points = _grid_points(s)
   fixed = {k: config.model[k] for k in FIXED_FIELDS}
-  recipe = training_recipe(config)
-  if s.design == "grid":
-    points = [(x, r, g) for x in xs for r in rs for g in gqas]
-  else:  # cross: one factor at a time through the middle of each grid, as the U-curves are drawn
-    x0, r0, g0 = (sorted(v)[(len(v) - 1) // 2] for v in (xs, rs, gqas))
-    points = list(dict.fromkeys([(x, r0, g0) for x in xs] + [(x0, r, g0) for r in rs]
-                                + [(x0, r0, g) for g in gqas]))
+  recipe = settings.training_recipe(config)
   runs: list[Run] = []
   dropped: list[dict[str, Any]] = []
   seen: dict[str, dict[str, Any]] = {}
   for scale in scales:
-    tokens = tokens_for(config, scale.n_nonembed)
+    tokens = tokens_for(s, scale.n_nonembed)
     for x, r, g in points:
-      point = {"n_nonembed": scale.n_nonembed, "n_layers": scale.n_layers,
-               "d_head": scale.d_head, "d_over_sqrt_n": x, "r": r, "gqa": g}
-      try:
-        spec, report = ArchSpec.from_budget(
-            scale.n_nonembed, x, r, g, scale.n_layers, scale.d_head,
-            d_model_multiple=int(s.d_model_multiple), d_ff_multiple=int(s.d_ff_multiple),
-            **fixed)
-      except ValueError as e:
-        dropped.append({**point, "reason": f"infeasible: {e}"})
-        continue
-      err = report["rel_error"]
-      # from_budget trades N against r. N should win: rows of a scale share one L_opt, while r
-      # enters the fit as each run's realised value. So refill d_ff to the budget when that
-      # brings N closer and keeps r within its tolerance.
-      d_ff = d_ff_for_budget(scale.n_nonembed, spec.d_model, spec.n_layers, spec.d_head,
-                             spec.n_heads, spec.n_kv_heads, int(s.d_ff_multiple))
-      if d_ff is not None and d_ff != spec.d_ff:
-        refilled = spec.replace(d_ff=d_ff)
-        refilled_err = {"n_nonembed": refilled.params_nonembed / scale.n_nonembed - 1,
-                        "r": refilled.mlp_attn_ratio / r - 1}
-        if (abs(refilled_err["n_nonembed"]) < abs(err["n_nonembed"])
-            and (abs(refilled_err["r"]) <= s.r_tolerance
-                 or abs(err["n_nonembed"]) > s.n_tolerance)):
-          spec, err = refilled, refilled_err
-          report = {**report, "achieved": {**report["achieved"],
-                                           "n_nonembed": spec.params_nonembed,
-                                           "d_over_sqrt_n": spec.d_over_sqrt_n,
-                                           "r": spec.mlp_attn_ratio}}
-      if abs(err["n_nonembed"]) > s.n_tolerance:
-        dropped.append({**point, "reason": (
-            f"N off budget by {err['n_nonembed']:+.1%} (sweep.n_tolerance="
-            f"{s.n_tolerance})"), "achieved": report["achieved"]})
-        continue
-      if abs(err["r"]) > s.r_tolerance:
-        dropped.append({**point, "reason": (
-            f"r off by {err['r']:+.1%} after rounding heads and d_ff (sweep.r_tolerance="
-            f"{s.r_tolerance})"), "achieved": report["achieved"]})
+      spec, point = _build_point(s, scale, x, r, g, fixed)
+      if spec is None:
+        dropped.append(point)
         continue
       rid = run_id(spec, tokens, config.seed, recipe)
       if rid in seen:
@@ -418,12 +361,6 @@ def _indent(text: str, n: int) -> str:
   return "".join(" " * n + line + "\n" for line in text.splitlines())
 
 
-def train_steps(tokens: int, config: Any) -> int:
-  """Steps that cover `tokens` at the config's global batch and sequence length (rounded up)."""
-  per_step = int(config.train.global_batch_size) * int(config.data.seq_len)
-  return max(1, math.ceil(tokens / per_step))
-
-
 def run_config(config: Any, run: Run, data_path: str | os.PathLike) -> ml_collections.ConfigDict:
   """The training config of one run: the sweep's config with the run's model, steps and data."""
   c = config.copy_and_resolve_references()
@@ -431,7 +368,8 @@ def run_config(config: Any, run: Run, data_path: str | os.PathLike) -> ml_collec
   c.mode = "train"
   for key, value in run.spec.to_dict().items():
     c.model[key] = value
-  c.train.steps = train_steps(run.tokens, config)
+  c.train.steps = steps_for_tokens(
+      run.tokens, int(config.train.global_batch_size) * int(config.data.seq_len))
   c.data.path = str(data_path)
   c.sweep.only = ""
   return c
@@ -461,7 +399,8 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -
   """Trains one run in a fresh `python -m archscale.main --mode=train` process.
 
   Output goes to `run_dir/train.log`. Raises RuntimeError (with the log's tail) when the process
-  fails; returns the summary (status "preempted" when it stopped without one).
+  fails and io.WorkdirBusy when another trainer holds the run; returns the summary (status
+  "preempted" when the trainer exited with `monitor.EXIT_PREEMPTED`).
   """
   run_dir.mkdir(parents=True, exist_ok=True)
   config_path = write_config_py(run_dir / RUN_CONFIG, cfg,
@@ -475,13 +414,14 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -
     rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
                         env={**os.environ, "PYTHONUNBUFFERED": "1"},
                         preexec_fn=_die_with_parent).returncode
+  if rc == EXIT_PREEMPTED:
+    return {"status": "preempted"}
+  if rc == EXIT_BUSY:
+    raise io.WorkdirBusy(f"{run_dir} is held by another trainer")
   if rc != 0:
     raise RuntimeError(f"training exited with status {rc}; the end of {log_path}:\n"
                        f"{_tail(log_path)}")
-  summary_path = run_dir / "summary.json"
-  if not summary_path.exists():
-    return {"status": "preempted"}
-  return json.loads(summary_path.read_text())
+  return json.loads((run_dir / "summary.json").read_text())
 
 
 def train_in_process(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict[str, Any]:
@@ -495,9 +435,13 @@ def train_in_process(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> d
 
 @contextlib.contextmanager
 def run_lock(run_dir: pathlib.Path) -> Iterator[bool]:
-  """Holds `run_dir/.lock` exclusively; yields False (without waiting) when another process does."""
+  """Holds `run_dir/.sweep.lock`; yields False (without waiting) when another sweep does.
+
+  The trainer holds its own lock (`io.WorkdirLock`) as well, so a trainer left running by a sweep
+  that died cannot be joined by a second one.
+  """
   run_dir.mkdir(parents=True, exist_ok=True)
-  fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+  fd = os.open(run_dir / ".sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -527,12 +471,16 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
     start = time.time()
     try:
       summary = trainer(cfg, run_dir)
+    except io.WorkdirBusy:
+      logging.info("sweep: %s is being trained by another process; skipping", run.run_id)
+      return None
     except Exception as e:  # noqa: BLE001 - any failure of one run is recorded, not fatal.
       err = "".join(traceback.format_exception_only(type(e), e)).strip()
       row = failed_row(run, "failed", err, cfg, time.time() - start)
     else:
       if summary.get("status") == "finished":
-        row = finished_row(run, summary, cfg, config.sweep.loss, time.time() - start)
+        row = finished_row(run, summary, cfg, SweepConfig.from_config(config).loss,
+                           time.time() - start)
       else:
         row = failed_row(run, str(summary.get("status", "failed")),
                          "training stopped before the last step; rerun the sweep to resume",
@@ -612,6 +560,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   """
   workdir = pathlib.Path(workdir)
   say = progress or (lambda msg: logging.info("%s", msg))
+  s = SweepConfig.from_config(config)
   runs, dropped = plan(config)
   if not runs:
     reasons = sorted({d["reason"].split(":")[0] for d in dropped})
@@ -627,14 +576,14 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
       f"{len(dropped)} grid points dropped (see {workdir / PLAN})")
 
   data_path = _data_path(config, workdir)
-  if config.sweep.launch == "emit":
+  if s.launch == "emit":
     path = emit_commands(config, workdir, runs, data_path)
     say(f"sweep: wrote {len(runs)} launch commands to {path}")
     return {"planned": len(runs), "dropped": len(dropped), "emitted": len(runs)}
 
-  selected = _selected(runs, config.sweep.only)
+  selected = _selected(runs, s.only)
   if trainer is None:
-    trainer = train_in_subprocess if config.sweep.isolation == "process" else train_in_process
+    trainer = train_in_subprocess if s.isolation == "process" else train_in_process
   table = results_path(workdir)
   counts = {"planned": len(runs), "dropped": len(dropped), "finished": 0, "failed": 0,
             "skipped": 0}
@@ -645,7 +594,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
     if prior.get("status") == "finished":
       counts["finished"] += 1
       continue
-    if prior and not config.sweep.retry_failed:
+    if prior and not s.retry_failed:
       say(f"sweep: [{i}/{len(selected)}] {run.run_id} {prior['status']} before; not retried "
           "(sweep.retry_failed=False)")
       counts["failed"] += 1

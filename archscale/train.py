@@ -32,13 +32,11 @@ half the full square) and the dense bf16 peak of `costmodel.ACCELERATORS`; null 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
 import pathlib
-import signal
-import threading
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,16 +46,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from archscale import costmodel, io, sharding
+from archscale import checkpoint, costmodel, io, monitor, settings, sharding
 from archscale import loss as loss_lib
 from archscale import model as model_lib
 from archscale.arch import ArchSpec
+from archscale.settings import DataConfig, TrainConfig
 
-SCHEDULES = ("cosine", "wsd", "constant")
 FINAL_LOSS_FRACTION = 0.02  # final_train_loss = mean loss over the last 2% of steps (at least 1)
 
 def peak_flops(device_kind: str) -> float | None:
@@ -225,47 +222,14 @@ def _check(cond: bool, message: str) -> None:
     raise ValueError(message)
 
 
-def validate_train_config(config: Any) -> None:
-  """Checks `train.*` and the data/model fields that need no devices or files."""
-  t = config.train
-  for name in ("steps", "global_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-    value = t[name]
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-           f"train.{name} must be a positive integer, got {value!r}")
-  for name in ("warmup_steps", "eval_every", "checkpoint_every", "eval_batches"):
-    value = t[name]
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-           f"train.{name} must be a non-negative integer (0 = off), got {value!r}")
-  _check(t.lr > 0 and math.isfinite(t.lr), f"train.lr must be a positive number, got {t.lr!r}")
-  _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-  _check(t.schedule in SCHEDULES, f"train.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
-  _check(0 < t.decay_fraction <= 1,
-         f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
-  _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-  for name in ("b1", "b2"):
-    _check(0 <= t[name] < 1, f"train.{name} must be in [0, 1), got {t[name]}")
-  _check(t.eps > 0, f"train.eps must be positive, got {t.eps}")
-  _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
-  _check(t.z_loss >= 0, f"train.z_loss must be >= 0 (0 = off), got {t.z_loss}")
-  _check(isinstance(t.loss_chunk, int) and not isinstance(t.loss_chunk, bool)
-         and t.loss_chunk >= 0,
-         f"train.loss_chunk must be a non-negative integer (positions per chunk of the fused "
-         f"head + loss; 0 = full logits), got {t.loss_chunk!r}")
-  _check(t.global_batch_size % t.grad_accum == 0,
-         f"train.global_batch_size={t.global_batch_size} must be divisible by "
-         f"train.grad_accum={t.grad_accum}")
-  seq_len = config.data.seq_len
-  _check(isinstance(seq_len, int) and seq_len >= 1,
-         f"data.seq_len must be a positive integer, got {seq_len!r}")
+def validate(config: Any) -> TrainConfig:
+  """The typed train section, after the checks that span sections (needing no devices or files)."""
+  t = TrainConfig.from_config(config)
+  seq_len = DataConfig.from_config(config).seq_len
   _check(seq_len <= config.model.max_seq_len,
          f"data.seq_len={seq_len} exceeds model.max_seq_len={config.model.max_seq_len}; lower "
          "data.seq_len or raise model.max_seq_len")
-  if t.tensorboard:
-    try:
-      import tensorboard  # noqa: F401
-    except ImportError as e:
-      raise ValueError("train.tensorboard=True needs the tensorboard package; install it or "
-                       "set train.tensorboard=False") from e
+  return t
 
 
 def _dataset_info(config: Any) -> dict[str, Any]:
@@ -308,13 +272,12 @@ def build(config: Any, with_data: bool = True) -> Setup:
 
   `with_data=False` skips the dataset (for benchmarks that feed synthetic tokens).
   """
-  validate_train_config(config)
+  t = validate(config)
   spec = ArchSpec.from_config(config)
   options = model_lib.ModelOptions.from_config(config)
   info = _dataset_info(config) if with_data else {}
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.parse_rules(config.mesh.get("rules", ""))
-  t = config.train
   ways = sharding.batch_parallelism(mesh, rules)
   micro = t.global_batch_size // t.grad_accum
   if micro % ways:
@@ -425,56 +388,13 @@ class BatchSource:
     return jax.make_array_from_process_local_data(self.sharding, local, self.shape)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-class Checkpoints:
-  """orbax CheckpointManager holding {"state": train state, "meta": JSON running totals}.
-
-  Saves every `train.checkpoint_every` steps (0: only at the end and on preemption), keeps the
-  last `train.keep_checkpoints`, writes asynchronously when `train.async_checkpoint`, and is
-  atomic: an interrupted save leaves only a temporary directory that is never restored from. The
-  save decision is made here, not by orbax, so that it depends on the step alone.
-  """
-
-  def __init__(self, directory: pathlib.Path, train_cfg: Any):
-    self.every = train_cfg.checkpoint_every
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=train_cfg.keep_checkpoints, create=True,
-        enable_async_checkpointing=bool(train_cfg.get("async_checkpoint", True)))
-    self.manager = ocp.CheckpointManager(directory.resolve(), options=options)
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def should_save(self, step: int) -> bool:
-    return bool(self.every) and step % self.every == 0
-
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    # A copy: an async save serialises `meta` later, while the loop keeps updating the original.
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              meta=ocp.args.JsonSave(copy.deepcopy(meta)))
-    self.manager.save(step, args=args, force=True)
-
-  def restore_meta(self, step: int) -> dict[str, Any]:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-  def restore(self, step: int, abstract_state: Any) -> Any:
-    """The state at `step`, laid out as `abstract_state`'s shardings (any mesh, any devices)."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    return self.manager.restore(step, args=args)["state"]
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.close()
+# ----------------------------------------------------------------------------- the run
 
 
 def load_checkpoint(workdir: str | pathlib.Path, config: Any, step: int | None = None) -> Any:
   """The train state saved in `workdir` (latest step by default), sharded for this config's mesh."""
   setup = build(config)
-  ckpt = Checkpoints(pathlib.Path(workdir) / "checkpoints", config.train)
+  ckpt = checkpoint.Checkpoints(pathlib.Path(workdir) / "checkpoints", config.train)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -482,75 +402,6 @@ def load_checkpoint(workdir: str | pathlib.Path, config: Any, step: int | None =
     return ckpt.restore(step, setup.abstract_state)
   finally:
     ckpt.close()
-
-
-# -------------------------------------------------------------------------------- metrics
-
-
-class _TensorBoard:
-  """Scalar summaries as TensorBoard event files (tensorboard package only, no TensorFlow)."""
-
-  def __init__(self, logdir: pathlib.Path):
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-    self._event, self._summary = Event, Summary
-    self._writer = EventFileWriter(str(logdir))
-
-  def scalars(self, step: int, values: dict[str, Any]) -> None:
-    summary = self._summary(value=[self._summary.Value(tag=k, simple_value=float(v))
-                                   for k, v in values.items()
-                                   if k != "step" and isinstance(v, (int, float))])
-    self._writer.add_event(self._event(wall_time=time.time(), step=step, summary=summary))
-
-  def close(self) -> None:
-    self._writer.close()
-
-
-class _Preemption:
-  """Whether the run should checkpoint and stop now.
-
-  One process: a SIGTERM handler sets a flag (checked at step boundaries). Several processes:
-  JAX's preemption service (which catches SIGTERM) agrees on one step for all of them, about a
-  second after the notice on localhost, so the stop may land a few steps later.
-  """
-
-  def __init__(self):
-    self.flag = threading.Event()
-    self._previous = None
-    self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
-
-  def requested(self, step: int) -> bool:
-    if self._multi:
-      from jax.experimental import multihost_utils
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:
-        return False
-    return self.flag.is_set()
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-
-def _fmt_duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-  """Drops rows past `last_step` (written before an interruption; those steps are rerun)."""
-  if not path.exists():
-    return
-  rows = list(io.read_jsonl(path))
-  kept = [r for r in rows if r.get("step", 0) <= last_step]
-  if len(kept) != len(rows):
-    io.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ------------------------------------------------------------------------------------ train
@@ -563,269 +414,331 @@ def train(config: Any, workdir: str | pathlib.Path,
   `step_callback(step, metrics)` runs on every process after each step's metrics reach the host
   (one step late). A SIGTERM checkpoints and returns a summary with status "preempted" (no
   summary.json); a non-finite loss raises FloatingPointError, keeping the last good checkpoint.
+  A workdir whose checkpoint or summary was made under another recipe is refused (ValueError);
+  one held by a live trainer raises `io.WorkdirBusy`.
   """
   wall_start = time.time()
-  workdir = pathlib.Path(workdir)
+  workdir = io.make_dir(workdir, "--workdir")
   sharding.initialize_distributed(config.distributed)
   logging.info("%s", sharding.describe_topology())
   setup = build(config)
-  t = config.train
   is_main = jax.process_index() == 0
   logging.info("mesh: %s", " x ".join(f"{a}={n}" for a, n in setup.mesh.shape.items()))
+  lock = io.WorkdirLock(workdir)
+  if is_main:
+    lock.acquire()
+  preempt = monitor.Preemption(multi_process=jax.process_count() > 1)
+  try:
+    return _train_session(config, workdir, setup, preempt, step_callback, wall_start)
+  except monitor.Preempted:
+    logging.warning("train: stopped by SIGTERM before the first step; rerun to start or resume")
+    return {"status": "preempted", "steps": None}
+  finally:
+    preempt.close()
+    lock.release()
 
-  finished = _finished_summary(workdir, config, setup.spec)
+
+def _train_session(config, workdir, setup, preempt, step_callback, wall_start) -> dict[str, Any]:
+  """Restore or initialise, compile, run the loop, then write the summary."""
+  t = TrainConfig.from_config(config)
+  recipe = run_recipe(config, setup.spec)
+  finished = _finished_summary(workdir, t, recipe)
   if finished is not None:
     logging.info("train: %s already finished %d steps; returning its summary", workdir, t.steps)
     return finished
-
   n_total = model_lib.count_params(setup.abstract_state["params"])
-  n_embed = setup.spec.params_embedding
   logging.info("params: %s total, %s embedding, %s non-embedding (ArchSpec: %s non-embedding)",
-               f"{n_total:,}", f"{n_embed:,}", f"{n_total - n_embed:,}",
-               f"{setup.spec.params_nonembed:,}")
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    io.write_json_atomic(workdir / "config.json", io.provenance(config))
-
-  ckpt = Checkpoints(workdir / "checkpoints", t)
-  preempt = _Preemption()
-  tb = _TensorBoard(workdir / "tensorboard") if t.tensorboard and is_main else None
-  try:
-    return _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_start,
-                       n_total)
-  finally:
-    preempt.close()
-    if tb is not None:
-      tb.close()
-    ckpt.close()
-
-
-def _finished_summary(workdir: pathlib.Path, config: Any, spec: ArchSpec) -> dict | None:
-  path = workdir / "summary.json"
-  if not path.exists():
-    return None
-  summary = json.loads(path.read_text())
-  if summary.get("steps") == config.train.steps and summary.get("arch") == spec.to_dict():
-    return summary
-  return None
-
-
-def _train_loop(config, workdir, setup, ckpt, preempt, tb, step_callback, wall_start, n_total):
-  t = config.train
+               f"{n_total:,}", f"{setup.spec.params_embedding:,}",
+               f"{n_total - setup.spec.params_embedding:,}", f"{setup.spec.params_nonembed:,}")
   is_main = jax.process_index() == 0
-  metrics_path = workdir / "metrics.jsonl"
-  flops_per_token = setup.spec.train_flops_per_token(setup.seq_len)
-  device_kind = jax.devices()[0].device_kind
-  peak = peak_flops(device_kind)
-  peak_total = peak * jax.device_count() if peak else None
-  tail_start = t.steps - max(1, math.ceil(FINAL_LOSS_FRACTION * t.steps))
-
-  # Restore or initialise. The meta JSON carries running totals across restarts.
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta = ckpt.restore_meta(latest)
-    if meta.get("arch") != setup.spec.to_dict():
-      raise ValueError(f"{workdir} holds checkpoints of a different model (ArchSpec "
-                       f"{meta.get('arch')}); use a new --workdir")
-    # Checkpoints from before timed_peak_flop was kept: their timed seconds ran on these devices.
-    meta.setdefault("timed_peak_flop", meta["train_s"] * peak_total if peak_total else None)
-    state = ckpt.restore(latest, setup.abstract_state)
-    logging.info("train: resumed from the checkpoint at step %d", latest)
+  ckpt = checkpoint.Checkpoints(workdir / "checkpoints", t)
+  log = monitor.MetricsLog(workdir, t.steps, is_main, t.tensorboard)
+  try:
+    state, meta = _restore_or_init(config, t, setup, ckpt, log, recipe)
     if is_main:
-      _truncate_metrics(metrics_path, latest)
-  else:
-    meta = {"arch": setup.spec.to_dict(), "tail_losses": {}, "train_s": 0.0, "timed_steps": 0,
-            "timed_peak_flop": 0.0, "wall_s": 0.0, "eval_loss": None}
-    if is_main:  # rows of an earlier attempt that failed before its first checkpoint
-      _truncate_metrics(metrics_path, 0)
-    init_start = time.time()
-    state = init_state(setup, config.seed)
-    jax.block_until_ready(state)
-    logging.info("train: initialised the sharded state in %.1fs", time.time() - init_start)
-  start_step = int(jax.device_get(state["step"]))
-
-  compile_start = time.time()
-  step_fn = compile_step(setup, t)
-  eval_fn = compile_eval(setup, t) if t.eval_batches else None
-  compile_s = time.time() - compile_start
-  logging.info("train: compiled in %.1fs; steps %d..%d, %d tokens per step, %.3g FLOPs per token",
-               compile_s, start_step, t.steps, setup.tokens_per_step, flops_per_token)
-
-  train_batches = BatchSource(config, setup, "train")
-  eval_batches = BatchSource(config, setup, "eval") if eval_fn is not None else None
-  epochs = t.steps * t.global_batch_size / train_batches.batches.num_windows
-  if epochs > 1:
-    logging.info("train: %d steps make %.2f passes over the %d training windows", t.steps,
-                 epochs, train_batches.batches.num_windows)
-  if eval_batches is not None:
-    eval_windows = t.eval_batches * t.global_batch_size
-    if eval_windows > eval_batches.batches.num_windows:
-      logging.warning(
-          "train: an eval reads %d windows but the eval split has %d, so it counts some twice; "
-          "lower train.eval_batches or raise data.eval_fraction", eval_windows,
-          eval_batches.batches.num_windows)
-
-  def evaluate(params) -> float:
-    losses = [eval_fn(params, eval_batches(i)) for i in range(t.eval_batches)]
-    return float(np.mean(jax.device_get(losses)))
-
-  session_start = time.time()
-  meta_wall_base = meta["wall_s"]
-  window = {"t": None, "step": None}  # start of the current timing window
-  last_good: dict[str, Any] = {}
-
-  def log_row(step: int, m: dict[str, float], eval_loss: float | None) -> None:
-    now = time.time()
-    row = {"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"]}
-    if t.z_loss:
-      row["z_loss"] = m["z_loss"]
-    rate = m.get("tokens_per_sec")
-    row.update(tokens_per_sec=rate, step_time_s=m.get("step_time_s"),
-               mfu=rate * flops_per_token / peak_total if rate and peak_total else None,
-               tokens=step * setup.tokens_per_step, elapsed_s=now - session_start)
-    if eval_loss is not None:
-      row["eval_loss"] = eval_loss
-    if is_main:
-      io.append_jsonl(metrics_path, row)
-      if tb is not None:
-        tb.scalars(step, row)
-      eta = (t.steps - step) * m["step_time_s"] if m.get("step_time_s") else None
-      logging.info(
-          "step %d/%d  loss %.4f  gnorm %.3g  lr %.3g  %s tok/s  mfu %s  %s/step  eta %s%s",
-          step, t.steps, m["loss"], m["grad_norm"], m["lr"],
-          f"{rate:,.0f}" if rate else "-", f"{row['mfu']:.1%}" if row["mfu"] else "-",
-          f"{m['step_time_s'] * 1e3:.1f}ms" if m.get("step_time_s") else "-",
-          _fmt_duration(eta) if eta is not None else "-",
-          f"  eval {eval_loss:.4f}" if eval_loss is not None else "")
-
-  def finish_step(step: int, device_metrics: Any) -> dict[str, float]:
-    """Fetches a step's metrics (blocking until it ran), checks them, times and logs them."""
-    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    now = time.time()
-    if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
-      ckpt.wait()
-      good = ckpt.latest_step()
-      raise FloatingPointError(
-          f"non-finite training state at step {step}: loss={m['loss']}, grad_norm="
-          f"{m['grad_norm']}, param_norm={m['param_norm']}. The last good checkpoint is "
-          f"{'step ' + str(good) if good is not None else 'none'} in {workdir / 'checkpoints'} "
-          "(rerunning resumes from it); lower train.lr, lengthen train.warmup_steps or set "
-          "train.grad_clip")
-    if window["t"] is not None and step > window["step"]:
-      dt = now - window["t"]
-      m["step_time_s"] = dt / (step - window["step"])
-      m["tokens_per_sec"] = setup.tokens_per_step / m["step_time_s"]
-      meta["train_s"] += dt
-      meta["timed_steps"] += step - window["step"]
-      # The FLOPs the devices could have done in the window: MFU stays right when a resumed run
-      # has other devices than the sessions before it.
-      if peak_total and meta.get("timed_peak_flop") is not None:
-        meta["timed_peak_flop"] += dt * peak_total
-      else:
-        meta["timed_peak_flop"] = None
-    window.update(t=now, step=step)
-    if step > tail_start:
-      meta["tail_losses"][str(step)] = m["loss"]
-    last_good.update(step=step, metrics=m)
-    if step_callback is not None:
-      step_callback(step, m)
-    return m
-
-  def save(step: int) -> None:
-    meta["wall_s"] = meta_wall_base + time.time() - wall_start
-    ckpt.save(step, state, meta)
-    logging.info("train: checkpoint at step %d", step)
-    window["t"] = None  # the save's host time is not step time
-
-  pending = None  # (step number after it, device metrics) of the step in flight
-  preempted = False
-  step = start_step
-  while step < t.steps:
-    if preempt.requested(step):
-      preempted = True
-      break
-    state, device_metrics = step_fn(state, train_batches(step))
-    if pending is not None:
-      m = finish_step(*pending)
-      if _is_log_step(pending[0], t) and not _is_eval_step(pending[0], t):
-        log_row(pending[0], m, None)
-    step += 1
-    pending = (step, device_metrics)
-    if _is_eval_step(step, t) or ckpt.should_save(step) or step == t.steps:
-      m = finish_step(*pending)
-      pending = None
-      if ckpt.should_save(step) and step < t.steps:
-        # Before the eval: an eval that fails must not cost the checkpoint. Its metadata keeps
-        # the previous eval loss; the final summary's comes from the eval at the last step.
-        save(step)
-      eval_loss = None
-      if _is_eval_step(step, t) and eval_fn is not None:
-        eval_loss = meta["eval_loss"] = evaluate(state["params"])
-        window["t"] = None
-      if _is_log_step(step, t) or eval_loss is not None:
-        log_row(step, m, eval_loss)
-  if pending is not None:
-    m = finish_step(*pending)
-    log_row(pending[0], m, None)
-
-  final_step = int(jax.device_get(state["step"]))
-  if ckpt.latest_step() != final_step:
-    save(final_step)
-  ckpt.wait()
+      io.write_json_atomic(workdir / "config.json", io.provenance(config))
+    session = _Session.start(config, t, workdir, setup, ckpt, log, meta, step_callback,
+                             wall_start)
+    start_step = int(jax.device_get(state["step"]))
+    state, preempted = session.run(state, start_step, preempt)
+    final_step = int(jax.device_get(state["step"]))
+    if ckpt.latest_step() != final_step:
+      session.save(final_step, state)
+    ckpt.wait()
+  finally:
+    log.close()
+    ckpt.close()
   if preempted:
     logging.warning("train: preempted; checkpointed at step %d. Rerun with the same workdir to "
                     "resume.", final_step)
     return {"status": "preempted", "steps": final_step}
-
-  tail = [meta["tail_losses"][k] for k in sorted(meta["tail_losses"], key=int)
-          if int(k) > tail_start]
-  tokens_per_sec = (meta["timed_steps"] * setup.tokens_per_step / meta["train_s"]
-                    if meta["train_s"] > 0 else None)
-  summary = {
-      "status": "finished",
-      "arch": setup.spec.to_dict(),
-      "params_nonembed": setup.spec.params_nonembed,
-      "params_total": n_total,
-      "steps": final_step,
-      "tokens": final_step * setup.tokens_per_step,
-      "epochs": epochs * final_step / t.steps,
-      "seq_len": setup.seq_len,
-      "global_batch_size": t.global_batch_size,
-      "final_train_loss": float(np.mean(tail)) if tail else None,
-      "final_train_loss_steps": len(tail),
-      "eval_loss": meta["eval_loss"],
-      "tokens_per_sec": tokens_per_sec,
-      "mfu": (meta["timed_steps"] * setup.tokens_per_step * flops_per_token
-              / meta["timed_peak_flop"] if meta["timed_steps"] and meta.get("timed_peak_flop")
-              else None),
-      "flops_per_token": flops_per_token,
-      "wall_s": meta_wall_base + time.time() - wall_start,
-      "compile_s": compile_s,
-      "device_kind": device_kind,
-      "device_count": jax.device_count(),
-      "mesh": dict(setup.mesh.shape),
-      "provenance": io.provenance(),
-  }
+  summary = session.summary(final_step, n_total)
   if is_main:
     io.write_json_atomic(workdir / "summary.json", summary)
   logging.info("train: done: final train loss %s, eval loss %s, %s tokens/s",
-               summary["final_train_loss"], summary["eval_loss"], tokens_per_sec)
+               summary["final_train_loss"], summary["eval_loss"], summary["tokens_per_sec"])
   return summary
 
 
-def _is_log_step(step: int, t: Any) -> bool:
+# -------------------------------------------------------------------- restore or initialise
+
+
+def run_recipe(config: Any, spec: ArchSpec) -> dict[str, Any]:
+  """What a run's checkpoints were trained under: its spec, recipe (`settings`) and seed."""
+  return {"arch": spec.to_dict(), **settings.training_recipe(config), "seed": int(config.seed)}
+
+
+def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+  """"section.field: saved -> now" for every field that differs (nested one level)."""
+  changes = []
+  for section in sorted(set(saved) | set(now)):
+    a, b = saved.get(section), now.get(section)
+    if isinstance(a, dict) and isinstance(b, dict):
+      changes += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                  for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    elif a != b:
+      changes.append(f"{section}: {a!r} -> {b!r}")
+  return changes
+
+
+def _check_same_run(saved: dict[str, Any] | None, recipe: dict[str, Any], where: str) -> None:
+  """Refuses to continue a run whose recipe changed; JSON round trips count as equal."""
+  if saved is None:
+    return
+  changes = recipe_changes(saved, json.loads(json.dumps(recipe, default=str)))
+  if changes:
+    raise ValueError(
+        f"{where} was trained under another recipe; changed: {'; '.join(changes)}. Restore "
+        "those values to resume it (only train.steps may change, to extend the run), or train "
+        "in a new --workdir")
+
+
+def _finished_summary(workdir: pathlib.Path, t: TrainConfig,
+                      recipe: dict[str, Any]) -> dict | None:
+  """The summary of a run already trained to `t.steps` under this recipe (None: train on)."""
+  path = workdir / "summary.json"
+  if not path.exists():
+    return None
+  summary = json.loads(path.read_text())
+  _check_same_run(summary.get("recipe"), recipe, f"{workdir} (summary.json)")
+  return summary if summary.get("steps") == t.steps else None
+
+
+def _restore_or_init(config, t, setup, ckpt, log, recipe) -> tuple[Any, dict[str, Any]]:
+  """The state and running totals to start from: the latest checkpoint's, or fresh ones."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    log.truncate(0)  # rows of an earlier attempt that failed before its first checkpoint
+    meta = {"recipe": recipe, "steps_requested": [t.steps], "tail_losses": {}, "train_s": 0.0,
+            "timed_steps": 0, "timed_peak_flop": 0.0, "wall_s": 0.0, "eval_loss": None}
+    init_start = time.time()
+    state = init_state(setup, config.seed)
+    jax.block_until_ready(state)
+    logging.info("train: initialised the sharded state in %.1fs", time.time() - init_start)
+    return state, meta
+  meta = ckpt.restore_meta(latest)
+  if "recipe" not in meta:  # Written before recipes were recorded: only its spec can be checked.
+    logging.warning("train: the checkpoint at step %d records no recipe; only its spec is checked",
+                    latest)
+    meta.update(recipe=dict(recipe, arch=meta["arch"]), steps_requested=[t.steps])
+  _check_same_run(meta["recipe"], recipe, f"the checkpoint at step {latest} in {ckpt.directory}")
+  _check(t.steps >= latest,
+         f"train.steps={t.steps} is below the checkpoint's step {latest}; a run can be extended, "
+         "not shortened: raise train.steps or train in a new --workdir")
+  if meta["steps_requested"][-1] != t.steps:
+    logging.info("train: train.steps changed from %d to %d at step %d",
+                 meta["steps_requested"][-1], t.steps, latest)
+    meta["steps_requested"].append(t.steps)
+  state = ckpt.restore(latest, setup.abstract_state)
+  log.truncate(latest)
+  logging.info("train: resumed from the checkpoint at step %d", latest)
+  return state, meta
+
+
+# -------------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class _Session:
+  """One session of a run: compiled functions, batches, and the totals kept in `meta`."""
+
+  t: TrainConfig
+  workdir: pathlib.Path
+  setup: Setup
+  ckpt: checkpoint.Checkpoints
+  log: monitor.MetricsLog
+  clock: monitor.StepClock
+  meta: dict[str, Any]
+  step_fn: Any
+  eval_fn: Any
+  train_batches: BatchSource
+  eval_batches: BatchSource | None
+  step_callback: Callable[[int, dict[str, float]], None] | None
+  wall_start: float
+  compile_s: float
+
+  @classmethod
+  def start(cls, config, t, workdir, setup, ckpt, log, meta, step_callback, wall_start):
+    """Compiles the step and eval functions and opens the batch sources."""
+    peak = peak_flops(jax.devices()[0].device_kind)
+    clock = monitor.StepClock(meta, setup.tokens_per_step,
+                              setup.spec.train_flops_per_token(setup.seq_len),
+                              peak * jax.device_count() if peak else None)
+    compile_start = time.time()
+    step_fn = compile_step(setup, t)
+    eval_fn = compile_eval(setup, t) if t.eval_batches else None
+    compile_s = time.time() - compile_start
+    logging.info("train: compiled in %.1fs; %d tokens per step, %.3g FLOPs per token", compile_s,
+                 setup.tokens_per_step, clock.flops_per_token)
+    session = cls(t, workdir, setup, ckpt, log, clock, meta, step_fn, eval_fn,
+                  BatchSource(config, setup, "train"),
+                  BatchSource(config, setup, "eval") if eval_fn is not None else None,
+                  step_callback, wall_start - meta["wall_s"], compile_s)
+    session._warn_about_data()
+    return session
+
+  def _warn_about_data(self) -> None:
+    t, windows = self.t, self.train_batches.batches.num_windows
+    if t.steps * t.global_batch_size > windows:
+      logging.info("train: %d steps make %.2f passes over the %d training windows", t.steps,
+                   t.steps * t.global_batch_size / windows, windows)
+    if self.eval_batches is not None:
+      needed, held = t.eval_batches * t.global_batch_size, self.eval_batches.batches.num_windows
+      if needed > held:
+        logging.warning(
+            "train: an eval reads %d windows but the eval split has %d, so it counts some twice; "
+            "lower train.eval_batches or raise data.eval_fraction", needed, held)
+
+  def run(self, state: Any, step: int, preempt: monitor.Preemption) -> tuple[Any, bool]:
+    """Steps until train.steps or a preemption; returns (state, preempted).
+
+    Each step's metrics are fetched while the next step runs, except at boundaries (eval,
+    checkpoint, last step), where the state is needed on the host.
+    """
+    preempt.arm()
+    pending = None  # (step number after it, device metrics) of the step in flight
+    while step < self.t.steps and not preempt.requested(step):
+      state, device_metrics = self.step_fn(state, self.train_batches(step))
+      if pending is not None:
+        self.finish_step(*pending, log=_is_log_step(pending[0], self.t))
+      step += 1
+      pending = (step, device_metrics)
+      if _is_eval_step(step, self.t) or self.ckpt.should_save(step) or step == self.t.steps:
+        self.boundary(step, device_metrics, state)
+        pending = None
+    if pending is not None:
+      self.finish_step(*pending, log=True)
+    return state, step < self.t.steps
+
+  def boundary(self, step: int, device_metrics: Any, state: Any) -> None:
+    """A step whose state is needed: checkpoint, then eval, then log."""
+    m = self.finish_step(step, device_metrics, log=False)
+    if self.ckpt.should_save(step) and step < self.t.steps:
+      # Before the eval: an eval that fails must not cost the checkpoint. Its metadata keeps
+      # the previous eval loss; the final summary's comes from the eval at the last step.
+      self.save(step, state)
+    eval_loss = None
+    if _is_eval_step(step, self.t) and self.eval_fn is not None:
+      eval_loss = self.meta["eval_loss"] = self.evaluate(state["params"])
+      self.clock.pause()
+    if _is_log_step(step, self.t) or eval_loss is not None:
+      self._log(step, m, eval_loss)
+
+  def finish_step(self, step: int, device_metrics: Any, log: bool) -> dict[str, float]:
+    """Fetches a step's metrics (blocking until it ran), checks them, times and logs them."""
+    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
+      self.ckpt.wait()
+      good = self.ckpt.latest_step()
+      raise FloatingPointError(
+          f"non-finite training state at step {step}: loss={m['loss']}, grad_norm="
+          f"{m['grad_norm']}, param_norm={m['param_norm']}. The last good checkpoint is "
+          f"{'step ' + str(good) if good is not None else 'none'} in {self.ckpt.directory} "
+          "(rerunning resumes from it); lower train.lr, lengthen train.warmup_steps or set "
+          "train.grad_clip")
+    m.update(self.clock.tick(step))
+    if step > _tail_start(self.t):
+      self.meta["tail_losses"][str(step)] = m["loss"]
+    if self.step_callback is not None:
+      self.step_callback(step, m)
+    if log:
+      self._log(step, m, None)
+    return m
+
+  def _log(self, step: int, m: dict[str, float], eval_loss: float | None) -> None:
+    row = {"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"]}
+    if self.t.z_loss:
+      row["z_loss"] = m["z_loss"]
+    rate = m.get("tokens_per_sec")
+    row.update(tokens_per_sec=rate, step_time_s=m.get("step_time_s"), mfu=self.clock.mfu(rate),
+               tokens=step * self.setup.tokens_per_step)
+    if eval_loss is not None:
+      row["eval_loss"] = eval_loss
+    self.log.write(row)
+
+  def evaluate(self, params: Any) -> float:
+    losses = [self.eval_fn(params, self.eval_batches(i)) for i in range(self.t.eval_batches)]
+    return float(np.mean(jax.device_get(losses)))
+
+  def save(self, step: int, state: Any) -> None:
+    self.meta["wall_s"] = time.time() - self.wall_start
+    self.ckpt.save(step, state, self.meta)
+    self.clock.pause()  # the save's host time is not step time
+
+  def summary(self, final_step: int, n_total: int) -> dict[str, Any]:
+    """summary.json of a run that reached train.steps."""
+    t, spec, meta = self.t, self.setup.spec, self.meta
+    tail = [meta["tail_losses"][k] for k in sorted(meta["tail_losses"], key=int)
+            if int(k) > _tail_start(t)]
+    device_kind = jax.devices()[0].device_kind
+    return {
+        "status": "finished",
+        "arch": spec.to_dict(),
+        "recipe": meta["recipe"],
+        "params_nonembed": spec.params_nonembed,
+        "params_total": n_total,
+        "steps": final_step,
+        "steps_requested": meta["steps_requested"],
+        "tokens": final_step * self.setup.tokens_per_step,
+        "epochs": final_step * t.global_batch_size / self.train_batches.batches.num_windows,
+        "seq_len": self.setup.seq_len,
+        "global_batch_size": t.global_batch_size,
+        "final_train_loss": float(np.mean(tail)) if tail else None,
+        "final_train_loss_steps": len(tail),
+        "eval_loss": meta["eval_loss"],
+        **self.clock.totals(),
+        "flops_per_token": self.clock.flops_per_token,
+        "wall_s": time.time() - self.wall_start,
+        "compile_s": self.compile_s,
+        "device_kind": device_kind,
+        "device_count": jax.device_count(),
+        "mesh": dict(self.setup.mesh.shape),
+        "provenance": io.provenance(),
+    }
+
+
+def _tail_start(t: TrainConfig) -> int:
+  """final_train_loss averages the steps after this one."""
+  return t.steps - max(1, math.ceil(FINAL_LOSS_FRACTION * t.steps))
+
+
+def _is_log_step(step: int, t: TrainConfig) -> bool:
   return step % t.log_every == 0 or step == t.steps or step == 1
 
 
-def _is_eval_step(step: int, t: Any) -> bool:
+def _is_eval_step(step: int, t: TrainConfig) -> bool:
   return bool(t.eval_batches) and ((t.eval_every and step % t.eval_every == 0)
                                    or step == t.steps)
 
 
 def run_train(config: Any, workdir: pathlib.Path) -> None:
-  """`--mode=train`. With `data.path` empty and `data.source` set, prepares WORKDIR/data first."""
+  """`--mode=train`. With `data.path` empty and `data.source` set, prepares WORKDIR/data first.
+
+  Exits with `monitor.EXIT_PREEMPTED` when the run stopped before its last step (resume it by
+  rerunning) and `monitor.EXIT_BUSY` when another trainer holds the workdir.
+  """
   sharding.initialize_distributed(config.distributed)
-  if not str(config.data.path).strip() and str(config.data.get("source", "")).strip():
+  if not str(config.data.path).strip() and str(config.data.source).strip():
     from archscale import prepare
 
     path = pathlib.Path(workdir) / "data"
@@ -836,4 +749,10 @@ def run_train(config: Any, workdir: pathlib.Path) -> None:
       multihost_utils.sync_global_devices("archscale_prepare_data")
     config = config.copy_and_resolve_references()
     config.data.path = str(path)
-  train(config, workdir)
+  try:
+    summary = train(config, workdir)
+  except io.WorkdirBusy as e:
+    logging.error("train: %s", e)
+    sys.exit(monitor.EXIT_BUSY)
+  if summary["status"] != "finished":
+    sys.exit(monitor.EXIT_PREEMPTED)

@@ -14,7 +14,7 @@ import corpora
 import numpy as np
 import pytest
 
-from archscale import config_lib, data, prepare, sources, tokenizer
+from archscale import config_lib, data, prepare, settings, sources, tokenizer
 
 
 def test_folder_of_text_files_becomes_eos_separated_documents(tmp_path):
@@ -207,6 +207,23 @@ def test_run_prepare_data_uses_config_fields(tmp_path):
   config.data.path = str(tmp_path / "elsewhere")
   with pytest.raises(ValueError, match="data.source"):
     prepare.run_prepare_data(config, workdir)
+
+
+def test_workers_and_partition_are_checked_and_leave_the_run_identity_alone(tmp_path):
+  config = config_lib.make_config("demo")
+  assert (config.data.workers, config.data.partition) == (1, "0/1")
+  base = settings.DataConfig.from_config(config)
+  config.data.workers, config.data.partition = 8, "3/4"
+  tuned = settings.DataConfig.from_config(config)
+  assert tuned.identity() == base.identity() and tuned.prepare_fields == base.prepare_fields
+  assert settings.parse_partition("3/4") == (3, 4)
+  for field, value in [("workers", 0), ("partition", "4/4"), ("partition", "1")]:
+    bad = config_lib.make_config("demo")
+    bad.data[field] = value
+    bad.data.source = "kjv"
+    with pytest.raises(ValueError, match=f"data.{field}"):
+      prepare.run_prepare_data(bad, tmp_path)
+  assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------- division of work

@@ -105,7 +105,7 @@ def test_written_configs_are_accepted_by_train_and_decode_bench(paper_search):
     loaded = config_lib.load_config_file(path)
     spec = ArchSpec.from_config(loaded)
     assert spec.to_dict() == {k: out[name][k] for k in spec.to_dict()}
-    train.validate_train_config(loaded)
+    train.validate(loaded)
     assert loaded.mode == "train"
     tokens = loaded.train.steps * loaded.train.global_batch_size * loaded.data.seq_len
     assert tokens >= 100 * LLAMA.params_nonembed

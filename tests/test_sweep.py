@@ -278,13 +278,14 @@ def test_emit_writes_one_self_contained_command_per_run(dataset, tmp_path):
 
 def test_a_failing_training_process_is_recorded_with_its_error(dataset, tmp_path):
   c = make_config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,))
-  c.train.lr = -1.0  # Training refuses this config: the child process exits non-zero.
+  c.model.max_seq_len = c.data.seq_len // 2  # Training refuses this: the child exits non-zero.
   counts = sweep.run_sweep(c, tmp_path)
   assert counts["failed"] == 1
   (row,) = io.read_jsonl(tmp_path / sweep.RESULTS)
   assert row["status"] == "failed"
-  assert "train.lr must be a positive number" in row["error"]
+  assert f"exceeds model.max_seq_len={c.model.max_seq_len}" in row["error"]
   run_dir = tmp_path / sweep.RUNS_DIR / row["run_id"]
   assert (run_dir / "train.log").exists()
   loaded = config_lib.load_config_file(run_dir / sweep.RUN_CONFIG)
-  assert loaded.model.d_model == row["d_model"] and loaded.train.lr == -1.0
+  assert loaded.model.d_model == row["d_model"]
+  assert loaded.model.max_seq_len == c.model.max_seq_len

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from archscale import config_lib, io, prepare, train
+from archscale import checkpoint, config_lib, io, monitor, prepare, train
 from archscale import data as data_lib
 from archscale import model as model_lib
 
@@ -166,7 +166,7 @@ def test_tensorboard_scalars(tmp_path):
   pytest.importorskip("tensorboard")
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-  writer = train._TensorBoard(tmp_path)
+  writer = monitor._TensorBoard(tmp_path)
   writer.scalars(1, {"step": 1, "loss": 2.5, "mfu": None})
   writer.scalars(2, {"step": 2, "loss": 2.0, "mfu": None})
   writer.close()
@@ -296,7 +296,7 @@ def test_sigterm_checkpoints_then_resumes(reference, tmp_path, monkeypatch):
   monkeypatch.setattr(train, "peak_flops", lambda kind: 1e12)
   result = train.train(config, tmp_path, step_callback=preempt)
   assert result["status"] == "preempted"
-  saved = train.Checkpoints(tmp_path / "checkpoints", config.train)
+  saved = checkpoint.Checkpoints(tmp_path / "checkpoints", config.train)
   first = saved.latest_step()
   assert first in (12, 13)  # the step boundary after the signal
   first_train_s = saved.restore_meta(first)["train_s"]
@@ -308,7 +308,7 @@ def test_sigterm_checkpoints_then_resumes(reference, tmp_path, monkeypatch):
   summary = train.train(config, tmp_path)
   assert summary["final_train_loss"] == reference["summary"]["final_train_loss"]
   # MFU over both sessions: the achieved FLOPs against each session's own peak for its time.
-  saved = train.Checkpoints(tmp_path / "checkpoints", config.train)
+  saved = checkpoint.Checkpoints(tmp_path / "checkpoints", config.train)
   total_train_s = saved.restore_meta(STEPS)["train_s"]
   saved.close()
   achieved = summary["tokens_per_sec"] * summary["flops_per_token"] * total_train_s
@@ -333,7 +333,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
   with pytest.raises(FloatingPointError, match=r"step 7.*last good checkpoint is step 5"):
     train.train(config, tmp_path)
   monkeypatch.undo()
-  saved = train.Checkpoints(tmp_path / "checkpoints", config.train)
+  saved = checkpoint.Checkpoints(tmp_path / "checkpoints", config.train)
   assert saved.manager.all_steps() == [5]
   saved.close()
   params = flat(params_of(tmp_path, config))
@@ -492,7 +492,7 @@ def test_two_processes_match_one_through_a_preemption(reference, cache_dir, tmp_
   workdir = _resume_copy(reference, tmp_path / "run", 20)
   outs = _two_processes(config, workdir, cache_dir, sigterm_at=21)
   assert all("OK preempted" in out for out in outs), outs
-  saved = train.Checkpoints(workdir / "checkpoints", config.train)
+  saved = checkpoint.Checkpoints(workdir / "checkpoints", config.train)
   assert 21 <= saved.latest_step() < STEPS  # both stopped at the agreed step and saved it
   saved.close()
   outs = _two_processes(config, workdir, cache_dir, sigterm_at=0)

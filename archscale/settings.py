@@ -1,0 +1,391 @@
+"""Typed config sections: each mode reads its section of the config through one of these.
+
+Config files (`configs/*.py`) and `--config.section.field=value` overrides stay ml_collections;
+code never reads a section as an untyped dict. `TrainConfig.from_config(config)` builds the frozen
+dataclass, refusing unknown fields, and `__post_init__` checks every value, naming the field and
+the fix. The defaults here are the only ones: `config_lib.make_config` builds its sections from
+them.
+
+Run identity: every field of a section that defines training (`IDENTITY_SECTIONS`) enters a run's
+id unless it is marked `bookkeeping(...)` (logging cadence, checkpoint layout, where data sits),
+so a new training field can never drop out of the hash unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+_BOOKKEEPING = "bookkeeping"
+
+
+def bookkeeping(default: Any) -> Any:
+  """A field that does not change what a run learns, so it is left out of the run id."""
+  return dataclasses.field(default=default, metadata={_BOOKKEEPING: True})
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def check(cond: bool, message: str) -> None:
+  """Raises ValueError(message) unless `cond`."""
+  if not cond:
+    raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+class Section:
+  """Mixin of the typed sections: construction from a config and shared checks."""
+
+  SECTION: ClassVar[str]
+
+  @classmethod
+  def from_config(cls, config: Any) -> Any:
+    """The section `cls.SECTION` of `config` (a ConfigDict or a dict) as a checked dataclass."""
+    section = config[cls.SECTION]
+    values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    check(not unknown, f"{cls.SECTION}: unknown field(s) {unknown}; the fields are {known}")
+    return cls(**values)
+
+  @classmethod
+  def defaults(cls) -> dict[str, Any]:
+    """Every field's default, as `config_lib.make_config` puts them in the ConfigDict."""
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+  def identity(self) -> dict[str, Any]:
+    """The fields that define a trained run (everything not marked `bookkeeping`)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if not f.metadata.get(_BOOKKEEPING)}
+
+  def _field(self, name: str) -> str:
+    return f"{self.SECTION}.{name}"
+
+  def _positive_ints(self, *names: str) -> None:
+    for name in names:
+      value = getattr(self, name)
+      check(_is_int(value) and value >= 1,
+            f"{self._field(name)} must be a positive integer, got {value!r}")
+
+  def _non_negative_ints(self, *names: str, meaning: str = "0 = off") -> None:
+    for name in names:
+      value = getattr(self, name)
+      check(_is_int(value) and value >= 0,
+            f"{self._field(name)} must be a non-negative integer ({meaning}), got {value!r}")
+
+  def _positive_numbers(self, *names: str) -> None:
+    for name in names:
+      value = getattr(self, name)
+      check(_is_number(value) and value > 0,
+            f"{self._field(name)} must be a positive number, got {value!r}")
+
+  def _non_negative_numbers(self, *names: str) -> None:
+    for name in names:
+      value = getattr(self, name)
+      check(_is_number(value) and value >= 0,
+            f"{self._field(name)} must be a number >= 0 (0 = off), got {value!r}")
+
+  def _one_of(self, name: str, choices: Sequence[str]) -> None:
+    value = getattr(self, name)
+    check(value in choices, f"{self._field(name)} must be one of {tuple(choices)}, got {value!r}")
+
+  def _in_range(self, name: str, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    value = getattr(self, name)
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    check(_is_number(value) and above and below,
+          f"{self._field(name)} must be in {interval}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------- training
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+  """`train.*`: optimiser, schedule, evaluation and checkpoints of one run."""
+
+  SECTION: ClassVar[str] = "train"
+
+  steps: int = bookkeeping(200)  # the run's length enters its id as tokens
+  global_batch_size: int = 16
+  grad_accum: int = 1
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 20
+  schedule: str = "cosine"        # cosine | wsd | constant
+  decay_fraction: float = 0.2     # wsd: share of steps spent decaying
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0          # 0 = off
+  z_loss: float = 0.0             # 0 = off
+  loss_chunk: int = bookkeeping(0)  # >0: LM head fused into the loss, this many positions a chunk
+  log_every: int = bookkeeping(10)
+  eval_every: int = bookkeeping(100)
+  eval_batches: int = bookkeeping(4)
+  checkpoint_every: int = bookkeeping(100)
+  keep_checkpoints: int = bookkeeping(2)
+  async_checkpoint: bool = bookkeeping(True)  # write checkpoints in the background
+  tensorboard: bool = bookkeeping(False)
+
+  def __post_init__(self):
+    self._positive_ints("steps", "global_batch_size", "grad_accum", "log_every",
+                        "keep_checkpoints")
+    self._non_negative_ints("warmup_steps", "eval_every", "checkpoint_every", "eval_batches")
+    self._positive_numbers("lr", "eps")
+    self._in_range("min_lr_ratio", 0, 1)
+    self._one_of("schedule", SCHEDULES)
+    self._in_range("decay_fraction", 0, 1, low_open=True)
+    self._non_negative_numbers("weight_decay", "grad_clip", "z_loss")
+    self._in_range("b1", 0, 1, high_open=True)
+    self._in_range("b2", 0, 1, high_open=True)
+    self._non_negative_ints(
+        "loss_chunk", meaning="positions per chunk of the fused head + loss; 0 = full logits")
+    check(self.global_batch_size % self.grad_accum == 0,
+          f"train.global_batch_size={self.global_batch_size} must be divisible by "
+          f"train.grad_accum={self.grad_accum}")
+    if self.tensorboard:
+      try:
+        import tensorboard  # noqa: F401
+      except ImportError as e:
+        raise ValueError("train.tensorboard=True needs the tensorboard package; install it or "
+                         "set train.tensorboard=False") from e
+
+  def tokens(self, steps: int, seq_len: int) -> int:
+    """Tokens that `steps` steps of this recipe train on."""
+    return steps * self.global_batch_size * seq_len
+
+
+# -------------------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Section):
+  """`data.*`: the corpus, its tokenizer and held-out split, and the training windows."""
+
+  SECTION: ClassVar[str] = "data"
+
+  source: str = ""            # raw text: files, folders, .jsonl[.gz]; "kjv" = bundled corpus
+  text_field: str = "text"    # JSONL field holding the document text
+  text_docs: str = "file"     # documents of plain text files: file | paragraph | line
+  path: str = bookkeeping("")  # prepared token shards (output of --mode=prepare_data)
+  tokenizer: str = "byte"     # byte | bpe (trained on the corpus) | path to a tokenizer.json
+  eos_token: str = ""         # tokenizer.json: token ending a document ("" = usual names)
+  bpe_vocab_size: int = 1024
+  eval_fraction: float = 0.01  # held-out share of documents
+  seq_len: int = 128
+  workers: int = bookkeeping(1)        # prepare_data: tokenizing processes on this machine
+  partition: str = bookkeeping("0/1")  # prepare_data: "i/n" = job i of n filling one data.path
+
+  def __post_init__(self):
+    self._positive_ints("seq_len", "workers")
+    parse_partition(self.partition)
+
+  @property
+  def prepare_fields(self) -> dict[str, Any]:
+    """The fields preparation reads: they decide the tokens and the held-out split."""
+    return {k: v for k, v in self.identity().items() if k != "seq_len"}
+
+
+def parse_partition(partition: str) -> tuple[int, int]:
+  """(i, n) from `data.partition="i/n"`: job i of n prepares units i, i + n, i + 2n, ..."""
+  try:
+    i, n = (int(p) for p in str(partition).split("/"))
+  except ValueError:
+    i, n = -1, 0
+  check(n >= 1 and 0 <= i < n,
+        f"data.partition={partition!r} must be 'i/n' with 0 <= i < n, e.g. '0/1' for one job or "
+        "'3/8' for the fourth of eight jobs")
+  return i, n
+
+
+# ------------------------------------------------------------------------------------- sweep
+
+LAUNCHES = ("local", "emit")
+ISOLATIONS = ("process", "none")
+LOSS_SOURCES = ("eval", "train")
+DESIGNS = ("grid", "cross")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig(Section):
+  """`sweep.*`: the grid of architectures per scale and how its runs are launched.
+
+  scales: "N:n_layers:d_head" comma-separated (N as 80e6, 80M, 1.2B, 50k); "" = the model's N,
+  depth and head size. Each (scale, d_over_sqrt_n, r, gqa) point is built by
+  `ArchSpec.from_budget`; points off the budget by more than the tolerances are dropped.
+  """
+
+  SECTION: ClassVar[str] = "sweep"
+  # Bookkeeping fields here change how runs are launched, not what the sweep measures.
+
+  scales: Any = ""
+  tokens: Any = 0.0            # tokens per run (e.g. 2e9); 0 = tokens_per_param x N
+  tokens_per_param: float = 100.0  # the paper trains every run on 100 x N tokens
+  d_over_sqrt_n: Any = (0.04, 0.06, 0.08, 0.1, 0.12)
+  r: Any = (0.5, 1.0, 2.0, 3.0, 5.0)
+  gqa: Any = (4,)
+  design: str = "grid"         # grid: every combination | cross: one factor at a time through
+                               # the middle value of the other grids
+  d_model_multiple: int = 64
+  d_ff_multiple: int = 256
+  n_tolerance: float = 0.05    # largest relative error of the realised N
+  r_tolerance: float = 0.25    # largest relative error of the realised r
+  launch: str = bookkeeping("local")  # local: train here, one after another | emit: commands
+  isolation: str = bookkeeping("process")  # process: each run in its own Python process | none
+  loss: str = "eval"           # a row's `loss`: eval (held-out) | train (final train loss)
+  only: str = bookkeeping("")  # comma-separated run ids: run just these (emitted commands do)
+  retry_failed: bool = bookkeeping(True)  # rerun runs whose last attempt failed
+
+  def __post_init__(self):
+    self._one_of("launch", LAUNCHES)
+    self._one_of("isolation", ISOLATIONS)
+    self._one_of("design", DESIGNS)
+    self._one_of("loss", LOSS_SOURCES)
+    self._positive_numbers("n_tolerance", "r_tolerance")
+    self._positive_ints("d_model_multiple", "d_ff_multiple")
+
+
+# --------------------------------------------------------------------------------------- fit
+
+FIT_FORMS = ("multiplicative", "additive", "joint", "chinchilla")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig(Section):
+  """`fit.*`: the scaling-law fitter."""
+
+  SECTION: ClassVar[str] = "fit"
+
+  results: str = ""            # results table, JSONL or CSV
+  form: str = "multiplicative"  # multiplicative | additive | joint | chinchilla
+  l_opt: str = "empirical"     # empirical (best loss per (N, D)) | chinchilla | a fit.json path
+  r_range: Any = (0.5, 5.0)    # keep rows with lo <= mlp_attn_ratio <= hi; () keeps all
+  loss: str = "huber"          # huber | squared, summed over rows
+  delta: float = 1e-3          # Huber threshold, in the units of the residuals
+  space: str = "log"           # residuals of log loss | linear loss
+  solver: str = "lm"           # lm (Levenberg-Marquardt) | lbfgs (optax)
+  starts: str = "grid"         # grid (Hoffmann's for Chinchilla, around an anchor else) | random
+  n_starts: int = 256          # random starts (the joint form always draws them)
+  max_iter: int = 200          # per start
+  bootstrap: int = 200         # row resamples for percentile intervals; 0 = none
+  level: float = 0.95          # interval coverage
+
+  def __post_init__(self):
+    self._one_of("form", FIT_FORMS)
+
+
+# ------------------------------------------------------------------------------------ search
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig(Section):
+  """`search.*`: Algorithm 1 (budget, loss target, throughput source, candidate space)."""
+
+  SECTION: ClassVar[str] = "search"
+
+  law: str = ""                # fit.json (hand-written coefficients accepted); "" = fit one
+  results: str = ""            # results table to fit when `law` is empty ("" = fit.results)
+  n_nonembed: float = 0.0      # 0: the baseline's N (target "baseline:..."), else the model's
+  tokens: float = 0.0          # 0: 100 x N
+  n_layers: int = 0            # 0: the baseline's (else the model's) depth
+  d_head: int = 0              # 0: the baseline's (else the model's) head size
+  target: Any = "baseline:llama3_2_1b"  # a loss, or "baseline:<arch or config>" (its prediction)
+  throughput: str = "model:a100-40gb"   # model:<accelerator> (costmodel.ACCELERATORS) | measure
+  calibration: str = ""        # costmodel calibration JSON ("" = WORKDIR/calibration.json if any)
+  batch_size: int = 16
+  input_len: int = 4096
+  output_len: int = 1024
+  dtype_bytes: int = 2         # bytes per weight / KV element in the cost model
+  d_model_multiple: int = 128  # d_model candidates are multiples of this (MXU / tensor-core tile)
+  d_ff_multiple: int = 256     # d_ff is rounded to a multiple of this
+  width_range: Any = (0.5, 2.0)  # d_model/sqrt(N) from 0.5 x the lower to 2 x the upper of the
+                                 # law's optimum and the baseline
+  r_range: Any = (0.5, 5.0)    # r outside the law's fitted range is not extrapolated to
+  n_tolerance: float = 0.05    # a candidate's N may differ from the budget by this fraction
+  gqa: int = 0                 # GQA of the enumeration (0: the baseline's, else the model's)
+  patience: int = 2            # GQA walk: stop after this many steps without a throughput gain
+  gqa_max: int = 16            # GQA walk ceiling (0 = none): the law has no GQA term, so far
+                               # beyond trained practice (4-9) it would be extrapolating
+  top_k: int = 0               # GQA walks around the k fastest candidates only (0 = all)
+  max_measure: int = 64        # throughput=measure: refuse to time more candidates than this
+
+  def __post_init__(self):
+    self._non_negative_numbers("n_nonembed", "tokens")
+    self._non_negative_ints("n_layers", "d_head", "gqa", "top_k", "gqa_max",
+                            meaning="0 = default")
+    self._positive_ints("batch_size", "input_len", "output_len", "dtype_bytes",
+                        "d_model_multiple", "d_ff_multiple", "patience", "max_measure")
+    self._positive_numbers("n_tolerance")
+    check(self.d_head % 2 == 0, f"search.d_head must be even (rotary embeddings), got "
+          f"{self.d_head}")
+    r_lo, r_hi = _pair(self.r_range, "search.r_range")
+    check(0 < r_lo < r_hi, f"search.r_range must be (low, high) with 0 < low < high, got "
+          f"{self.r_range}")
+    w_lo, w_hi = _pair(self.width_range, "search.width_range")
+    check(0 < w_lo <= 1 <= w_hi, f"search.width_range must be (low <= 1, high >= 1), got "
+          f"{self.width_range}")
+
+
+def _pair(value: Any, field: str) -> tuple[float, float]:
+  try:
+    low, high = (float(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{field} must be two numbers (low, high), got {value!r}") from None
+  return low, high
+
+
+# ------------------------------------------------------------------------------------- bench
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig(Section):
+  """`bench.*`: the decode-latency harness."""
+
+  SECTION: ClassVar[str] = "bench"
+
+  archs: str = ""              # comma-separated architecture names ("" = the config's name)
+  batch_sizes: Any = (1, 16, 64)
+  input_len: int = 4096
+  output_len: int = 1024
+  repeats: int = 5
+  dtype: str = "bfloat16"
+  attention: str = "auto"      # prefill kernel: auto (cudnn on GPU in 16-bit) | xla | dpa | cudnn
+  decode_attention: str = "auto"  # decode-step kernel, same choices
+  accelerator: str = "auto"    # costmodel.ACCELERATORS key; auto = from the device kind
+
+  def __post_init__(self):
+    self._positive_ints("input_len", "output_len", "repeats")
+
+
+def training_recipe(config: Any) -> dict[str, Any]:
+  """What a trained run's result depends on besides its spec, length and seed.
+
+  Every field of the data, train and compute sections not marked `bookkeeping`: a new training
+  field enters run ids and the resume check without any edit here.
+  """
+  from archscale.model import ModelOptions  # model.py builds its options on this module
+
+  return {"data": DataConfig.from_config(config).identity(),
+          "train": TrainConfig.from_config(config).identity(),
+          "compute": ModelOptions.from_config(config).identity()}
+
+
+SECTIONS: tuple[type[Section], ...] = (TrainConfig, DataConfig, SweepConfig, FitConfig,
+                                       SearchConfig, BenchConfig)
