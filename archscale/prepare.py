@@ -365,14 +365,21 @@ def _run(s: Tokenization, todo: Sequence[sources.Unit],
     for unit in todo:
       yield unit, tokenize_unit(s, unit)
     return
+  # The tokenizers library encodes a batch on every core; share the cores among the workers.
+  threads = max(1, (os.cpu_count() or 1) // workers)
   pool = concurrent.futures.ProcessPoolExecutor(
-      min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"))
+      min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+      initializer=_init_worker, initargs=(threads,))
   try:
     futures = {pool.submit(tokenize_unit, s, unit): unit for unit in todo}
     for future in concurrent.futures.as_completed(futures):
       yield futures[future], future.result()
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker(threads: int) -> None:
+  os.environ["RAYON_NUM_THREADS"] = str(threads)  # Read when the library first encodes.
 
 
 class _Progress:

@@ -9,7 +9,9 @@ BPE on its first megabytes, then in the same process times
     JSON parsing, held-out split, tokenizing, writing, checksums, final step), for each count of
     `--workers`.
 Prints one JSON object with tokens/s of each and the ratios prepare / reference (1 worker) and
-2 workers / 1 worker. Runs are interleaved and each figure is the best of `--repeats`.
+2 workers / 1 worker. Runs are interleaved and each figure is the best of `--repeats` by wall
+time; CPU seconds (this process and its workers) are reported too, since on a shared machine they
+measure the work done more steadily than the clock.
 
   python benchmarks/prepare_data.py --mb=50
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import resource
 import shutil
 import sys
 import sysconfig
@@ -72,10 +75,11 @@ def _write_corpus(root: pathlib.Path, mb: float, n_files: int) -> list[str]:
   return texts
 
 
-def _reference(tok: tokenizer.HFTokenizer, texts: list[str]) -> tuple[int, float]:
-  """Tokens (with one EOS per document, as prepare counts) and seconds of plain batch encoding."""
+def _reference(tok: tokenizer.HFTokenizer, texts: list[str]) -> tuple[int, float, float]:
+  """Tokens (with one EOS per document, as prepare counts), seconds and CPU seconds of plain
+  batch encoding."""
   encode = tok.hf.encode_batch_fast
-  start, tokens, batch, chars = time.perf_counter(), 0, [], 0
+  start, cpu, tokens, batch, chars = time.perf_counter(), _cpu_seconds(), 0, [], 0
   for text in texts + [None]:
     if text is not None:
       batch.append(text)
@@ -83,17 +87,23 @@ def _reference(tok: tokenizer.HFTokenizer, texts: list[str]) -> tuple[int, float
     if batch and (text is None or chars >= prepare._CHUNK_CHARS):
       tokens += sum(len(e.ids) + 1 for e in encode(batch, add_special_tokens=False))
       batch, chars = [], 0
-  return tokens, time.perf_counter() - start
+  return tokens, time.perf_counter() - start, _cpu_seconds() - cpu
+
+
+def _cpu_seconds() -> float:
+  """CPU time of this process and its finished children: the work done, whatever the load."""
+  own, children = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _time_prepare(corpus: pathlib.Path, tok_file: pathlib.Path, workers: int,
-                  scratch: pathlib.Path) -> tuple[int, float]:
+                  scratch: pathlib.Path) -> tuple[int, float, float]:
   out = scratch / f"prepared-{workers}"
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), _cpu_seconds()
   info = prepare.prepare(str(corpus), out, str(tok_file), eval_fraction=0.01, workers=workers)
-  seconds = time.perf_counter() - start
+  seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
   shutil.rmtree(out)
-  return info["tokens"]["train"] + info["tokens"]["eval"], seconds
+  return info["tokens"]["train"] + info["tokens"]["eval"], seconds, cpu
 
 
 def main(argv: list[str]) -> None:
@@ -129,10 +139,11 @@ def main(argv: list[str]) -> None:
   result = dict(
       corpus_mb=round(mb, 1), files=_FILES.value, documents=len(texts),
       tokenizer=dict(kind="bpe", vocab_size=tok.vocab_size), cpu_count=os.cpu_count(),
-      reference=dict(tokens=ref[0], seconds=round(ref[1], 3),
+      reference=dict(tokens=ref[0], seconds=round(ref[1], 3), cpu_seconds=round(ref[2], 3),
                      tokens_per_s=round(ref[0] / ref[1])),
-      prepare={str(w): dict(tokens=t, seconds=round(s, 3), tokens_per_s=round(t / s))
-               for w, (t, s) in runs.items()})
+      prepare={str(w): dict(tokens=t, seconds=round(s, 3), cpu_seconds=round(c, 3),
+                            tokens_per_s=round(t / s))
+               for w, (t, s, c) in runs.items()})
   if 1 in runs:
     if runs[1][0] != ref[0]:
       raise RuntimeError(f"prepare wrote {runs[1][0]} tokens, the reference counted {ref[0]}")
