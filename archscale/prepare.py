@@ -218,8 +218,9 @@ def _install_tokenizer(out_dir: pathlib.Path, tok: tok_lib.Tokenizer | None, rec
     bpe.hf.save(str(tmp))
     os.replace(tmp, target)
     logging.info("data: BPE trained in %.1fs, vocab %d", time.time() - start, bpe.vocab_size)
-  while not target.exists():
+  if not target.exists():
     logging.info("data: waiting for partition 0 to train the BPE into %s", target)
+  while not target.exists():
     time.sleep(_WAIT_FOR_TOKENIZER_S)
   bpe = tok_lib.load_tokenizer(str(target), eos_token=recipe["eos_token"])
   bpe.kind = "bpe"

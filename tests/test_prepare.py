@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import corpora
@@ -278,13 +279,23 @@ def test_streams_do_not_depend_on_workers_partitions_or_units(tmp_path):
       assert len(shard) == 2 * record["tokens"][split]
 
 
-def test_a_trained_bpe_is_shared_by_partitions(tmp_path):
+def test_a_trained_bpe_is_shared_by_partitions(tmp_path, monkeypatch, caplog):
   src = _mixed_corpus(tmp_path)
   common = dict(tokenizer="bpe", bpe_vocab_size=300, eval_fraction=0.1, unit_bytes=4096)
   ref = prepare.prepare(str(src), tmp_path / "ref", **common)
-  assert prepare.prepare(str(src), tmp_path / "parts", **common, partition="0/2") is None
-  both = prepare.prepare(str(src), tmp_path / "parts", **common, partition="1/2")
-  assert both["tokenizer"] == "bpe" and both["vocab_size"] == ref["vocab_size"]
+  # Partition 1 starts first and waits for partition 0 to train the BPE.
+  monkeypatch.setattr(prepare, "_WAIT_FOR_TOKENIZER_S", 0.05)
+  caplog.set_level("INFO")
+  results = {}
+  waiting = threading.Thread(target=lambda: results.update(
+      one=prepare.prepare(str(src), tmp_path / "parts", **common, partition="1/2")))
+  waiting.start()
+  time.sleep(0.2)
+  results["zero"] = prepare.prepare(str(src), tmp_path / "parts", **common, partition="0/2")
+  waiting.join(timeout=60)
+  assert "waiting for partition 0 to train the BPE" in caplog.text
+  info = results["one"] or results["zero"]
+  assert info["tokenizer"] == "bpe" and info["vocab_size"] == ref["vocab_size"]
   _same_streams(tmp_path / "ref", tmp_path / "parts")
 
 
