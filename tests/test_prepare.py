@@ -80,6 +80,10 @@ def test_small_corpus_still_holds_out_a_document(tmp_path):
   info = prepare.prepare(str(tmp_path / "c.jsonl"), tmp_path / "ds", eval_fraction=0.001)
   assert info["docs"] == {"train": 2, "eval": 1}
   assert corpora.split_docs(tmp_path / "ds", "eval") == [texts[-1]]
+  cut = prepare.prepare(str(tmp_path / "c.jsonl"), tmp_path / "cut", eval_fraction=0.001,
+                        unit_bytes=100)  # a unit per line: the last unit gives up its document
+  assert cut["units"] >= 3 and cut["docs"] == info["docs"]
+  _same_streams(tmp_path / "ds", tmp_path / "cut")
 
   (tmp_path / "one.txt").write_text("just one document")
   with pytest.raises(ValueError, match="data.eval_fraction"):
