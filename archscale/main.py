@@ -13,7 +13,7 @@ from archscale import io
 # mode -> "module:function"; each function takes (config, workdir) and does the whole job.
 MODES = {
     "describe": "archscale.arch:run_describe",
-    "prepare_data": "archscale.data:run_prepare_data",
+    "prepare_data": "archscale.prepare:run_prepare_data",
     "train": "archscale.train:run_train",
     "decode_bench": "archscale.decode:run_decode_bench",
     "sweep": "archscale.sweep:run_sweep",

@@ -87,8 +87,9 @@ def _stage_config(config: Any, workdir: pathlib.Path) -> Any:
 
 def _prepare_data(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
   from archscale import data as data_lib
+  from archscale import prepare
 
-  data_lib.run_prepare_data(config, workdir)
+  prepare.run_prepare_data(config, workdir)
   info = data_lib.dataset_info(config.data.path)
   say(f"data: {info['tokens']['train']:,} train / {info['tokens']['eval']:,} eval tokens "
       f"({info['tokenizer']} tokenizer, vocab {info['vocab_size']}) in {config.data.path}")

@@ -190,14 +190,29 @@ class DataConfig(Section):
   bpe_vocab_size: int = 1024
   eval_fraction: float = 0.01  # held-out share of documents
   seq_len: int = 128
+  workers: int = bookkeeping(1)        # prepare_data: tokenizing processes on this machine
+  partition: str = bookkeeping("0/1")  # prepare_data: "i/n" = job i of n filling one data.path
 
   def __post_init__(self):
-    self._positive_ints("seq_len")
+    self._positive_ints("seq_len", "workers")
+    parse_partition(self.partition)
 
   @property
   def prepare_fields(self) -> dict[str, Any]:
     """The fields preparation reads: they decide the tokens and the held-out split."""
     return {k: v for k, v in self.identity().items() if k != "seq_len"}
+
+
+def parse_partition(partition: str) -> tuple[int, int]:
+  """(i, n) from `data.partition="i/n"`: job i of n prepares units i, i + n, i + 2n, ..."""
+  try:
+    i, n = (int(p) for p in str(partition).split("/"))
+  except ValueError:
+    i, n = -1, 0
+  check(n >= 1 and 0 <= i < n,
+        f"data.partition={partition!r} must be 'i/n' with 0 <= i < n, e.g. '0/1' for one job or "
+        "'3/8' for the fourth of eight jobs")
+  return i, n
 
 
 # ------------------------------------------------------------------------------------- sweep

@@ -504,6 +504,7 @@ def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
 def _data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
   """The prepared dataset the runs read, preparing it (once) from `data.source` if needed."""
   from archscale import data as data_lib
+  from archscale import prepare
 
   path = data_lib.data_path(config, workdir)
   if not (path / data_lib.METADATA).exists():
@@ -511,7 +512,7 @@ def _data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
       raise ValueError(
           "data.path holds no prepared dataset and data.source is empty: set data.source (e.g. "
           "'kjv') or point data.path at a dataset made by --mode=prepare_data")
-    data_lib.run_prepare_data(config, workdir)
+    prepare.run_prepare_data(config, workdir)
   return path.resolve()
 
 

@@ -738,11 +738,11 @@ def run_train(config: Any, workdir: pathlib.Path) -> None:
   """
   sharding.initialize_distributed(config.distributed)
   if not str(config.data.path).strip() and str(config.data.source).strip():
-    from archscale import data as data_lib
+    from archscale import prepare
 
     path = pathlib.Path(workdir) / "data"
     if jax.process_index() == 0:
-      data_lib.run_prepare_data(config, workdir)
+      prepare.run_prepare_data(config, workdir)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("archscale_prepare_data")

@@ -10,8 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from helpers import metrics, params_of, tiny_config  # noqa: E402
 
-from archscale import data as data_lib  # noqa: E402
-from archscale import train  # noqa: E402
+from archscale import prepare, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def corpus(tmp_path_factory):
   words = ["the", "lord", "said", "unto", "moses", "and", "he", "went", "up", "into", "mountain"]
   text = "\n\n".join(" ".join(rng.choice(words, size=40)) + "." for _ in range(300))
   (root / "corpus.txt").write_text(text)
-  data_lib.prepare(str(root / "corpus.txt"), root / "data", tokenizer="byte",
+  prepare.prepare(str(root / "corpus.txt"), root / "data", tokenizer="byte",
                    text_docs="paragraph", eval_fraction=0.05)
   return root / "data"
 
@@ -59,6 +58,6 @@ def dataset(tmp_path_factory):
   text = root / "corpus.txt"
   text.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" * 3
                             for i in range(400)))
-  info = data_lib.prepare(str(text), root / "prepared", "byte", eval_fraction=0.1,
+  info = prepare.prepare(str(text), root / "prepared", "byte", eval_fraction=0.1,
                       text_docs="line")
   return info["path"]

@@ -42,3 +42,12 @@ def test_train_benchmark_runs_with_a_variant(tmp_path):
   assert base["tokens_per_sec"] > 0 and base["mfu"] is None  # no peak FLOP/s for CPU
   assert variant["variant"] == "train.loss_chunk=16"
   assert abs(variant["loss"] - base["loss"]) < 1e-4  # the fused loss computes the same loss
+
+
+def test_prepare_data_benchmark_quick_run(tmp_path):
+  result = run_script(tmp_path, REPO / "benchmarks" / "prepare_data.py", "--mb=0.5",
+                      "--files=2", "--vocab=300", "--train_mb=0.2", "--repeats=1")
+  tokens = {result["reference"]["tokens"], *(r["tokens"] for r in result["prepare"].values())}
+  assert len(tokens) == 1 and sorted(result["prepare"]) == ["1", "2"]
+  ratio = result["reference"]["tokens_per_s"] / result["prepare"]["1"]["tokens_per_s"]
+  assert abs(result["ratio_prepare_1_worker_vs_reference"] * ratio - 1) < 0.05
