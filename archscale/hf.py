@@ -210,10 +210,12 @@ def save_weights(tensors: dict[str, np.ndarray], out_dir: pathlib.Path,
     save_file(shards[0], str(out_dir / WEIGHTS_FILE), metadata=meta)
     return [WEIGHTS_FILE]
   names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  weight_map = {}
   for name, shard in zip(names, shards, strict=True):
     save_file(shard, str(out_dir / name), metadata=meta)
+    weight_map.update(dict.fromkeys(shard, name))
   index = {"metadata": {"total_size": sum(w.nbytes for w in tensors.values())},
-           "weight_map": {t: name for name, shard in zip(names, shards, strict=True) for t in shard}}
+           "weight_map": weight_map}
   (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
   return [*names, INDEX_FILE]
 
