@@ -7,7 +7,8 @@
                                 .safetensors and model.safetensors.index.json)
   generation_config.json        EOS (and BOS where the tokenizer has one)
   tokenizer.json, tokenizer_config.json, special_tokens_map.json
-                                the run's tokenizer; the byte tokenizer as an equivalent
+                                the run's tokenizer (adding no BOS, as in training); the
+                                byte tokenizer as an equivalent
                                 byte-level tokenizer (ids 1..255 = those bytes, id 0 = EOS)
 
 The directory loads with `AutoModelForCausalLM` / `AutoTokenizer` (and vLLM, SGLang,
@@ -290,7 +291,11 @@ def write_tokenizer(tokenizer: Any, out_dir: pathlib.Path, max_len: int) -> dict
     (out_dir / "tokenizer.json").write_text(byte_tokenizer_json())
     eos_token = BYTE_EOS
   else:
-    shutil.copyfile(tokenizer.path, out_dir / "tokenizer.json")
+    # Without the post-processor: archscale trains with no BOS or template tokens, so the HF
+    # tokenizer must not add them either.
+    raw = json.loads(pathlib.Path(tokenizer.path).read_text(encoding="utf-8"))
+    raw["post_processor"] = None
+    (out_dir / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False))
     eos_token = tokenizer.eos_token
   special = {"eos_token": eos_token}
   (out_dir / "tokenizer_config.json").write_text(json.dumps({
