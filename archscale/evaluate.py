@@ -99,6 +99,9 @@ def evaluate_dir(model_dir: str | pathlib.Path, tasks: Sequence[str], *, include
   import torch
   from lm_eval.models.huggingface import HFLM
 
+  from archscale import hf
+
+  hf.check_transformers(hf.spec_from_hf(model_dir))
   task_objs, manager = load_tasks(tasks, include_path)
   if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"

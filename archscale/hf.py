@@ -108,6 +108,22 @@ def spec_from_hf(path: str | pathlib.Path) -> ArchSpec:
   return spec_from_llama_config(json.loads(file.read_text()), str(file))
 
 
+def check_transformers(spec: ArchSpec, version: str | None = None) -> None:
+  """Raises early, with the fix, where transformers (`version`: the installed one) cannot load
+  `spec`'s shape."""
+  if version is None:
+    import transformers
+
+    version = transformers.__version__
+  major, minor = (int(x) for x in version.split(".")[:2])
+  if spec.d_model % spec.n_heads and (major, minor) >= (5, 4):
+    raise ValueError(
+        f"transformers {version} refuses hidden_size={spec.d_model} with "
+        f"num_attention_heads={spec.n_heads} (not a multiple) even with head_dim="
+        f"{spec.d_head} (upstream issue 46082); install the hf extra's range: "
+        "pip install 'transformers>=5.0,<5.4'")
+
+
 # ----------------------------------------------------------------------------------- weights
 
 

@@ -1,6 +1,8 @@
 """Export to and import from Hugging Face LLaMA directories, checked against transformers itself."""
 
 import json
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +13,8 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+from archscale import config_lib, decode, hf, train
 from archscale import data as data_lib
-from archscale import decode, hf
 from archscale import model as model_lib
 from archscale.arch import ArchSpec
 
@@ -179,3 +181,72 @@ def test_config_errors_name_the_field(tmp_path):
     hf.load_params(out, spec.replace(n_kv_heads=4))
   with pytest.raises(ValueError, match="export.dtype"):
     hf.export(_random_params(spec), spec, tmp_path / "x", dtype="int8")
+
+
+TABLE_1 = ["llama3_2_1b", "panda_1b", "surefire_1b", "llama3_2_3b", "panda_3b", "surefire_3b"]
+
+
+@pytest.mark.parametrize("name", TABLE_1)
+def test_hf_peer_builds_every_table_1_shape(name):
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+  import hf_peer
+
+  spec = ArchSpec(**config_lib.ARCHS[name])
+  config = hf_peer.llama_config(spec, 4096, attn_implementation="sdpa")
+  assert (config.hidden_size, config.num_attention_heads, config.head_dim) == (
+      spec.d_model, spec.n_heads, spec.d_head)
+  assert config.max_position_embeddings == 4096
+  with torch.device("meta"):
+    model = transformers.LlamaForCausalLM(config)
+  assert sum(p.numel() for p in model.parameters()) == spec.params_total
+  assert model.model.layers[0].self_attn.o_proj.weight.shape == (spec.d_model,
+                                                                 spec.n_heads * spec.d_head)
+
+
+def test_newer_transformers_is_refused_with_the_fix():
+  panda = ArchSpec(**config_lib.ARCHS["panda_1b"])
+  hf.check_transformers(panda)  # the installed release (the hf extra's range) loads it
+  hf.check_transformers(ArchSpec(**config_lib.ARCHS["llama3_2_1b"]), "5.24.0")
+  with pytest.raises(ValueError, match=r"transformers>=5.0,<5.4"):
+    hf.check_transformers(panda, "5.4.0")
+
+
+def test_export_mode_writes_a_run_checkpoint_that_transformers_reproduces(tmp_path):
+  """--mode=export on a trained run: the directory reproduces the checkpoint's logits."""
+  text = "\n\n".join(f"verse {i}: and the light was good, and it was so." for i in range(200))
+  (tmp_path / "corpus.txt").write_text(text)
+  data_lib.prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer="byte",
+                   text_docs="paragraph", eval_fraction=0.05)
+  config = config_lib.make_config("demo")
+  config.model.update(d_model=40, d_ff=64, n_layers=2, n_heads=6, n_kv_heads=2, d_head=8,
+                      max_seq_len=64, tie_embeddings=False)
+  config.data.path = str(tmp_path / "data")
+  config.data.seq_len = 32
+  config.train.update(steps=4, global_batch_size=4, warmup_steps=1, eval_batches=0,
+                      checkpoint_every=2, log_every=1)
+  config.export.dtype = "float32"
+  workdir = tmp_path / "run"
+  train.train(config, workdir)
+  hf.run_export(config, workdir)
+
+  spec = ArchSpec.from_config(config)
+  params = jax.tree.map(np.asarray, train.load_checkpoint(workdir, config)["params"])
+  assert hf.spec_from_hf(workdir / "hf") == spec
+  for got, want in zip(jax.tree.leaves(hf.load_params(workdir / "hf", spec)),
+                       jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(got, want)
+  model = _hf_model(workdir / "hf")
+  tok = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+  ids = tok("and the light", add_special_tokens=False)["input_ids"]
+  ours = np.asarray(model_lib.forward(model_lib.Transformer(spec), params, jnp.asarray([ids])))
+  with torch.no_grad():
+    theirs = model(torch.tensor([ids])).logits.numpy()
+  assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
+
+  config.export.step = 2  # a chosen, earlier checkpoint
+  hf.run_export(config, workdir)
+  early = hf.load_params(workdir / "hf", spec)
+  assert not np.array_equal(early["embedding"], params["embedding"])
+  config.export.dtype = "int4"
+  with pytest.raises(ValueError, match="export.dtype"):
+    hf.run_export(config, workdir)
