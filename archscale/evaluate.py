@@ -23,20 +23,11 @@ from typing import Any
 
 import numpy as np
 
-# The paper's zero-shot suite (lm-evaluation-harness task names).
-PAPER_TASKS = ("arc_easy", "arc_challenge", "lambada_openai", "hellaswag", "openbookqa", "piqa",
-               "sciq", "winogrande", "coqa")
+from archscale import settings
+from archscale.settings import PAPER_TASKS
+
 # A task's headline metric for the average: the first of these it reports.
 HEADLINE = ("acc_norm", "acc", "f1", "exact_match", "em")
-
-
-def _task_list(tasks: Any) -> list[str]:
-  names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
-  names = [t for t in names if t]
-  if not names:
-    raise ValueError("eval.tasks is empty: name lm-evaluation-harness tasks, e.g. "
-                     f"{','.join(PAPER_TASKS)}")
-  return names
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,12 +137,7 @@ def run_evaluate(config: Any, workdir: pathlib.Path) -> None:
   from archscale import hf
 
   workdir = pathlib.Path(workdir)
-  e = config.eval
-  names = _task_list(e.tasks)  # data problems surface in evaluate_dir before the model loads
-  for field in ("batch_size", "limit", "num_fewshot", "bootstrap_iters"):
-    if int(e[field]) < 0 or (field == "batch_size" and int(e[field]) == 0):
-      raise ValueError(f"eval.{field} must be {'positive' if field == 'batch_size' else '>= 0'}, "
-                       f"got {e[field]}")
+  e = settings.EvalConfig.from_config(config)
   model_dir = pathlib.Path(e.model) if str(e.model).strip() else workdir / "hf"
   if not (model_dir / hf.CONFIG_FILE).exists():
     if str(e.model).strip():
@@ -160,11 +146,10 @@ def run_evaluate(config: Any, workdir: pathlib.Path) -> None:
       raise ValueError(f"{workdir} has neither hf/ nor checkpoints/: train the run first, or "
                        "set eval.model to an exported directory")
     hf.run_export(config, workdir)
-  results = evaluate_dir(model_dir, names, include_path=e.include_path,
-                         batch_size=int(e.batch_size), limit=int(e.limit),
-                         num_fewshot=int(e.num_fewshot), device=e.device, dtype=e.dtype,
-                         bootstrap_iters=int(e.bootstrap_iters))
-  summary = {**summarize(results), "model": str(model_dir), "num_fewshot": int(e.num_fewshot),
-             "limit": int(e.limit), "lm_eval_version": lm_eval.__version__}
+  results = evaluate_dir(model_dir, e.task_names, include_path=e.include_path,
+                         batch_size=e.batch_size, limit=e.limit, num_fewshot=e.num_fewshot,
+                         device=e.device, dtype=e.dtype, bootstrap_iters=e.bootstrap_iters)
+  summary = {**summarize(results), "model": str(model_dir), "num_fewshot": e.num_fewshot,
+             "limit": e.limit, "lm_eval_version": lm_eval.__version__}
   (workdir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
   print(json.dumps({"average": summary["average"], "average_of": summary["average_of"]}))

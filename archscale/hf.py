@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 
 from archscale import model as model_lib
+from archscale import settings
 from archscale.arch import ArchSpec
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = settings.EXPORT_DTYPES
 BYTE_EOS = "<|endoftext|>"
 
 
@@ -267,6 +268,35 @@ def load_params(path: str | pathlib.Path, spec: ArchSpec | None = None, *,
   return from_hf_state_dict(load_weights(path), found, scan_layers=scan_layers, dtype=dtype)
 
 
+def with_init_from(config: Any) -> Any:
+  """`config` with its model section read from `train.init_from`'s config.json (when set)."""
+  import ml_collections
+
+  path = str(config.train.get("init_from", "")).strip()
+  if not path:
+    return config
+  config = config.copy_and_resolve_references()
+  config.model = ml_collections.ConfigDict(spec_from_hf(path).to_dict())
+  return config
+
+
+def place_params(path: str | pathlib.Path, spec: ArchSpec, abstract: Any) -> Any:
+  """An HF directory's weights as arrays with `abstract`'s layout, dtypes and shardings.
+
+  `abstract` is the train state's params of ShapeDtypeStructs (scanned or per-layer); each
+  process reads the file and places only its own shards.
+  """
+  import jax
+
+  params = load_params(path, spec, scan_layers="layers" in abstract)
+
+  def place(x: np.ndarray, a: Any) -> jax.Array:
+    x = x.astype(a.dtype)
+    return jax.make_array_from_callback(a.shape, a.sharding, lambda index: x[index])
+
+  return jax.tree.map(place, params, abstract)
+
+
 # --------------------------------------------------------------------------------- tokenizer
 
 
@@ -373,16 +403,12 @@ def run_export(config: Any, workdir: pathlib.Path) -> None:
   from archscale import train as train_lib
 
   workdir = pathlib.Path(workdir)
-  e = config.export
-  if e.dtype not in DTYPES:
-    raise ValueError(f"export.dtype must be one of {DTYPES}, got {e.dtype!r}")
-  if not e.max_shard_mb > 0:
-    raise ValueError(f"export.max_shard_mb must be positive, got {e.max_shard_mb}")
+  e = settings.ExportConfig.from_config(config)
   tokenizer = run_tokenizer(config, workdir)
   config = config.copy_and_resolve_references()
   if not str(config.data.path).strip() and str(config.data.get("source", "")).strip():
     config.data.path = str(workdir / "data")
-  state = train_lib.load_checkpoint(workdir, config, int(e.step) or None)
+  state = train_lib.load_checkpoint(workdir, config, e.step or None)
   params = jax.device_get(state["params"])
   out = export(params, ArchSpec.from_config(config), workdir / "hf", tokenizer, dtype=e.dtype,
                max_shard_bytes=int(e.max_shard_mb * 10**6))

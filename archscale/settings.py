@@ -143,6 +143,10 @@ class TrainConfig(Section):
   keep_checkpoints: int = bookkeeping(2)
   async_checkpoint: bool = bookkeeping(True)  # write checkpoints in the background
   tensorboard: bool = bookkeeping(False)
+  # A local HF LLaMA directory to start from (weights and model section; fresh optimiser state).
+  # Part of a run's identity through `train.run_recipe`, which records it only when set, so
+  # runs from scratch keep their ids.
+  init_from: str = bookkeeping("")
 
   def __post_init__(self):
     self._positive_ints("steps", "global_batch_size", "grad_accum", "log_every",

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from archscale import config_lib, evaluate, hf
+from archscale import config_lib, evaluate, hf, settings
 from archscale import data as data_lib
 from archscale import model as model_lib
 from archscale.arch import ArchSpec
@@ -114,7 +114,7 @@ def test_missing_task_data_names_the_task_and_the_fix(exported):
 
 def test_evaluate_mode_config_errors(tmp_path):
   config = config_lib.make_config("demo")
-  assert config.eval.tasks.split(",") == list(evaluate.PAPER_TASKS)
+  assert config.eval.tasks.split(",") == list(settings.PAPER_TASKS)
   config.eval.tasks = " , "
   with pytest.raises(ValueError, match="eval.tasks is empty"):
     evaluate.run_evaluate(config, tmp_path)

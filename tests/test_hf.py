@@ -51,7 +51,7 @@ def _random_params(spec: ArchSpec, seed: int = 0, scan_layers: bool = True) -> d
   def draw(path, x):
     if "scale" in jax.tree_util.keystr(path):
       return (1.0 + 0.2 * rng.standard_normal(x.shape)).astype(np.float32)
-    return (0.5 * rng.standard_normal(x.shape) / np.sqrt(x.shape[-1])).astype(np.float32)
+    return (rng.standard_normal(x.shape) / np.sqrt(spec.d_model)).astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
@@ -250,3 +250,27 @@ def test_export_mode_writes_a_run_checkpoint_that_transformers_reproduces(tmp_pa
   config.export.dtype = "int4"
   with pytest.raises(ValueError, match="export.dtype"):
     hf.run_export(config, workdir)
+
+
+def test_train_init_from_starts_a_run_from_an_hf_directory(tmp_path):
+  spec = _spec("panda_mini")
+  source = hf.export(_random_params(spec, seed=5), spec, tmp_path / "src")
+  text = "\n\n".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(200))
+  (tmp_path / "corpus.txt").write_text(text)
+  data_lib.prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer="byte",
+                   text_docs="paragraph", eval_fraction=0.05)
+  config = config_lib.make_config("demo")  # its model section (d_model 64, ...) is not spec's
+  config.data.path = str(tmp_path / "data")
+  config.data.seq_len = 32
+  config.train.update(steps=1, global_batch_size=4, lr=1e-9, warmup_steps=0, weight_decay=0.0,
+                      eval_batches=0, checkpoint_every=1, init_from=str(source))
+  summary = train.train(config, tmp_path / "run")
+  assert summary["arch"] == spec.to_dict()
+  assert train.run_recipe(hf.with_init_from(config), spec)["init_from"] == str(source)
+  state = train.load_checkpoint(tmp_path / "run", hf.with_init_from(config))
+  for got, want in zip(jax.tree.leaves(state["params"]),
+                       jax.tree.leaves(hf.load_params(source, spec)), strict=True):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
+
+  scratch = config_lib.make_config("demo")  # runs from scratch keep recipes without the key
+  assert "init_from" not in train.run_recipe(scratch, ArchSpec.from_config(scratch))
