@@ -5,11 +5,11 @@
   config.json                   LlamaForCausalLM: explicit head_dim, GQA, rope scaling, tying, dtype
   model.safetensors             the weights (above `export.max_shard_mb`: model-0000i-of-0000n
                                 .safetensors and model.safetensors.index.json)
-  generation_config.json        EOS (and BOS where the tokenizer has one)
+  generation_config.json        the EOS id, greedy by default
   tokenizer.json, tokenizer_config.json, special_tokens_map.json
-                                the run's tokenizer (adding no BOS, as in training); the
-                                byte tokenizer as an equivalent
-                                byte-level tokenizer (ids 1..255 = those bytes, id 0 = EOS)
+                                the run's tokenizer (adding no BOS, as in training); the byte
+                                tokenizer as an equivalent byte-level one (ids 1..255 = those
+                                bytes, id 0 = EOS)
 
 The directory loads with `AutoModelForCausalLM` / `AutoTokenizer` (and vLLM, SGLang,
 lm-evaluation-harness). The mapping is exact: every archscale weight is a transpose or reshape of
@@ -19,8 +19,9 @@ num_attention_heads even with head_dim set (every Panda and Surefire shape; upst
 so the `hf` extra allows 5.0-5.3, which load them.
 
 Import (`train.init_from`): `spec_from_hf(path)` reads the ArchSpec from config.json and
-`load_params(path, spec)` the weights, in archscale's layout (scanned or per-layer).
-Only numpy and safetensors are needed here; torch and transformers only to use the result.
+`load_params(path, spec)` the weights, in archscale's layout (scanned or per-layer);
+`place_params` puts them on a train state's shardings. Only numpy, safetensors and tokenizers
+are needed here; torch and transformers only to use the result.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ BYTE_EOS = "<|endoftext|>"
 # ------------------------------------------------------------------------------------ config
 
 
-def llama_config(spec: ArchSpec, dtype: str = "float32", eos_token_id: int | None = None,
-                 bos_token_id: int | None = None) -> dict[str, Any]:
+def llama_config(spec: ArchSpec, dtype: str = "float32",
+                 eos_token_id: int | None = None) -> dict[str, Any]:
   """config.json of a LlamaForCausalLM with the spec's shapes (legacy rope keys, as LLaMA-3.2)."""
   if dtype not in DTYPES:
     raise ValueError(f"export.dtype must be one of {DTYPES}, got {dtype!r}")
@@ -65,7 +66,7 @@ def llama_config(spec: ArchSpec, dtype: str = "float32", eos_token_id: int | Non
       "rope_scaling": rope_scaling, "tie_word_embeddings": spec.tie_embeddings,
       "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
       "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
-      "bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "torch_dtype": dtype,
+      "bos_token_id": None, "eos_token_id": eos_token_id, "torch_dtype": dtype,
   }
 
 
