@@ -5,8 +5,8 @@ overridden from the command line as `--config.section.field=value`. Sections:
 
   model    ArchSpec fields (archscale.arch.ArchSpec)
   compute  how the model runs (archscale.model.ModelOptions)
-  data, train, sweep, fit, search, bench   typed sections of archscale.settings, which hold
-           their defaults, documentation and checks
+  data, train, sweep, fit, search, bench, export, eval   typed sections of archscale.settings,
+           which hold their defaults, documentation and checks
   mesh     device mesh axis sizes (-1 = the rest) distributed  multi-host initialisation
 """
 
@@ -73,6 +73,8 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.fit = ml_collections.ConfigDict(settings.FitConfig.defaults())
   c.search = ml_collections.ConfigDict(settings.SearchConfig.defaults())
   c.sweep = ml_collections.ConfigDict(settings.SweepConfig.defaults())
+  c.export = ml_collections.ConfigDict(settings.ExportConfig.defaults())
+  c.eval = ml_collections.ConfigDict(settings.EvalConfig.defaults())
   return c
 
 

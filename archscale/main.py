@@ -20,6 +20,8 @@ MODES = {
     "fit": "archscale.law:run_fit",
     "search": "archscale.search:run_search",
     "pipeline": "archscale.pipeline:run_pipeline",
+    "export": "archscale.hf:run_export",
+    "evaluate": "archscale.evaluate:run_evaluate",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")

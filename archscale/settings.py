@@ -143,6 +143,10 @@ class TrainConfig(Section):
   keep_checkpoints: int = bookkeeping(2)
   async_checkpoint: bool = bookkeeping(True)  # write checkpoints in the background
   tensorboard: bool = bookkeeping(False)
+  # A local HF LLaMA directory to start from (weights and model section; fresh optimiser state).
+  # Part of a run's identity through `train.run_recipe`, which records it only when set, so
+  # runs from scratch keep their ids.
+  init_from: str = bookkeeping("")
 
   def __post_init__(self):
     self._positive_ints("steps", "global_batch_size", "grad_accum", "log_every",
@@ -374,6 +378,58 @@ class BenchConfig(Section):
     self._positive_ints("input_len", "output_len", "repeats")
 
 
+# ------------------------------------------------------------------ models leaving archscale
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+# The paper's zero-shot suite (lm-evaluation-harness task names).
+PAPER_TASKS = ("arc_easy", "arc_challenge", "lambada_openai", "hellaswag", "openbookqa", "piqa",
+               "sciq", "winogrande", "coqa")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(Section):
+  """`export.*`: the Hugging Face directory `--mode=export` writes (archscale.hf)."""
+
+  SECTION: ClassVar[str] = "export"
+
+  step: int = 0                # checkpoint step to export (0 = latest)
+  dtype: str = "float32"       # float32 | bfloat16 | float16
+  max_shard_mb: float = 5000.0  # larger weights are split into shards with an index
+
+  def __post_init__(self):
+    self._non_negative_ints("step", meaning="0 = latest")
+    self._one_of("dtype", EXPORT_DTYPES)
+    self._positive_numbers("max_shard_mb")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(Section):
+  """`eval.*`: zero-shot downstream tasks through lm-evaluation-harness (archscale.evaluate)."""
+
+  SECTION: ClassVar[str] = "eval"
+
+  model: str = ""              # HF directory ("" = WORKDIR/hf, exported first when missing)
+  tasks: str = ",".join(PAPER_TASKS)  # comma-separated lm-evaluation-harness task names
+  include_path: str = ""       # folder of extra task YAMLs (e.g. tasks over local data files)
+  num_fewshot: int = 0
+  limit: int = 0               # documents per task (0 = all)
+  batch_size: int = 8
+  device: str = "auto"         # auto (cuda when available) | cpu | cuda
+  dtype: str = "auto"          # auto (config.json's) | float32 | bfloat16 | float16
+  bootstrap_iters: int = 1000  # resamples for the metrics' standard errors (0 = none)
+
+  def __post_init__(self):
+    check(bool(self.task_names),
+          f"eval.tasks is empty: name lm-evaluation-harness tasks, e.g. {','.join(PAPER_TASKS)}")
+    self._non_negative_ints("num_fewshot", "limit", "bootstrap_iters")
+    self._positive_ints("batch_size")
+    self._one_of("dtype", ("auto", *EXPORT_DTYPES))
+
+  @property
+  def task_names(self) -> list[str]:
+    return [t.strip() for t in str(self.tasks).split(",") if t.strip()]
+
+
 def training_recipe(config: Any) -> dict[str, Any]:
   """What a trained run's result depends on besides its spec, length and seed.
 
@@ -388,4 +444,4 @@ def training_recipe(config: Any) -> dict[str, Any]:
 
 
 SECTIONS: tuple[type[Section], ...] = (TrainConfig, DataConfig, SweepConfig, FitConfig,
-                                       SearchConfig, BenchConfig)
+                                       SearchConfig, BenchConfig, ExportConfig, EvalConfig)

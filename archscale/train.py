@@ -49,7 +49,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from archscale import checkpoint, costmodel, io, monitor, settings, sharding
+from archscale import checkpoint, costmodel, hf, io, monitor, settings, sharding
 from archscale import loss as loss_lib
 from archscale import model as model_lib
 from archscale.arch import ArchSpec
@@ -426,6 +426,7 @@ def train(config: Any, workdir: str | pathlib.Path,
   preempt = monitor.Preemption(multi_process=jax.process_count() > 1)
   try:
     logging.info("%s", sharding.describe_topology())
+    config = hf.with_init_from(config)  # train.init_from: its config.json is the model section
     setup = build(config)
     logging.info("mesh: %s", " x ".join(f"{a}={n}" for a, n in setup.mesh.shape.items()))
     return _train_session(config, workdir, setup, preempt, step_callback, wall_start)
@@ -484,7 +485,9 @@ def _train_session(config, workdir, setup, preempt, step_callback, wall_start) -
 
 def run_recipe(config: Any, spec: ArchSpec) -> dict[str, Any]:
   """What a run's checkpoints were trained under: its spec, recipe (`settings`) and seed."""
-  return {"arch": spec.to_dict(), **settings.training_recipe(config), "seed": int(config.seed)}
+  init_from = TrainConfig.from_config(config).init_from.strip()
+  return {"arch": spec.to_dict(), **settings.training_recipe(config), "seed": int(config.seed),
+          **({"init_from": init_from} if init_from else {})}
 
 
 def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -532,6 +535,9 @@ def _restore_or_init(config, t, setup, ckpt, log, recipe) -> tuple[Any, dict[str
             "timed_steps": 0, "timed_peak_flop": 0.0, "wall_s": 0.0, "eval_loss": None}
     init_start = time.time()
     state = init_state(setup, config.seed)
+    if t.init_from:
+      state["params"] = hf.place_params(t.init_from, setup.spec, setup.abstract_state["params"])
+      logging.info("train: starting from the weights in %s", t.init_from)
     jax.block_until_ready(state)
     logging.info("train: initialised the sharded state in %.1fs", time.time() - init_start)
     return state, meta
