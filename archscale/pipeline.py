@@ -4,7 +4,7 @@ Steps, in order, each writing into WORKDIR:
 
   prepare_data  tokenized corpus in WORKDIR/data (unless data.path names a prepared one)
   sweep         WORKDIR/runs/<run_id>/, results.jsonl                    (archscale.sweep)
-  fit           fit.json and its plots, from results.jsonl                (archscale.law)
+  fit           fit.json and its plots, from results.jsonl                (archscale.fitting)
   decode_bench  decode_bench.json / .png for bench.archs on this machine  (archscale.decode)
   search        search.json, pareto.png, panda.py, surefire.py            (archscale.search)
   report        report.md: the key numbers and every plot
@@ -104,12 +104,12 @@ def _sweep(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> No
 
 
 def _fit(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
-  from archscale import law as law_lib
+  from archscale import fitting
 
   finished = sum(r.get("status", "finished") == "finished"
                  for r in io.read_jsonl(config.fit.results))
   say(f"fit: {config.fit.form} law (L_opt: {config.fit.l_opt}) on {finished} finished runs")
-  law_lib.run_fit(config, workdir)
+  fitting.run_fit(config, workdir)
   fit = json.loads((workdir / "fit.json").read_text())
   say(f"fit: params {_fmt_params(fit.get('params', {}))}; optimum {fit.get('optimum')}")
 

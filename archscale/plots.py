@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from archscale.fitting import FitResult
 
 
 def _pyplot() -> Any:
@@ -119,3 +122,42 @@ def _save(fig: Any, path: str | pathlib.Path) -> str:
   fig.savefig(path, dpi=110)
   _pyplot().close(fig)
   return str(path)
+
+
+def fit_figures(result: FitResult, workdir: pathlib.Path) -> list[str]:
+  """A fit's figures: predicted vs measured, residuals, and (conditional forms) loss against
+  d/sqrt(N) and against r per scale with the fitted curves."""
+  rows = result.rows_used
+  law = result.law
+  loss = np.array([row["loss"] for row in rows])
+  pred = np.array([row["predicted"] for row in rows])
+  scale = np.array([row["scale_index"] for row in rows])
+  n = np.array([float(row["params_nonembed"]) for row in rows])
+  labels = [f"N={human(np.median(n[scale == s]))}" for s in scale]
+  written = [predicted_vs_measured(workdir / "fit_predicted_vs_measured.png", pred, loss,
+                                   labels, title=f"{law.form} fit"),
+             residuals(workdir / "fit_residuals.png", pred, loss - pred, labels,
+                       title=f"{law.form} fit")]
+  if law.form == "chinchilla":
+    return written
+  x = np.array([row["d_over_sqrt_n"] for row in rows])
+  r = np.array([float(row["mlp_attn_ratio"]) for row in rows])
+  l_opt = np.array([row["l_opt"] for row in rows])
+  opt = result.optimum or {}
+  for name, values, other, key in (("d_over_sqrt_n", x, r, "d_over_sqrt_n"),
+                                   ("mlp_attn_ratio", r, x, "r")):
+    items = []
+    for s in np.unique(scale):
+      i = scale == s
+      grid = np.geomspace(values[i].min() / 1.2, values[i].max() * 1.2, 100)
+      held = np.full_like(grid, np.median(other[i]))
+      xs, rs = (grid, held) if key == "d_over_sqrt_n" else (held, grid)
+      curve = law.predict(x=xs, r=rs, l_opt=np.median(l_opt[i]))
+      held_name = "r" if key == "d_over_sqrt_n" else "d/sqrt(N)"
+      items.append(Panel(
+          title=labels[np.flatnonzero(i)[0]], points=[(values[i], loss[i], "measured")],
+          curves=[(grid, curve, f"fit at {held_name}={np.median(other[i]):.3g}")],
+          vlines=[(opt[key], "optimum")] if np.isfinite(opt.get(key) or np.nan) else []))
+    written.append(panels(workdir / f"fit_loss_vs_{key}.png", items, xlabel=name,
+                          ylabel="loss", logx=True))
+  return written

@@ -494,6 +494,7 @@ def _baseline_spec(name: str) -> ArchSpec:
 
 def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
   """The law of `search.law`, or one fitted now from `search.results` / `fit.results`."""
+  from archscale import fitting
   from archscale import law as law_lib
 
   s = SearchConfig.from_config(config)
@@ -511,7 +512,7 @@ def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
   cfg = config.copy_and_resolve_references()
   cfg.fit.results = results
   logging.info("search: fitting a %s law to %s", cfg.fit.form, cfg.fit.results)
-  law_lib.run_fit(cfg, workdir)
+  fitting.run_fit(cfg, workdir)
   path = pathlib.Path(workdir) / "fit.json"
   return law_lib.load_law(path), str(path)
 

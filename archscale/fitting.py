@@ -1,0 +1,514 @@
+"""Fitting scaling laws to results tables (`--mode=fit`), with uncertainty and the paper's protocol.
+
+Huber (delta) or squared loss on log or linear residuals, summed over rows, solved by
+`archscale.solver` (Levenberg-Marquardt or optax's L-BFGS, all starts vectorised) from Hoffmann's
+grid for Chinchilla, perturbations of a linear least-squares anchor for the conditional forms, or
+random starts. Bootstrap replicates (row weights drawn from a multinomial, each warm-started from
+the full-data optimum) run through the same program. Rows are read and grouped by
+`archscale.table`; the laws are `archscale.law`'s; figures are drawn by `archscale.plots`.
+
+Public API:
+  fit(rows, form=, l_opt=, r_range=, loss=, delta=, space=, solver=, starts=, n_starts=,
+      max_iter=, tol=, bootstrap=, level=, seed=) -> FitResult
+  evaluate_progressive(rows, form=, l_opt=, r_range=, **fit_kwargs) -> list[dict]
+      fit on the smaller scales, predict the next: train_scales, test_scale, mse, r2, spearman
+  prediction_metrics(predicted, measured) -> {"n", "mse", "r2", "spearman"}
+  FitResult: law, objective, intervals, stderr, optimum, starts, metrics, samples, timings,
+      per_start (each start's objective, status, iterations),
+      predict_interval(n, d, x, r) -> (2, ...) bounds, to_json()
+  run_fit(config, workdir)     `--mode=fit`: writes workdir/fit.json and plots
+
+fit.json: form, l_opt ("empirical", "chinchilla", a path, "given" or "none"), params, intervals
+({name: [lo, hi]} at interval_level, the optimum's d_over_sqrt_n and r included), stderr (bootstrap
+standard deviations), optimum (d_over_sqrt_n, r, closed_form, interior; null for chinchilla),
+objective, starts (total, converged, at_best, status counts), settings, metrics (in_sample;
+progressive steps), timings, l_opt_groups (N, D, L_opt, rows and N spread per budget), rows_used
+(each row plus d_over_sqrt_n, l_opt, predicted, predicted_interval, scale_index, budget_index),
+rows_excluded (each row plus reason), results, plots, provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from archscale import io, plots
+from archscale import law as law_lib
+from archscale import solver as solver_lib
+from archscale import table as table_lib
+
+L_OPTS = ("chinchilla", "empirical")
+LOSSES = ("huber", "squared")
+SPACES = ("log", "linear")
+# Starts whose objective is within this relative distance of the best count as reaching it.
+AT_BEST_RTOL = 1e-6
+
+
+class _Feats(NamedTuple):
+  """Per-row inputs of the solver, float64 arrays of length R."""
+  ln_n: Any
+  ln_d: Any
+  l_opt: Any
+  x: Any
+  r: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _FitModel:
+  """The solver's model for one form and residual space (hashable: it keys compiled programs)."""
+  form: str
+  space: str
+
+  def __call__(self, theta_P: Any, f: _Feats) -> Any:
+    return _predict_fit_space(self.form, self.space, theta_P, f)
+
+
+def _predict_fit_space(form: str, space: str, theta_P: Any, f: _Feats) -> Any:
+  """Predicted loss of every row in the space the residuals live in (log or linear)."""
+  if form == "chinchilla":
+    log_l = law_lib.chinchilla_log(theta_P, f.ln_n, f.ln_d, jnp)
+    return log_l if space == "log" else jnp.exp(log_l)
+  pred = law_lib.combine(form, f.l_opt, law_lib.calibrate(form, theta_P, f.x, f.r, jnp))
+  if space == "linear":
+    return pred
+  return jnp.log(jnp.where(pred > 0, pred, jnp.nan))  # A non-positive loss is no solution.
+
+
+
+
+
+
+def _prepare(rows: Sequence[Mapping[str, Any]], form: str,
+             r_range: Sequence[float] | None) -> table_lib.Table:
+  """The checked, r-filtered table, refused when it cannot pin down the form's parameters."""
+  table = table_lib.prepare(rows, arch=form != "chinchilla", r_range=r_range)
+  _check_identifiable(table, form)
+  return table
+
+
+def _check_identifiable(table: table_lib.Table, form: str) -> None:
+  """Refuses data that cannot pin down the form's parameters, naming the reason."""
+  n_free = len(law_lib.THETA_KEYS[form])
+  n_rows = len(table.rows)
+  if n_rows <= n_free:
+    after = f" after the r filter ({len(table.excluded)} excluded)" if table.excluded else ""
+    raise ValueError(f"form {form!r} has {n_free} free parameters but only {n_rows} rows "
+                     f"remain{after}; it needs at least {n_free + 1}")
+  if form == "chinchilla":
+    if table_lib.distinct(table.n) < 2 or table_lib.distinct(table.d) < 2:
+      raise ValueError(
+          f"a Chinchilla fit needs at least two distinct params_nonembed and two distinct tokens "
+          f"values; the rows have {table_lib.distinct(table.n)} and "
+          f"{table_lib.distinct(table.d)} (one scale only)")
+    return
+  for name, values in (("d_model / sqrt(params_nonembed)", table.x), ("mlp_attn_ratio", table.r)):
+    if table_lib.distinct(values) < 3:
+      raise ValueError(f"the {form} form needs at least three distinct values of {name}; the "
+                       f"rows have {table_lib.distinct(values)}: the U-shape cannot be fitted")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting.
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+  return value
+
+
+def _settings(form: str, loss: str, delta: float, space: str, solver: str, starts: str,
+              n_starts: int, max_iter: int, tol: float, bootstrap: int,
+              level: float) -> dict[str, Any]:
+  _check_choice("form", form, law_lib.FORMS)
+  _check_choice("loss", loss, LOSSES)
+  _check_choice("space", space, SPACES)
+  _check_choice("solver", solver, solver_lib.SOLVERS)
+  _check_choice("starts", starts, solver_lib.STARTS)
+  for name, value, ok in (("delta", delta, delta > 0), ("n_starts", n_starts, n_starts >= 1),
+                          ("max_iter", max_iter, max_iter >= 1), ("tol", tol, tol > 0),
+                          ("bootstrap", bootstrap, bootstrap >= 0),
+                          ("level", level, 0 < level < 1)):
+    if not ok:
+      raise ValueError(f"{name}={value!r} is out of range (delta, tol > 0; n_starts, max_iter >= 1;"
+                       " bootstrap >= 0; 0 < level < 1)")
+  return dict(loss=loss, delta=float(delta), space=space, solver=solver, starts=starts,
+              n_starts=int(n_starts), max_iter=int(max_iter), tol=float(tol),
+              bootstrap=int(bootstrap), level=float(level))
+
+
+def _lstsq(cols: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray:
+  return np.linalg.lstsq(np.stack(cols, axis=-1), y, rcond=None)[0]
+
+
+def _anchor(form: str, f: _Feats, loss: np.ndarray) -> np.ndarray:
+  """A least-squares starting point for the conditional forms (linear in u, then in v)."""
+  one, lnx, invx = law_lib.basis(f.x, np)
+  _, lnr, invr = law_lib.basis(f.r, np)
+  if form == "additive":
+    return _lstsq([one, lnx, invx, lnr, invr], loss - f.l_opt)
+  ratio = loss / f.l_opt
+  if form == "joint":
+    return _lstsq([fx * fr for fx in (one, lnx, invx) for fr in (one, lnr, invr)], ratio)
+  b = np.zeros(2)
+  for _ in range(5):  # Alternate: u given v, then v given u, folding v's constant into u.
+    v = 1.0 + b[0] * lnr + b[1] * invr
+    a = _lstsq([one, lnx, invx], ratio / v)
+    c, b1, b2 = _lstsq([one, lnr, invr], ratio / (a[0] + a[1] * lnx + a[2] * invx))
+    a, b = a * c, np.array([b1, b2]) / c
+  return np.concatenate([a, b])
+
+
+def _starting_points(form: str, settings: dict[str, Any], f: _Feats, loss: np.ndarray,
+                     rng: np.random.Generator) -> np.ndarray:
+  """Starts (S, P): Hoffmann's grid or a random box for Chinchilla; around an anchor otherwise."""
+  if form == "chinchilla":
+    if settings["starts"] == "grid":
+      return solver_lib.hoffmann_grid()
+    return solver_lib.hoffmann_box(settings["n_starts"], rng)
+  return solver_lib.perturbed_starts(_anchor(form, f, loss), settings["starts"],
+                                     settings["n_starts"], rng)
+
+
+class _Solution(NamedTuple):
+  theta: np.ndarray          # (P,) best parameters
+  objective: float
+  starts: dict[str, Any]     # counts of start outcomes
+  theta_samples: np.ndarray  # (B, P) bootstrap replicates (B = 0 without bootstrap)
+  timings: dict[str, float]
+  per_start: dict[str, np.ndarray]  # objective, status (index into solver.STATUS), iterations
+
+
+def _fit_arrays(form: str, settings: dict[str, Any], f: _Feats, loss: np.ndarray,
+                rng: np.random.Generator) -> _Solution:
+  """Multi-start fit of one form to prepared arrays, then the vectorised bootstrap."""
+  spec = solver_lib.Spec(_FitModel(form, settings["space"]), settings["loss"], settings["delta"],
+                         settings["solver"], settings["max_iter"], settings["tol"])
+  y = np.log(loss) if settings["space"] == "log" else loss
+  theta0_SP = _starting_points(form, settings, f, loss, rng)
+  logging.info("fit: %s, %d rows, %d starts, solver %s", form, len(loss), len(theta0_SP),
+               settings["solver"])
+  t0 = time.perf_counter()
+  (theta_BSP, obj_BS, status_BS, iters_BS), compile_s, _ = solver_lib.solve(
+      spec, theta0_SP[None], np.ones((1, len(loss))), f, y)
+  theta_SP, obj_S, status_S, iters_S = theta_BSP[0], obj_BS[0], status_BS[0], iters_BS[0]
+  finite = np.isfinite(obj_S)
+  if not finite.any():
+    raise ValueError(f"no start of the {form} fit reached a finite objective: check that the "
+                     "losses and architecture fields are on the scales the law expects")
+  best = int(np.argmin(np.where(finite, obj_S, np.inf)))
+  objective = float(obj_S[best])
+  at_best = finite & (np.abs(obj_S - objective) <= AT_BEST_RTOL * abs(objective) + 1e-300)
+  status_names = solver_lib.STATUS
+  converged = int(np.sum(status_S == status_names.index("converged")))
+  starts = dict(total=len(obj_S), converged=converged,
+                at_best=int(at_best.sum()), at_best_rtol=AT_BEST_RTOL,
+                status={s: int(np.sum(status_S == i)) for i, s in enumerate(status_names) if i},
+                iterations_of_best=int(iters_S[best]))
+  timings = dict(compile_seconds=compile_s, seconds=time.perf_counter() - t0)
+  logging.info("fit: objective %.6g; %d/%d starts converged, %d at the best (%.1f s)", objective,
+               starts["converged"], starts["total"], starts["at_best"], timings["seconds"])
+  samples = np.zeros((0, len(theta0_SP[0])))
+  if settings["bootstrap"]:
+    n_rows, n_boot = len(loss), settings["bootstrap"]
+    w_BR = rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=n_boot).astype(np.float64)
+    t1 = time.perf_counter()
+    (theta_B1P, obj_B1, status_B1, _), boot_compile_s, _ = solver_lib.solve(
+        spec, np.broadcast_to(theta_SP[best], (n_boot, 1, theta_SP.shape[1])), w_BR, f, y)
+    samples = theta_B1P[np.isfinite(obj_B1[:, 0]), 0]
+    timings.update(bootstrap_seconds=time.perf_counter() - t1,
+                   compile_seconds=compile_s + boot_compile_s)
+    starts["bootstrap_status"] = {s: int(np.sum(status_B1 == i))
+                                  for i, s in enumerate(status_names) if i}
+    logging.info("fit: %d bootstrap replicates (%.1f s)", n_boot, timings["bootstrap_seconds"])
+  per_start = dict(objective=obj_S, status=status_S, iterations=iters_S)
+  return _Solution(theta_SP[best], objective, starts, samples, timings, per_start)
+
+
+def _feats(table: table_lib.Table, l_opt: np.ndarray | None = None) -> _Feats:
+  l_opt = np.ones_like(table.n) if l_opt is None else l_opt
+  return _Feats(np.log(table.n), np.log(table.d), l_opt, table.x, table.r)
+
+
+def _resolve_l_opt(l_opt: Any, table: table_lib.Table, settings: dict[str, Any],
+                   rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float] | None, str]:
+  """L_opt per row, the Chinchilla params behind it (if any), and a description."""
+  if isinstance(l_opt, str) and l_opt == "empirical":
+    table_lib.warn_n_spread(table)
+    return table_lib.empirical_l_opt(table), None, "empirical"
+  if isinstance(l_opt, str) and l_opt == "chinchilla":
+    n_budgets = table.budget.max() + 1
+    first = table_lib.best_rows(table)  # each budget's minimum, at the N and D of its row
+    mins = table.loss[first]
+    if n_budgets <= len(law_lib.CHINCHILLA_KEYS) or table_lib.distinct(table.n[first]) < 2 \
+        or table_lib.distinct(table.d[first]) < 2:
+      raise ValueError(
+          f"l_opt='chinchilla' fits E, A, B, alpha, beta to the best loss of each (N, D) budget, "
+          f"but the rows have {n_budgets} budget(s) ({table_lib.distinct(table.n[first])} distinct "
+          f"N, {table_lib.distinct(table.d[first])} distinct D); it needs at least 6 with two or "
+          "more of each. "
+          "Use l_opt='empirical', or the path of a fit.json with Chinchilla params.")
+    sub = table_lib.Table([], [], table.n[first], table.d[first], mins, table.x[first],
+                          table.r[first], table.scale[first], np.arange(n_budgets))
+    sol = _fit_arrays("chinchilla", dict(settings, starts="grid", bootstrap=0), _feats(sub),
+                      mins, rng)
+    params = {k: float(v) for k, v in law_lib.theta_to_params("chinchilla", sol.theta).items()}
+    return law_lib.Law("chinchilla", params).l_opt(table.n, table.d), params, "chinchilla"
+  law = None
+  if isinstance(l_opt, law_lib.Law):
+    law = l_opt
+  elif isinstance(l_opt, Mapping):
+    law = law_lib.load_law(l_opt) if "params" in l_opt else law_lib.Law("chinchilla", dict(l_opt))
+  elif isinstance(l_opt, (str, pathlib.Path)) and pathlib.Path(l_opt).is_file():
+    law = law_lib.load_law(l_opt)
+  if law is None or not (law.form == "chinchilla" or law.has_chinchilla):
+    raise ValueError(f"l_opt={l_opt!r} must be one of {list(L_OPTS)}, the path of a fit.json with "
+                     f"Chinchilla params {list(law_lib.CHINCHILLA_KEYS)}, or those params")
+  params = {k: law.params[k] for k in law_lib.CHINCHILLA_KEYS}
+  source = str(l_opt) if isinstance(l_opt, (str, pathlib.Path)) else "given"
+  return law_lib.Law("chinchilla", params).l_opt(table.n, table.d), params, source
+
+
+def prediction_metrics(predicted: Any, measured: Any) -> dict[str, float]:
+  """MSE, R^2 and Spearman rank correlation (average ranks for ties) of predicted vs measured."""
+  from scipy import stats
+
+  p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+  if p.shape != m.shape or p.ndim != 1:
+    raise ValueError(f"predicted {p.shape} and measured {m.shape} must be 1-D of equal length")
+  n = len(m)
+  mse = float(np.mean((p - m) ** 2)) if n else math.nan
+  ss_tot = float(np.sum((m - m.mean()) ** 2)) if n else 0.0
+  r2 = 1.0 - float(np.sum((p - m) ** 2)) / ss_tot if ss_tot > 0 else math.nan
+  rp, rm = stats.rankdata(p), stats.rankdata(m)
+  denom = np.std(rp) * np.std(rm) if n > 1 else 0.0
+  spearman = float(np.mean((rp - rp.mean()) * (rm - rm.mean())) / denom) if denom > 0 else math.nan
+  return dict(n=n, mse=mse, r2=r2, spearman=spearman)
+
+
+@dataclasses.dataclass
+class FitResult:
+  """A fitted law with its uncertainty, start statistics, metrics and the rows it used."""
+  law: law_lib.Law
+  objective: float
+  settings: dict[str, Any]
+  l_opt: str
+  intervals: dict[str, list[float]]
+  stderr: dict[str, float]
+  optimum: dict[str, Any] | None
+  starts: dict[str, Any]
+  metrics: dict[str, Any]
+  rows_used: list[dict[str, Any]]
+  rows_excluded: list[dict[str, Any]]
+  l_opt_groups: list[dict[str, float]]
+  samples: dict[str, np.ndarray]
+  timings: dict[str, float]
+  per_start: dict[str, np.ndarray]  # each start's objective, status (solver.STATUS), iterations
+
+  def predict_interval(self, n: Any = None, d: Any = None, x: Any = None, r: Any = None,
+                       l_opt: Any = None, level: float | None = None) -> np.ndarray:
+    """Percentile interval (2, ...) of `law.predict` over the bootstrap replicates.
+
+    For the conditional forms L_opt is held at the full-data fit: the intervals are conditional
+    on it.
+    """
+    if not self.samples:
+      raise ValueError("this fit has no bootstrap replicates; refit with bootstrap > 0")
+    form = self.law.form
+    level = self.settings["level"] if level is None else level
+    params = {k: v for k, v in self.samples.items() if k in law_lib.PARAM_KEYS[form]}
+    theta_BP = law_lib.params_to_theta(form, params)
+    if form == "chinchilla":
+      n, d = np.broadcast_arrays(np.asarray(n, np.float64), np.asarray(d, np.float64))
+      pred_BR = np.exp(law_lib.chinchilla_log(theta_BP, np.log(n.ravel()), np.log(d.ravel()), np))
+      shape = n.shape
+    else:
+      x, r = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(r, np.float64))
+      pred_BR = law_lib.calibrate(form, theta_BP, x.ravel(), r.ravel(), np)
+      shape = x.shape
+      if l_opt is None and self.law.has_chinchilla:
+        l_opt = self.law.l_opt(n, d)
+      if l_opt is not None:
+        pred_BR = law_lib.combine(form, np.broadcast_to(l_opt, shape).ravel(), pred_BR)
+    q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+    return np.nanpercentile(pred_BR, q, axis=0).reshape((2,) + shape)
+
+  def to_json(self) -> dict[str, Any]:
+    """The fit.json document (without provenance)."""
+    return _jsonable(dict(
+        form=self.law.form, l_opt=self.l_opt, params=dict(self.law.params),
+        intervals=self.intervals, interval_level=self.settings["level"], stderr=self.stderr,
+        optimum=self.optimum, objective=self.objective, starts=self.starts,
+        settings=self.settings, metrics=self.metrics, timings=self.timings,
+        l_opt_groups=self.l_opt_groups, rows_used=self.rows_used,
+        rows_excluded=self.rows_excluded))
+
+
+def _jsonable(obj: Any) -> Any:
+  """Plain JSON types, with NaN and infinities as null."""
+  if isinstance(obj, Mapping):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return _jsonable(obj.tolist())
+  if isinstance(obj, (np.integer, np.bool_)):
+    return obj.item()
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if math.isfinite(obj) else None
+  return obj
+
+
+def _optimum_samples(form: str, theta_BP: np.ndarray,
+                     box: tuple[tuple[float, float], tuple[float, float]] | None) -> np.ndarray:
+  """(B, 2) optimum (x*, r*) of each parameter row; NaN where there is no interior minimum."""
+  p = law_lib.theta_to_params(form, theta_BP)
+  if form != "joint":
+    return np.stack([law_lib.closed_form_optimum(p["a1"], p["a2"]),
+                     law_lib.closed_form_optimum(p["b1"], p["b2"])], axis=-1)
+  x, r, interior = law_lib.grid_optimum(form, theta_BP, box[0], box[1])
+  return np.where(interior[:, None], np.stack([x, r], axis=-1), np.nan)
+
+
+def fit(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
+        l_opt: str | pathlib.Path | Mapping[str, float] | law_lib.Law = "chinchilla",
+        r_range: Sequence[float] | None = (0.5, 5.0), loss: str = "huber", delta: float = 1e-3,
+        space: str = "log", solver: str = "lm", starts: str = "grid", n_starts: int = 256,
+        max_iter: int = 200, tol: float = 1e-12, bootstrap: int = 0, level: float = 0.95,
+        seed: int = 0) -> FitResult:
+  """Fits one law to results rows; every input is checked before any solving starts.
+
+  l_opt: "chinchilla" (fitted to the best loss of each budget), "empirical" (that best loss
+  itself), or Chinchilla params given directly (a dict, a Law, or a fit.json path).
+  r_range: keep rows with lo <= mlp_attn_ratio <= hi (conditional forms); None keeps all.
+  """
+  settings = _settings(form, loss, delta, space, solver, starts, n_starts, max_iter, tol,
+                       bootstrap, level)
+  table = _prepare(rows, form, r_range)
+  rng = np.random.default_rng(seed)
+  chin_params, l_opt_desc, l_opt_R = None, "none", None
+  if form != "chinchilla":
+    l_opt_R, chin_params, l_opt_desc = _resolve_l_opt(l_opt, table, settings, rng)
+  f = _feats(table, l_opt_R)
+  sol = _fit_arrays(form, settings, f, table.loss, rng)
+
+  params = {k: float(v) for k, v in law_lib.theta_to_params(form, sol.theta).items()}
+  box = None
+  if form == "joint":
+    box = ((float(table.x.min()), float(table.x.max())),
+           (float(table.r.min()), float(table.r.max())))
+  law = law_lib.Law(form, dict(params, **(chin_params or {})), box=box)
+
+  samples: dict[str, np.ndarray] = {}
+  optimum = None
+  if form != "chinchilla":
+    optimum = law.optimum()
+    optimum["interior"] = bool(np.isfinite(_optimum_samples(form, sol.theta[None], box)).all())
+  if len(sol.theta_samples):
+    samples = {k: np.asarray(v) for k, v in law_lib.theta_to_params(form, sol.theta_samples).items()
+               if not (form == "multiplicative" and k == "b0")}  # b0 = 1 fixes the scale.
+    if form != "chinchilla":
+      opt_B2 = _optimum_samples(form, sol.theta_samples, box)
+      samples["d_over_sqrt_n"], samples["r"] = opt_B2[:, 0], opt_B2[:, 1]
+      optimum["bootstrap_interior_fraction"] = float(np.mean(np.isfinite(opt_B2).all(axis=1)))
+  q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+  intervals = {k: [float(v) for v in np.nanpercentile(s, q)] for k, s in samples.items()
+               if np.isfinite(s).any()}
+  stderr = {k: float(np.nanstd(s, ddof=1)) for k, s in samples.items() if np.isfinite(s).sum() > 1}
+
+  pred = law.predict(table.n, table.d, table.x, table.r, l_opt=l_opt_R)
+  rows_used = [dict(row, d_over_sqrt_n=float(table.x[i]), predicted=float(pred[i]),
+                    scale_index=int(table.scale[i]), budget_index=int(table.budget[i]),
+                    **({"l_opt": float(l_opt_R[i])} if l_opt_R is not None else {}))
+               for i, row in enumerate(table.rows)]
+  if form == "chinchilla":
+    for row in rows_used:
+      row.pop("d_over_sqrt_n")
+  result = FitResult(
+      law=law, objective=sol.objective, settings=settings, l_opt=l_opt_desc, intervals=intervals,
+      stderr=stderr, optimum=optimum, starts=sol.starts,
+      metrics=dict(in_sample=prediction_metrics(pred, table.loss)), rows_used=rows_used,
+      rows_excluded=table.excluded, l_opt_groups=[], samples=samples, timings=sol.timings,
+      per_start=sol.per_start)
+  if samples:
+    lo, hi = result.predict_interval(table.n, table.d, table.x, table.r, l_opt=l_opt_R)
+    for row, lo_i, hi_i in zip(rows_used, lo, hi, strict=True):
+      row["predicted_interval"] = [float(lo_i), float(hi_i)]
+  if l_opt_R is not None:
+    for g, spread in enumerate(table_lib.n_spreads(table)):
+      i = np.flatnonzero(table.budget == g)
+      result.l_opt_groups.append(dict(
+          params_nonembed=float(np.median(table.n[i])), tokens=float(np.median(table.d[i])),
+          l_opt=float(l_opt_R[i[0]]), rows=len(i), n_spread=spread))
+  return result
+
+
+def evaluate_progressive(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
+                         l_opt: Any = "chinchilla", r_range: Sequence[float] | None = (0.5, 5.0),
+                         **fit_kwargs: Any) -> list[dict[str, Any]]:
+  """The paper's protocol: fit on scales 1..k, predict scale k + 1, for every k.
+
+  Scales are groups of params_nonembed (see SCALE_FACTOR). With l_opt="empirical" the held-out
+  scale's L_opt is its own best loss, so the metrics score the architecture calibration, as in
+  the paper. Steps whose training rows cannot support the form are reported with `skipped`.
+  """
+  table = _prepare(rows, form, r_range)
+  n_scales = table.scale.max() + 1
+  if n_scales < 2:
+    raise ValueError("the progressive protocol needs at least two scales of params_nonembed; "
+                     f"the rows have {n_scales}")
+  fit_kwargs = dict(fit_kwargs, bootstrap=0)
+  steps = []
+  for k in range(1, n_scales):
+    train, test = table.take(table.scale < k), table.take(table.scale == k)
+    step = dict(train_scales=[float(np.median(table.n[table.scale == s])) for s in range(k)],
+                test_scale=float(np.median(test.n)), n_train=len(train.rows), n_test=len(test.rows))
+    try:
+      result = fit(train.rows, form=form, l_opt=l_opt, r_range=None, **fit_kwargs)
+    except ValueError as e:
+      logging.info("progressive: step %d skipped: %s", k, e)
+      steps.append(dict(step, skipped=str(e)))
+      continue
+    law = result.law
+    test_l_opt = None
+    if form != "chinchilla" and not law.has_chinchilla:
+      test_l_opt = table_lib.empirical_l_opt(test)
+    pred = law.predict(test.n, test.d, test.x, test.r, l_opt=test_l_opt)
+    metrics = prediction_metrics(pred, test.loss)
+    steps.append(dict(step, mse=metrics["mse"], r2=metrics["r2"], spearman=metrics["spearman"],
+                      params=dict(law.params)))
+    logging.info("progressive: %s -> %.3g: %s", step["train_scales"], step["test_scale"],
+                 {k: steps[-1][k] for k in ("mse", "r2", "spearman")})
+  return steps
+
+
+def run_fit(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """`--mode=fit`: fits config.fit.form to config.fit.results; writes fit.json and plots."""
+  fc = config.fit
+  if not fc.results:
+    raise ValueError("config.fit.results is empty: set --config.fit.results=PATH to a results "
+                     "table (JSONL or CSV)")
+  rows = table_lib.load_rows(fc.results)
+  kwargs = dict(form=fc.form, l_opt=fc.l_opt, r_range=tuple(fc.r_range) if fc.r_range else None,
+                loss=fc.loss, delta=fc.delta, space=fc.space, solver=fc.solver, starts=fc.starts,
+                n_starts=fc.n_starts, max_iter=fc.max_iter, seed=config.seed)
+  result = fit(rows, bootstrap=fc.bootstrap, level=fc.level, **kwargs)
+  n_scales = max(row["scale_index"] for row in result.rows_used) + 1
+  result.metrics["progressive"] = evaluate_progressive(rows, **kwargs) if n_scales > 1 else []
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  doc = dict(result.to_json(), results=str(fc.results),
+             plots=[pathlib.Path(p).name for p in plots.fit_figures(result, workdir)],
+             provenance=io.provenance(config))
+  io.write_json_atomic(workdir / "fit.json", doc)
+  logging.info("fit: wrote %s: params %s, optimum %s", workdir / "fit.json", result.law.params,
+               result.optimum)

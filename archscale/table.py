@@ -1,0 +1,227 @@
+"""The results table of the scaling-law fitter: loading, row checks, filtering and grouping.
+
+Rows: `params_nonembed`, `tokens`, `loss` (all forms) and `d_model`, `mlp_attn_ratio` (forms with
+architecture terms), finite and positive; other fields are kept. Rows whose `status` is not
+"finished" (failed sweep attempts) and rows outside `r_range` are excluded and listed. Scales are
+the rows' `scale` (the sweep's requested N) when every row has one, else groups of N within
+SCALE_FACTOR; budgets are groups of D within a scale. The empirical L_opt of a row is the lowest
+loss of its (N, D) budget.
+
+Public API:
+  load_rows(path) -> list[dict]            JSONL or CSV
+  prepare(rows, arch=, r_range=) -> Table  checked, filtered rows as float64 arrays with groups
+  empirical_l_opt(table), best_rows(table), n_spreads(table), warn_n_spread(table)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from archscale import io
+
+REQUIRED_FIELDS = ("params_nonembed", "tokens", "loss")
+ARCH_FIELDS = ("d_model", "mlp_attn_ratio")
+# A new scale starts where N exceeds the smallest N of the current one by more than this factor.
+SCALE_FACTOR = 1.25
+# Realised N may differ from its budget's by this much before an empirical L_opt warns.
+N_SPREAD_WARNING = 0.02
+
+
+def is_finite_number(v: Any) -> bool:
+  if isinstance(v, bool):
+    return False
+  try:
+    return math.isfinite(float(v))
+  except (TypeError, ValueError):
+    return False
+
+
+def _parse_cell(text: str) -> Any:
+  text = text.strip()
+  if text == "":
+    return None
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return text
+
+
+def load_rows(path: str | pathlib.Path) -> list[dict[str, Any]]:
+  """Rows of a results table: JSONL (one object a line) or CSV with a header."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise ValueError(f"results table {path} does not exist; set config.fit.results to the sweep's "
+                     "results.jsonl or a CSV")
+  suffix = path.suffix.lower()
+  if suffix in (".jsonl", ".json"):
+    rows = list(io.read_jsonl(path))
+  elif suffix == ".csv":
+    with open(path, encoding="utf-8", newline="") as f:
+      rows = [{k: _parse_cell(v or "") for k, v in row.items() if k is not None}
+              for row in csv.DictReader(f)]
+  else:
+    raise ValueError(f"results table {path} must end in .jsonl or .csv, not {suffix!r}")
+  if not rows:
+    raise ValueError(f"results table {path} has no rows")
+  return rows
+
+
+def _row_name(i: int, row: Mapping[str, Any]) -> str:
+  for key in ("run_id", "id", "name"):
+    if row.get(key) not in (None, ""):
+      return f"row {i} ({key}={row[key]})"
+  return f"row {i}"
+
+
+def _cluster(values: np.ndarray) -> np.ndarray:
+  """Integer ids of groups of nearby positive values, in increasing order (see SCALE_FACTOR)."""
+  order = np.argsort(values, kind="stable")
+  ids = np.empty(len(values), int)
+  current, start = -1, -np.inf
+  for i in order:
+    if values[i] > start * SCALE_FACTOR:
+      current, start = current + 1, values[i]
+    ids[i] = current
+  return ids
+
+
+@dataclasses.dataclass
+class Table:
+  """Validated, filtered rows as float64 arrays, with their scale and budget groups."""
+  rows: list[dict[str, Any]]
+  excluded: list[dict[str, Any]]
+  n: np.ndarray
+  d: np.ndarray
+  loss: np.ndarray
+  x: np.ndarray
+  r: np.ndarray
+  scale: np.ndarray
+  budget: np.ndarray
+
+  def take(self, mask: np.ndarray) -> Table:
+    idx = np.flatnonzero(mask)
+    arrays = {k: getattr(self, k)[idx] for k in ("n", "d", "loss", "x", "r")}
+    return make_table([self.rows[i] for i in idx], [], **arrays)
+
+
+def make_table(rows: list[dict[str, Any]], excluded: list[dict[str, Any]], n: np.ndarray,
+               d: np.ndarray, loss: np.ndarray, x: np.ndarray, r: np.ndarray) -> Table:
+  """Scales are the rows' `scale` (the sweep's requested N) when all have one, else clusters of
+  N; budgets are clusters of D within a scale."""
+  nominal = [row.get("scale") for row in rows]
+  if rows and all(is_finite_number(v) and float(v) > 0 for v in nominal):
+    scale = np.unique(np.array(nominal, np.float64), return_inverse=True)[1].reshape(-1)
+  else:
+    scale = _cluster(n)
+  budget = np.zeros(len(n), int)
+  for s in np.unique(scale):
+    in_s = scale == s
+    budget[in_s] = _cluster(d[in_s]) + budget.max() + 1
+  _, budget = np.unique(budget, return_inverse=True)
+  return Table(rows, excluded, n, d, loss, x, r, scale, budget)
+
+
+def prepare(rows: Sequence[Mapping[str, Any]], arch: bool,
+            r_range: Sequence[float] | None) -> Table:
+  """Checks every row (raising on malformed ones) and applies the r filter.
+
+  arch: whether the rows need the architecture fields (d_model, mlp_attn_ratio); without them
+  x = r = 1 and r_range is ignored.
+  """
+  if not rows:
+    raise ValueError("the results table is empty: nothing to fit")
+  fields = REQUIRED_FIELDS + (ARCH_FIELDS if arch else ())
+  problems, unfinished, finished = [], [], []
+  for i, row in enumerate(rows):
+    if not isinstance(row, Mapping):
+      problems.append(f"row {i}: not a mapping of fields")
+    elif row.get("status") not in (None, "finished"):
+      unfinished.append(dict(row, reason=f"status={row['status']!r}: not a finished run"))
+    else:
+      bad = [f"{k}={row.get(k)!r}" for k in fields
+             if not (is_finite_number(row.get(k)) and float(row[k]) > 0)]
+      if bad:
+        problems.append(f"{_row_name(i, row)}: " + ", ".join(bad))
+      finished.append(row)
+  if problems:
+    shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10
+                                         else "")
+    raise ValueError(f"{len(problems)} malformed row(s) in the results table: {shown}. Every row "
+                     f"needs finite positive {list(fields)}; fix or remove these rows.")
+  if not finished:
+    raise ValueError(f"none of the {len(rows)} rows has status 'finished': nothing to fit")
+  sources = sorted({str(row["loss_source"]) for row in finished if "loss_source" in row})
+  if len(sources) > 1:
+    raise ValueError(f"the rows' loss comes from different sources {sources} (field loss_source); "
+                     "held-out and training losses are not comparable: rerun the 'train' runs with "
+                     "train.eval_batches > 0, or fit the rows of one source at a time")
+  rows = finished
+  cols = {k: np.array([float(row[k]) for row in rows]) for k in fields}
+  n, d, loss = cols["params_nonembed"], cols["tokens"], cols["loss"]
+  if not arch:
+    x = r = np.ones_like(n)
+  else:
+    x, r = cols["d_model"] / np.sqrt(n), cols["mlp_attn_ratio"]
+  keep = np.ones(len(rows), bool)
+  excluded = unfinished
+  if arch and r_range:
+    lo, hi = check_r_range(r_range)
+    keep = (r >= lo) & (r <= hi)
+    excluded += [dict(rows[i], reason=f"mlp_attn_ratio={r[i]:.4g} outside r_range [{lo}, {hi}]")
+                 for i in np.flatnonzero(~keep)]
+  kept = [dict(rows[i]) for i in np.flatnonzero(keep)]
+  return make_table(kept, excluded, n[keep], d[keep], loss[keep], x[keep], r[keep])
+
+
+def check_r_range(r_range: Sequence[float]) -> tuple[float, float]:
+  if len(r_range) != 2 or not all(is_finite_number(v) for v in r_range):
+    raise ValueError(f"r_range={tuple(r_range)!r} must be two numbers (lo, hi), or empty for none")
+  lo, hi = float(r_range[0]), float(r_range[1])
+  if not 0 < lo < hi:
+    raise ValueError(f"r_range=({lo}, {hi}) needs 0 < lo < hi; the paper keeps 0.5 <= r <= 5")
+  return lo, hi
+
+
+def distinct(values: np.ndarray) -> int:
+  return len(np.unique(np.round(np.log(values), 9)))
+
+
+
+def empirical_l_opt(table: Table) -> np.ndarray:
+  """The lowest loss of each row's (N, D) budget."""
+  best = np.full(table.budget.max() + 1, np.inf)
+  np.minimum.at(best, table.budget, table.loss)
+  return best[table.budget]
+
+
+def best_rows(table: Table) -> np.ndarray:
+  """Index of the lowest-loss row of each budget."""
+  return np.array([i[np.argmin(table.loss[i])] for i in
+                   (np.flatnonzero(table.budget == g) for g in range(table.budget.max() + 1))])
+
+
+def n_spreads(table: Table) -> list[float]:
+  """Per budget, the largest relative distance of a row's realised N from its best row's N."""
+  best = best_rows(table)
+  return [float(np.max(np.abs(table.n[table.budget == g] / table.n[best[g]] - 1)))
+          for g in range(len(best))]
+
+
+def warn_n_spread(table: Table) -> None:
+  spreads = n_spreads(table)
+  if max(spreads) > N_SPREAD_WARNING:
+    logging.warning(
+        "fit: with an empirical L_opt every row of a budget shares its best loss, but realised N "
+        "varies by up to %.1f%% within a budget; its loss effect is then read as an architecture "
+        "effect. Use fit.l_opt=chinchilla (or a fit.json with Chinchilla params), which evaluates "
+        "L_opt at each row's own N, or a smaller sweep.n_tolerance.", 100 * max(spreads))
