@@ -40,7 +40,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from scipy import stats
 
+from archscale import diagnostics as diagnostics_lib
 from archscale import io, plots
 from archscale import law as law_lib
 from archscale import solver as solver_lib
@@ -64,12 +66,35 @@ class _Feats(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _FitModel:
-  """The solver's model for one form and residual space (hashable: it keys compiled programs)."""
+  """The solver's model for one form and residual space (hashable: it keys compiled programs).
+
+  `free` lists the positions in law.THETA_KEYS[form] the solver estimates (None: all); the
+  other parameters are held at zero (`fit.terms`).
+  """
   form: str
   space: str
+  free: tuple[int, ...] | None = None
 
   def __call__(self, theta_P: Any, f: _Feats) -> Any:
+    if self.free is not None:
+      full = jnp.zeros(theta_P.shape[:-1] + (len(law_lib.THETA_KEYS[self.form]),), theta_P.dtype)
+      theta_P = full.at[..., list(self.free)].set(theta_P)
     return _predict_fit_space(self.form, self.space, theta_P, f)
+
+
+def _model(form: str, settings: Mapping[str, Any]) -> _FitModel:
+  keys = law_lib.THETA_KEYS[form]
+  free = law_lib.free_keys(form, settings["terms"])
+  return _FitModel(form, settings["space"],
+                   None if free == keys else tuple(keys.index(k) for k in free))
+
+
+def _full_theta(form: str, terms: str, theta_fP: np.ndarray) -> np.ndarray:
+  """Fitted parameters (last axis, law.free_keys order) to the full vector, zeros elsewhere."""
+  keys, free = law_lib.THETA_KEYS[form], law_lib.free_keys(form, terms)
+  full = np.zeros(theta_fP.shape[:-1] + (len(keys),))
+  full[..., [keys.index(k) for k in free]] = theta_fP
+  return full
 
 
 def _predict_fit_space(form: str, space: str, theta_P: Any, f: _Feats) -> Any:
@@ -83,21 +108,17 @@ def _predict_fit_space(form: str, space: str, theta_P: Any, f: _Feats) -> Any:
   return jnp.log(jnp.where(pred > 0, pred, jnp.nan))  # A non-positive loss is no solution.
 
 
-
-
-
-
-def _prepare(rows: Sequence[Mapping[str, Any]], form: str,
-             r_range: Sequence[float] | None) -> table_lib.Table:
+def _prepare(rows: Sequence[Mapping[str, Any]], form: str, r_range: Sequence[float] | None,
+             terms: str = "both") -> table_lib.Table:
   """The checked, r-filtered table, refused when it cannot pin down the form's parameters."""
   table = table_lib.prepare(rows, arch=form != "chinchilla", r_range=r_range)
-  _check_identifiable(table, form)
+  _check_identifiable(table, form, terms)
   return table
 
 
-def _check_identifiable(table: table_lib.Table, form: str) -> None:
+def _check_identifiable(table: table_lib.Table, form: str, terms: str) -> None:
   """Refuses data that cannot pin down the form's parameters, naming the reason."""
-  n_free = len(law_lib.THETA_KEYS[form])
+  n_free = len(law_lib.free_keys(form, terms))
   n_rows = len(table.rows)
   if n_rows <= n_free:
     after = f" after the r filter ({len(table.excluded)} excluded)" if table.excluded else ""
@@ -110,10 +131,16 @@ def _check_identifiable(table: table_lib.Table, form: str) -> None:
           f"values; the rows have {table_lib.distinct(table.n)} and "
           f"{table_lib.distinct(table.d)} (one scale only)")
     return
-  for name, values in (("d_model / sqrt(params_nonembed)", table.x), ("mlp_attn_ratio", table.r)):
-    if table_lib.distinct(values) < 3:
-      raise ValueError(f"the {form} form needs at least three distinct values of {name}; the "
-                       f"rows have {table_lib.distinct(values)}: the U-shape cannot be fitted")
+  fitted = {"both": ("width", "ratio"), "width": ("width",), "ratio": ("ratio",)}[terms]
+  for term, name, values in (("width", "d_model / sqrt(params_nonembed)", table.x),
+                             ("ratio", "mlp_attn_ratio", table.r)):
+    if term in fitted and table_lib.distinct(values) < 3:
+      other = "ratio" if term == "width" else "width"
+      hint = (f" Set fit.terms={other!r} to fit the {other} term alone." if terms == "both"
+              else "")
+      raise ValueError(f"the {form} form needs at least three distinct values of {name} to fit "
+                       f"its {term} term; the rows have {table_lib.distinct(values)}: the U-shape "
+                       f"cannot be fitted.{hint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,13 +154,17 @@ def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 
 
 def _settings(form: str, loss: str, delta: float, space: str, solver: str, starts: str,
-              n_starts: int, max_iter: int, tol: float, bootstrap: int,
-              level: float) -> dict[str, Any]:
+              n_starts: int, max_iter: int, tol: float, bootstrap: int, level: float,
+              terms: str) -> dict[str, Any]:
   _check_choice("form", form, law_lib.FORMS)
   _check_choice("loss", loss, LOSSES)
   _check_choice("space", space, SPACES)
   _check_choice("solver", solver, solver_lib.SOLVERS)
   _check_choice("starts", starts, solver_lib.STARTS)
+  _check_choice("terms", terms, law_lib.TERMS)
+  if form == "chinchilla" and terms != "both":
+    raise ValueError(f"terms={terms!r} selects architecture terms, which the chinchilla form "
+                     "does not have; leave fit.terms='both'")
   for name, value, ok in (("delta", delta, delta > 0), ("n_starts", n_starts, n_starts >= 1),
                           ("max_iter", max_iter, max_iter >= 1), ("tol", tol, tol > 0),
                           ("bootstrap", bootstrap, bootstrap >= 0),
@@ -143,22 +174,32 @@ def _settings(form: str, loss: str, delta: float, space: str, solver: str, start
                        " bootstrap >= 0; 0 < level < 1)")
   return dict(loss=loss, delta=float(delta), space=space, solver=solver, starts=starts,
               n_starts=int(n_starts), max_iter=int(max_iter), tol=float(tol),
-              bootstrap=int(bootstrap), level=float(level))
+              bootstrap=int(bootstrap), level=float(level), terms=terms)
 
 
 def _lstsq(cols: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray:
   return np.linalg.lstsq(np.stack(cols, axis=-1), y, rcond=None)[0]
 
 
-def _anchor(form: str, f: _Feats, loss: np.ndarray) -> np.ndarray:
-  """A least-squares starting point for the conditional forms (linear in u, then in v)."""
+def _anchor(form: str, f: _Feats, loss: np.ndarray, terms: str) -> np.ndarray:
+  """A least-squares starting point for the conditional forms' fitted terms (linear in u, then
+  in v)."""
   one, lnx, invx = law_lib.basis(f.x, np)
   _, lnr, invr = law_lib.basis(f.r, np)
+  free = law_lib.free_keys(form, terms)
   if form == "additive":
-    return _lstsq([one, lnx, invx, lnr, invr], loss - f.l_opt)
+    cols = dict(zip(law_lib.THETA_KEYS[form], (one, lnx, invx, lnr, invr), strict=True))
+    return _lstsq([cols[k] for k in free], loss - f.l_opt)
   ratio = loss / f.l_opt
   if form == "joint":
-    return _lstsq([fx * fr for fx in (one, lnx, invx) for fr in (one, lnr, invr)], ratio)
+    cols = dict(zip(law_lib.JOINT_KEYS, [fx * fr for fx in (one, lnx, invx)
+                                          for fr in (one, lnr, invr)], strict=True))
+    return _lstsq([cols[k] for k in free], ratio)
+  if terms == "width":
+    return _lstsq([one, lnx, invx], ratio)
+  if terms == "ratio":  # a0 (1 + b1 ln r + b2 / r)
+    c = _lstsq([one, lnr, invr], ratio)
+    return np.array([c[0], c[1] / c[0], c[2] / c[0]])
   b = np.zeros(2)
   for _ in range(5):  # Alternate: u given v, then v given u, folding v's constant into u.
     v = 1.0 + b[0] * lnr + b[1] * invr
@@ -175,23 +216,31 @@ def _starting_points(form: str, settings: dict[str, Any], f: _Feats, loss: np.nd
     if settings["starts"] == "grid":
       return solver_lib.hoffmann_grid()
     return solver_lib.hoffmann_box(settings["n_starts"], rng)
-  return solver_lib.perturbed_starts(_anchor(form, f, loss), settings["starts"],
-                                     settings["n_starts"], rng)
+  return solver_lib.perturbed_starts(_anchor(form, f, loss, settings["terms"]),
+                                     settings["starts"], settings["n_starts"], rng)
 
 
 class _Solution(NamedTuple):
-  theta: np.ndarray          # (P,) best parameters
+  theta: np.ndarray          # (P,) best parameters (the fitted ones, law.free_keys order)
   objective: float
   starts: dict[str, Any]     # counts of start outcomes
-  theta_samples: np.ndarray  # (B, P) bootstrap replicates (B = 0 without bootstrap)
+  theta_samples: np.ndarray  # (B, P) bootstrap replicates that converged (B = 0 without)
   timings: dict[str, float]
   per_start: dict[str, np.ndarray]  # objective, status (index into solver.STATUS), iterations
+  bootstrap_total: int = 0
+
+
+_CONVERGED = (solver_lib.STATUS.index("converged"), solver_lib.STATUS.index("stalled"))
+# A start that stopped at max_iter is iterated further up to this many times, each with twice
+# the previous iteration budget, before the fit fails.
+EXTEND_ROUNDS = 3
 
 
 def _fit_arrays(form: str, settings: dict[str, Any], f: _Feats, loss: np.ndarray,
                 rng: np.random.Generator) -> _Solution:
-  """Multi-start fit of one form to prepared arrays, then the vectorised bootstrap."""
-  spec = solver_lib.Spec(_FitModel(form, settings["space"]), settings["loss"], settings["delta"],
+  """Multi-start fit of one form to prepared arrays (the best start iterated until it
+  converges), then the vectorised bootstrap."""
+  spec = solver_lib.Spec(_model(form, settings), settings["loss"], settings["delta"],
                          settings["solver"], settings["max_iter"], settings["tol"])
   y = np.log(loss) if settings["space"] == "log" else loss
   theta0_SP = _starting_points(form, settings, f, loss, rng)
@@ -214,24 +263,63 @@ def _fit_arrays(form: str, settings: dict[str, Any], f: _Feats, loss: np.ndarray
                 at_best=int(at_best.sum()), at_best_rtol=AT_BEST_RTOL,
                 status={s: int(np.sum(status_S == i)) for i, s in enumerate(status_names) if i},
                 iterations_of_best=int(iters_S[best]))
+  theta, objective = _converge_best(spec, form, theta_SP[best], objective, int(status_S[best]),
+                                    starts, f, y)
   timings = dict(compile_seconds=compile_s, seconds=time.perf_counter() - t0)
   logging.info("fit: objective %.6g; %d/%d starts converged, %d at the best (%.1f s)", objective,
                starts["converged"], starts["total"], starts["at_best"], timings["seconds"])
   samples = np.zeros((0, len(theta0_SP[0])))
   if settings["bootstrap"]:
-    n_rows, n_boot = len(loss), settings["bootstrap"]
-    w_BR = rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=n_boot).astype(np.float64)
-    t1 = time.perf_counter()
-    (theta_B1P, obj_B1, status_B1, _), boot_compile_s, _ = solver_lib.solve(
-        spec, np.broadcast_to(theta_SP[best], (n_boot, 1, theta_SP.shape[1])), w_BR, f, y)
-    samples = theta_B1P[np.isfinite(obj_B1[:, 0]), 0]
-    timings.update(bootstrap_seconds=time.perf_counter() - t1,
-                   compile_seconds=compile_s + boot_compile_s)
-    starts["bootstrap_status"] = {s: int(np.sum(status_B1 == i))
-                                  for i, s in enumerate(status_names) if i}
-    logging.info("fit: %d bootstrap replicates (%.1f s)", n_boot, timings["bootstrap_seconds"])
+    samples = _bootstrap(spec, theta, settings["bootstrap"], f, y, rng, starts, timings)
   per_start = dict(objective=obj_S, status=status_S, iterations=iters_S)
-  return _Solution(theta_SP[best], objective, starts, samples, timings, per_start)
+  return _Solution(theta, objective, starts, samples, timings, per_start, settings["bootstrap"])
+
+
+def _converge_best(spec: solver_lib.Spec, form: str, theta_P: np.ndarray, objective: float,
+                   status: int, starts: dict[str, Any], f: _Feats,
+                   y: np.ndarray) -> tuple[np.ndarray, float]:
+  """The best start, iterated further while it stops at max_iter; records what was done in
+  `starts["remedy"]` and fails, with the reason, when it still does not converge."""
+  if status in _CONVERGED:
+    return theta_P, objective
+  extra, budget = 0, spec.max_iter
+  for _ in range(EXTEND_ROUNDS):
+    budget *= 2
+    (theta_BSP, obj_BS, status_BS, iters_BS), _, _ = solver_lib.solve(
+        spec._replace(max_iter=budget), theta_P[None, None], np.ones((1, len(y))), f, y)
+    extra += int(iters_BS[0, 0])
+    if obj_BS[0, 0] <= objective:
+      theta_P, objective = theta_BSP[0, 0], float(obj_BS[0, 0])
+    status = int(status_BS[0, 0])
+    if status in _CONVERGED:
+      starts["remedy"] = (f"the best start stopped at fit.max_iter={spec.max_iter} without "
+                          f"converging; {extra} further iterations converged it")
+      return theta_P, objective
+  raise ValueError(
+      f"the best of {starts['total']} starts of the {form} fit did not converge: it stopped at "
+      f"fit.max_iter={spec.max_iter} and was still {solver_lib.STATUS[status]} after {extra} "
+      f"further iterations ({starts['converged']} of {starts['total']} starts converged). Raise "
+      "fit.max_iter, or check that the rows can support the form (fit.terms, fit.r_range)")
+
+
+def _bootstrap(spec: solver_lib.Spec, theta_P: np.ndarray, n_boot: int, f: _Feats, y: np.ndarray,
+               rng: np.random.Generator, starts: dict[str, Any],
+               timings: dict[str, float]) -> np.ndarray:
+  """Refits on `n_boot` multinomial row resamples, each warm-started at theta_P; the replicates
+  that converged (B, P)."""
+  n_rows = len(y)
+  w_BR = rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=n_boot).astype(np.float64)
+  t1 = time.perf_counter()
+  (theta_B1P, obj_B1, status_B1, _), boot_compile_s, _ = solver_lib.solve(
+      spec, np.broadcast_to(theta_P, (n_boot, 1, len(theta_P))), w_BR, f, y)
+  used = np.isfinite(obj_B1[:, 0]) & np.isin(status_B1[:, 0], _CONVERGED)
+  timings.update(bootstrap_seconds=time.perf_counter() - t1,
+                 compile_seconds=timings["compile_seconds"] + boot_compile_s)
+  starts["bootstrap_status"] = {s: int(np.sum(status_B1 == i))
+                                for i, s in enumerate(solver_lib.STATUS) if i}
+  logging.info("fit: %d bootstrap replicates, %d converged (%.1f s)", n_boot, int(used.sum()),
+               timings["bootstrap_seconds"])
+  return theta_B1P[used, 0]
 
 
 def _feats(table: table_lib.Table, l_opt: np.ndarray | None = None) -> _Feats:
@@ -243,7 +331,9 @@ def _resolve_l_opt(l_opt: Any, table: table_lib.Table, settings: dict[str, Any],
                    rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float] | None, str]:
   """L_opt per row, the Chinchilla params behind it (if any), and a description."""
   if isinstance(l_opt, str) and l_opt == "empirical":
-    table_lib.warn_n_spread(table)
+    spread_warning = table_lib.n_spread_warning(table)
+    if spread_warning:
+      table.warnings.append(spread_warning)
     return table_lib.empirical_l_opt(table), None, "empirical"
   if isinstance(l_opt, str) and l_opt == "chinchilla":
     n_budgets = table.budget.max() + 1
@@ -280,8 +370,6 @@ def _resolve_l_opt(l_opt: Any, table: table_lib.Table, settings: dict[str, Any],
 
 def prediction_metrics(predicted: Any, measured: Any) -> dict[str, float]:
   """MSE, R^2 and Spearman rank correlation (average ranks for ties) of predicted vs measured."""
-  from scipy import stats
-
   p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
   if p.shape != m.shape or p.ndim != 1:
     raise ValueError(f"predicted {p.shape} and measured {m.shape} must be 1-D of equal length")
@@ -295,15 +383,17 @@ def prediction_metrics(predicted: Any, measured: Any) -> dict[str, float]:
   return dict(n=n, mse=mse, r2=r2, spearman=spearman)
 
 
+
+
 @dataclasses.dataclass
 class FitResult:
-  """A fitted law with its uncertainty, start statistics, metrics and the rows it used."""
+  """A fitted law with its uncertainty, diagnostics, start statistics, metrics and rows used."""
   law: law_lib.Law
   objective: float
   settings: dict[str, Any]
   l_opt: str
   intervals: dict[str, list[float]]
-  stderr: dict[str, float]
+  stderr: dict[str, float]  # from the Jacobian at the optimum (see archscale.diagnostics)
   optimum: dict[str, Any] | None
   starts: dict[str, Any]
   metrics: dict[str, Any]
@@ -313,6 +403,8 @@ class FitResult:
   samples: dict[str, np.ndarray]
   timings: dict[str, float]
   per_start: dict[str, np.ndarray]  # each start's objective, status (solver.STATUS), iterations
+  diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
+  bootstrap_stderr: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def predict_interval(self, n: Any = None, d: Any = None, x: Any = None, r: Any = None,
                        l_opt: Any = None, level: float | None = None) -> np.ndarray:
@@ -322,10 +414,12 @@ class FitResult:
     on it.
     """
     if not self.samples:
-      raise ValueError("this fit has no bootstrap replicates; refit with bootstrap > 0")
+      raise ValueError(self.diagnostics.get("bootstrap_note")
+                       or "this fit has no bootstrap replicates; refit with bootstrap > 0")
     form = self.law.form
     level = self.settings["level"] if level is None else level
-    params = {k: v for k, v in self.samples.items() if k in law_lib.PARAM_KEYS[form]}
+    params = {k: self.samples.get(k, v) for k, v in self.law.params.items()
+              if k in law_lib.PARAM_KEYS[form]}
     theta_BP = law_lib.params_to_theta(form, params)
     if form == "chinchilla":
       n, d = np.broadcast_arrays(np.asarray(n, np.float64), np.asarray(d, np.float64))
@@ -347,7 +441,8 @@ class FitResult:
     return _jsonable(dict(
         form=self.law.form, l_opt=self.l_opt, params=dict(self.law.params),
         intervals=self.intervals, interval_level=self.settings["level"], stderr=self.stderr,
-        optimum=self.optimum, objective=self.objective, starts=self.starts,
+        bootstrap_stderr=self.bootstrap_stderr, optimum=self.optimum,
+        diagnostics=self.diagnostics, objective=self.objective, starts=self.starts,
         settings=self.settings, metrics=self.metrics, timings=self.timings,
         l_opt_groups=self.l_opt_groups, rows_used=self.rows_used,
         rows_excluded=self.rows_excluded))
@@ -368,15 +463,10 @@ def _jsonable(obj: Any) -> Any:
   return obj
 
 
-def _optimum_samples(form: str, theta_BP: np.ndarray,
-                     box: tuple[tuple[float, float], tuple[float, float]] | None) -> np.ndarray:
-  """(B, 2) optimum (x*, r*) of each parameter row; NaN where there is no interior minimum."""
-  p = law_lib.theta_to_params(form, theta_BP)
-  if form != "joint":
-    return np.stack([law_lib.closed_form_optimum(p["a1"], p["a2"]),
-                     law_lib.closed_form_optimum(p["b1"], p["b2"])], axis=-1)
-  x, r, interior = law_lib.grid_optimum(form, theta_BP, box[0], box[1])
-  return np.where(interior[:, None], np.stack([x, r], axis=-1), np.nan)
+# Fewer converged bootstrap replicates than this (or than this fraction of those drawn) give no
+# intervals: percentiles of a handful of refits say little, and failures are not at random.
+MIN_BOOTSTRAP_USED = 10
+MIN_BOOTSTRAP_FRACTION = 0.5
 
 
 def fit(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
@@ -384,64 +474,71 @@ def fit(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
         r_range: Sequence[float] | None = (0.5, 5.0), loss: str = "huber", delta: float = 1e-3,
         space: str = "log", solver: str = "lm", starts: str = "grid", n_starts: int = 256,
         max_iter: int = 200, tol: float = 1e-12, bootstrap: int = 0, level: float = 0.95,
-        seed: int = 0) -> FitResult:
+        seed: int = 0, terms: str = "both", log_warnings: bool = True) -> FitResult:
   """Fits one law to results rows; every input is checked before any solving starts.
 
   l_opt: "chinchilla" (fitted to the best loss of each budget), "empirical" (that best loss
   itself), or Chinchilla params given directly (a dict, a Law, or a fit.json path).
   r_range: keep rows with lo <= mlp_attn_ratio <= hi (conditional forms); None keeps all.
+  terms: "both", or only the "width" (x) or "ratio" (r) terms, the others held at zero.
+  log_warnings: log the diagnostics' warnings (they are in `diagnostics["warnings"]` always).
   """
   settings = _settings(form, loss, delta, space, solver, starts, n_starts, max_iter, tol,
-                       bootstrap, level)
-  table = _prepare(rows, form, r_range)
+                       bootstrap, level, terms)
+  table = _prepare(rows, form, r_range, terms)
   rng = np.random.default_rng(seed)
   chin_params, l_opt_desc, l_opt_R = None, "none", None
   if form != "chinchilla":
     l_opt_R, chin_params, l_opt_desc = _resolve_l_opt(l_opt, table, settings, rng)
   f = _feats(table, l_opt_R)
   sol = _fit_arrays(form, settings, f, table.loss, rng)
-
-  params = {k: float(v) for k, v in law_lib.theta_to_params(form, sol.theta).items()}
+  params = {k: float(v) for k, v in
+            law_lib.theta_to_params(form, _full_theta(form, terms, sol.theta)).items()}
   box = None
   if form == "joint":
     box = ((float(table.x.min()), float(table.x.max())),
            (float(table.r.min()), float(table.r.max())))
   law = law_lib.Law(form, dict(params, **(chin_params or {})), box=box)
+  result = _assemble(law, settings, table, f, sol, l_opt_R, l_opt_desc)
+  if log_warnings:
+    log_diagnostics(result)
+  return result
 
-  samples: dict[str, np.ndarray] = {}
-  optimum = None
-  if form != "chinchilla":
-    optimum = law.optimum()
-    optimum["interior"] = bool(np.isfinite(_optimum_samples(form, sol.theta[None], box)).all())
-  if len(sol.theta_samples):
-    samples = {k: np.asarray(v) for k, v in law_lib.theta_to_params(form, sol.theta_samples).items()
-               if not (form == "multiplicative" and k == "b0")}  # b0 = 1 fixes the scale.
-    if form != "chinchilla":
-      opt_B2 = _optimum_samples(form, sol.theta_samples, box)
-      samples["d_over_sqrt_n"], samples["r"] = opt_B2[:, 0], opt_B2[:, 1]
-      optimum["bootstrap_interior_fraction"] = float(np.mean(np.isfinite(opt_B2).all(axis=1)))
-  q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+
+def _assemble(law: law_lib.Law, settings: dict[str, Any], table: table_lib.Table, f: _Feats,
+              sol: _Solution, l_opt_R: np.ndarray | None, l_opt_desc: str) -> FitResult:
+  """The FitResult of a solved fit: uncertainty, diagnostics, predictions per row."""
+  form, terms = law.form, settings["terms"]
+  free = law_lib.free_keys(form, terms)
+  y = np.log(table.loss) if settings["space"] == "log" else table.loss
+  se_P, jac_RP = diagnostics_lib.jacobian_errors(_model(form, settings), sol.theta, f, y,
+                                                 settings["loss"], settings["delta"])
+  samples, boot_note = _bootstrap_samples(form, terms, sol, law.box)
+  q = 100 * np.array([(1 - settings["level"]) / 2, (1 + settings["level"]) / 2])
   intervals = {k: [float(v) for v in np.nanpercentile(s, q)] for k, s in samples.items()
                if np.isfinite(s).any()}
-  stderr = {k: float(np.nanstd(s, ddof=1)) for k, s in samples.items() if np.isfinite(s).sum() > 1}
-
+  diag, optimum = diagnostics_lib.diagnose(
+      law, settings, table, sol.starts, (len(sol.theta_samples), sol.bootstrap_total), se_P,
+      jac_RP, intervals, boot_note)
+  for k in law_lib.REGRESSORS:  # no interval for an optimum that is not reported
+    if optimum is not None and optimum[k] is None:
+      intervals.pop(k, None)
+  if optimum is not None and "d_over_sqrt_n" in samples:
+    opt_B2 = np.stack([samples["d_over_sqrt_n"], samples["r"]], axis=-1)
+    optimum["bootstrap_interior_fraction"] = float(np.mean(np.isfinite(opt_B2).all(axis=1)))
   pred = law.predict(table.n, table.d, table.x, table.r, l_opt=l_opt_R)
-  rows_used = [dict(row, d_over_sqrt_n=float(table.x[i]), predicted=float(pred[i]),
-                    scale_index=int(table.scale[i]), budget_index=int(table.budget[i]),
-                    **({"l_opt": float(l_opt_R[i])} if l_opt_R is not None else {}))
-               for i, row in enumerate(table.rows)]
-  if form == "chinchilla":
-    for row in rows_used:
-      row.pop("d_over_sqrt_n")
   result = FitResult(
       law=law, objective=sol.objective, settings=settings, l_opt=l_opt_desc, intervals=intervals,
-      stderr=stderr, optimum=optimum, starts=sol.starts,
-      metrics=dict(in_sample=prediction_metrics(pred, table.loss)), rows_used=rows_used,
-      rows_excluded=table.excluded, l_opt_groups=[], samples=samples, timings=sol.timings,
-      per_start=sol.per_start)
+      stderr=diagnostics_lib.reported_stderr(form, free, sol.theta, se_P), optimum=optimum,
+      starts=sol.starts, metrics=dict(in_sample=prediction_metrics(pred, table.loss)),
+      rows_used=_rows_used(form, table, pred, l_opt_R), rows_excluded=table.excluded,
+      l_opt_groups=[], samples=samples, timings=sol.timings, per_start=sol.per_start,
+      diagnostics=diag,
+      bootstrap_stderr={k: float(np.nanstd(s, ddof=1)) for k, s in samples.items()
+                        if np.isfinite(s).sum() > 1})
   if samples:
     lo, hi = result.predict_interval(table.n, table.d, table.x, table.r, l_opt=l_opt_R)
-    for row, lo_i, hi_i in zip(rows_used, lo, hi, strict=True):
+    for row, lo_i, hi_i in zip(result.rows_used, lo, hi, strict=True):
       row["predicted_interval"] = [float(lo_i), float(hi_i)]
   if l_opt_R is not None:
     for g, spread in enumerate(table_lib.n_spreads(table)):
@@ -452,21 +549,69 @@ def fit(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
   return result
 
 
+def _rows_used(form: str, table: table_lib.Table, pred: np.ndarray,
+               l_opt_R: np.ndarray | None) -> list[dict[str, Any]]:
+  """Each row with its d_over_sqrt_n, prediction, scale and budget (and L_opt)."""
+  rows = [dict(row, d_over_sqrt_n=float(table.x[i]), predicted=float(pred[i]),
+               scale_index=int(table.scale[i]), budget_index=int(table.budget[i]),
+               **({"l_opt": float(l_opt_R[i])} if l_opt_R is not None else {}))
+          for i, row in enumerate(table.rows)]
+  if form == "chinchilla":
+    for row in rows:
+      row.pop("d_over_sqrt_n")
+  return rows
+
+
+def _bootstrap_samples(form: str, terms: str, sol: _Solution,
+                       box: Any) -> tuple[dict[str, np.ndarray], str | None]:
+  """Each reported parameter (and the optimum) per converged replicate, or none and the reason
+  when too few converged."""
+  total, used = sol.bootstrap_total, len(sol.theta_samples)
+  if not total:
+    return {}, None
+  need = max(MIN_BOOTSTRAP_USED, math.ceil(MIN_BOOTSTRAP_FRACTION * total))
+  if used < need:
+    return {}, (f"only {used} of {total} bootstrap replicates converged; no intervals are "
+                f"reported from fewer than {need}. Raise fit.max_iter (or fit.bootstrap), or "
+                "check the fit's other diagnostics")
+  theta_BP = _full_theta(form, terms, sol.theta_samples)
+  fitted = set(law_lib.free_keys(form, terms)) if form != "chinchilla" else None
+  samples = {k: np.asarray(v) for k, v in law_lib.theta_to_params(form, theta_BP).items()
+             if fitted is None or k in fitted}  # b0 = 1 and unfitted terms are fixed
+  if form != "chinchilla":
+    opt_B2 = diagnostics_lib.optimum_samples(form, theta_BP, box)
+    samples["d_over_sqrt_n"], samples["r"] = opt_B2[:, 0], opt_B2[:, 1]
+  return samples, None
+
+
+def log_diagnostics(result: FitResult) -> None:
+  """Logs a fit's grouping and summary at INFO, and each of its warnings once."""
+  d = result.diagnostics
+  logging.info("fit: %s", d.get("grouping", ""))
+  logging.info("fit: %.0f%% of starts converged; identifiable %s; bootstrap %d/%d; optimum %s",
+               100 * d["converged_fraction"], d["identifiable"], d["bootstrap_used"],
+               d["bootstrap_total"], result.optimum and {
+                   k: result.optimum[k] for k in law_lib.REGRESSORS})
+  for warning in d["warnings"]:
+    logging.warning("fit: %s", warning)
+
+
 def evaluate_progressive(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
                          l_opt: Any = "chinchilla", r_range: Sequence[float] | None = (0.5, 5.0),
                          **fit_kwargs: Any) -> list[dict[str, Any]]:
   """The paper's protocol: fit on scales 1..k, predict scale k + 1, for every k.
 
-  Scales are groups of params_nonembed (see SCALE_FACTOR). With l_opt="empirical" the held-out
-  scale's L_opt is its own best loss, so the metrics score the architecture calibration, as in
-  the paper. Steps whose training rows cannot support the form are reported with `skipped`.
+  Scales are the rows' `scale`, else groups of params_nonembed (see archscale.table). With
+  l_opt="empirical" the held-out scale's L_opt is its own best loss, so the metrics score the
+  architecture calibration, as in the paper. Steps whose training rows cannot support the form
+  are reported with `skipped`; each step's fit warnings are kept in the step, not logged.
   """
-  table = _prepare(rows, form, r_range)
+  table = _prepare(rows, form, r_range, fit_kwargs.get("terms", "both"))
   n_scales = table.scale.max() + 1
   if n_scales < 2:
     raise ValueError("the progressive protocol needs at least two scales of params_nonembed; "
                      f"the rows have {n_scales}")
-  fit_kwargs = dict(fit_kwargs, bootstrap=0)
+  fit_kwargs = dict(fit_kwargs, bootstrap=0, log_warnings=False)
   steps = []
   for k in range(1, n_scales):
     train, test = table.take(table.scale < k), table.take(table.scale == k)
@@ -485,7 +630,7 @@ def evaluate_progressive(rows: Sequence[Mapping[str, Any]], form: str = "multipl
     pred = law.predict(test.n, test.d, test.x, test.r, l_opt=test_l_opt)
     metrics = prediction_metrics(pred, test.loss)
     steps.append(dict(step, mse=metrics["mse"], r2=metrics["r2"], spearman=metrics["spearman"],
-                      params=dict(law.params)))
+                      params=dict(law.params), warnings=result.diagnostics["warnings"]))
     logging.info("progressive: %s -> %.3g: %s", step["train_scales"], step["test_scale"],
                  {k: steps[-1][k] for k in ("mse", "r2", "spearman")})
   return steps
@@ -497,11 +642,16 @@ def run_fit(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   if not fc.results:
     raise ValueError("config.fit.results is empty: set --config.fit.results=PATH to a results "
                      "table (JSONL or CSV)")
-  rows = table_lib.load_rows(fc.results)
+  rows, torn = table_lib.load_rows(fc.results)
   kwargs = dict(form=fc.form, l_opt=fc.l_opt, r_range=tuple(fc.r_range) if fc.r_range else None,
                 loss=fc.loss, delta=fc.delta, space=fc.space, solver=fc.solver, starts=fc.starts,
-                n_starts=fc.n_starts, max_iter=fc.max_iter, seed=config.seed)
-  result = fit(rows, bootstrap=fc.bootstrap, level=fc.level, **kwargs)
+                n_starts=fc.n_starts, max_iter=fc.max_iter, seed=config.seed, terms=fc.terms)
+  result = fit(rows, bootstrap=fc.bootstrap, level=fc.level, log_warnings=False, **kwargs)
+  result.diagnostics["torn_lines"] = torn
+  if torn:
+    result.diagnostics["warnings"].insert(
+        0, f"{torn} torn line(s) in {fc.results} were skipped (a write cut short by a crash)")
+  log_diagnostics(result)
   n_scales = max(row["scale_index"] for row in result.rows_used) + 1
   result.metrics["progressive"] = evaluate_progressive(rows, **kwargs) if n_scales > 1 else []
   workdir = pathlib.Path(workdir)

@@ -57,6 +57,29 @@ THETA_KEYS = {
 }
 
 
+# Which terms of a conditional law a fit estimates (`fit.terms`); the others are held at zero.
+TERMS = ("both", "width", "ratio")
+# The two regressors of the conditional forms, by the names fit.json uses.
+REGRESSORS = ("d_over_sqrt_n", "r")
+
+
+def term_keys(form: str) -> dict[str, tuple[str, ...]]:
+  """The solver parameters of a conditional form by role: the constant, the width (x) terms and
+  the ratio (r) terms (the joint form's mixed terms belong to neither)."""
+  if form == "joint":
+    return dict(constant=("c00",), d_over_sqrt_n=("c10", "c20"), r=("c01", "c02"))
+  return dict(constant=("a0",), d_over_sqrt_n=("a1", "a2"), r=("b1", "b2"))
+
+
+def free_keys(form: str, terms: str) -> tuple[str, ...]:
+  """The solver parameters a fit of `form` with `fit.terms=terms` estimates, in THETA_KEYS order."""
+  if form == "chinchilla" or terms == "both":
+    return THETA_KEYS[form]
+  roles = term_keys(form)
+  kept = set(roles["constant"]) | set(roles["d_over_sqrt_n" if terms == "width" else "r"])
+  return tuple(k for k in THETA_KEYS[form] if k in kept)
+
+
 # ----------------------------------------------------------------------------------------------
 # The laws, written once for numpy (prediction) and jax.numpy (fitting).
 
@@ -131,8 +154,16 @@ def closed_form_optimum(c1: Any, c2: Any) -> Any:
 
 
 def grid_optimum(form: str, theta_BP: np.ndarray, x_range: Sequence[float],
-                  r_range: Sequence[float], size: int = 161) -> tuple[np.ndarray, ...]:
+                 r_range: Sequence[float], size: int = 161) -> tuple[np.ndarray, ...]:
   """Numeric argmin of the calibration over a log grid: (x*, r*, interior) per parameter row."""
+  x, r, x_inside, r_inside = grid_argmin(form, theta_BP, x_range, r_range, size)
+  return x, r, x_inside & r_inside
+
+
+def grid_argmin(form: str, theta_BP: np.ndarray, x_range: Sequence[float],
+                r_range: Sequence[float], size: int = 161) -> tuple[np.ndarray, ...]:
+  """Argmin of the calibration over a log grid of the box, per parameter row: (x*, r*, whether
+  x* is off the x edges, whether r* is off the r edges)."""
   x_G = np.geomspace(x_range[0], x_range[1], size)
   r_G = np.geomspace(r_range[0], r_range[1], size)
   xx, rr = (a.ravel() for a in np.meshgrid(x_G, r_G, indexing="ij"))
@@ -140,8 +171,7 @@ def grid_optimum(form: str, theta_BP: np.ndarray, x_range: Sequence[float],
   cal_BG = calibrate(form, theta_BP, xx, rr, np)
   best = np.argmin(np.where(np.isfinite(cal_BG), cal_BG, np.inf), axis=-1)
   i, j = np.unravel_index(best, (size, size))
-  interior = (i > 0) & (i < size - 1) & (j > 0) & (j < size - 1)
-  return x_G[i], r_G[j], interior
+  return x_G[i], r_G[j], (i > 0) & (i < size - 1), (j > 0) & (j < size - 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -260,6 +260,7 @@ class FitConfig(Section):
 
   results: str = ""            # results table, JSONL or CSV
   form: str = "multiplicative"  # multiplicative | additive | joint | chinchilla
+  terms: str = "both"          # both | width | ratio: which architecture terms to fit
   l_opt: str = "empirical"     # empirical (best loss per (N, D)) | chinchilla | a fit.json path
   r_range: Any = (0.5, 5.0)    # keep rows with lo <= mlp_attn_ratio <= hi; () keeps all
   loss: str = "huber"          # huber | squared, summed over rows

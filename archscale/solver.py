@@ -40,7 +40,7 @@ HOFFMANN_GRID = dict(
 
 
 @contextlib.contextmanager
-def _x64() -> Iterator[None]:
+def float64() -> Iterator[None]:
   """float64 inside the fitter only; other modules run float32 models in the same process."""
   enable = getattr(jax, "enable_x64", None)
   if enable is None:
@@ -238,7 +238,7 @@ def solve(spec: Spec, theta0_BSP: np.ndarray, w_BR: np.ndarray, f: Any,
   w_BR = np.pad(w_BR, ((0, _bucket(n_b) - n_b), (0, pad_r)))
   f = type(f)(*(np.pad(a, (0, pad_r), mode="edge") for a in f))
   y_R = np.pad(y_R, (0, pad_r), mode="edge")
-  with _x64():
+  with float64():
     args = (jnp.asarray(w_BR, jnp.float64), type(f)(*(jnp.asarray(a, jnp.float64) for a in f)),
             jnp.asarray(y_R, jnp.float64))
     init = _SOLVERS[spec.solver][0]

@@ -24,7 +24,8 @@ def test_csv_tables_load_like_jsonl(tmp_path):
   path = tmp_path / "results.csv"
   path.write_text("run_id,params_nonembed,tokens,loss,d_model,mlp_attn_ratio,gqa\n"
                   "a,80000000,1.6e9,3.1,2048,1.5,4\nb,80000000,1.6e9,,2048,1.5,4\n")
-  rows = table.load_rows(path)
+  rows, torn = table.load_rows(path)
+  assert torn == 0
   assert rows[0] == dict(run_id="a", params_nonembed=80000000, tokens=1.6e9, loss=3.1,
                          d_model=2048, mlp_attn_ratio=1.5, gqa=4)
   assert rows[1]["loss"] is None
@@ -45,7 +46,7 @@ def test_prepare_groups_scales_and_budgets_and_filters_r(tmp_path):
   rows = grid_rows() + [dict(run_id="crashed", status="failed")]
   path = tmp_path / "results.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  t = table.prepare(table.load_rows(path), arch=True, r_range=(0.5, 2.0))
+  t = table.prepare(table.load_rows(path)[0], arch=True, r_range=(0.5, 2.0))
   assert len(t.rows) == 18
   assert sorted(r["run_id"] for r in t.excluded)[0] == "crashed"
   assert sum("outside r_range" in r["reason"] for r in t.excluded) == 9
