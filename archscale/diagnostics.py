@@ -6,9 +6,10 @@ module computes
     squared loss, and Huber's M-estimator form K^2 [sum psi^2 / (R - P)] / mean(psi')^2 (J^T J)^-1
     for the Huber loss (undefined when no residual lies within delta);
   - per regressor (d_over_sqrt_n, r), whether the rows identify its two terms: it has at least
-    three distinct values, the Jacobian columns of its terms and the constant are well
-    conditioned (column-normalised condition number <= COND_LIMIT), and neither term's interval
-    (from the standard errors, else the bootstrap) includes zero;
+    three distinct values, its basis (1, ln z, 1 / z) over the rows is well conditioned
+    (column-normalised condition number <= COND_LIMIT), and neither term's interval includes zero
+    (from the Jacobian standard errors, which carry the conditioning of the whole Jacobian; else
+    from the bootstrap);
   - the optimum of each identified regressor, reported only where the fitted law has a minimum
     inside the rows' range: closed-form (x* = a2 / a1, r* = b2 / b1) when both terms are positive,
     otherwise found on a grid over the rows' box, or none, with the reason.
@@ -80,6 +81,13 @@ def reported_stderr(form: str, free: Sequence[str], theta_P: np.ndarray,
               B=math.exp(t["b"]) * se["b"], alpha=se["alpha"], beta=se["beta"])
 
 
+def basis_condition(z: np.ndarray) -> float:
+  """Condition number of the columns (1, ln z, 1 / z) over the rows, each scaled to unit norm:
+  how far the rows' spread of z separates a regressor's two terms from the constant."""
+  basis = np.stack(law_lib.basis(np.asarray(z, np.float64), np), axis=-1)
+  return float(np.linalg.cond(basis / np.linalg.norm(basis, axis=0)))
+
+
 def identifiability(form: str, free: Sequence[str], theta_P: np.ndarray, se_P: np.ndarray,
                     jac_RP: np.ndarray, values: Mapping[str, np.ndarray],
                     boot_intervals: Mapping[str, Sequence[float]], level: float,
@@ -88,21 +96,21 @@ def identifiability(form: str, free: Sequence[str], theta_P: np.ndarray, se_P: n
   roles = law_lib.term_keys(form)
   z = stats.norm.ppf((1 + level) / 2)
   col = {k: i for i, k in enumerate(free)}
-  ok, reasons, conds = {}, {}, {}
+  ok, reasons = {}, {}
+  norms = np.linalg.norm(jac_RP, axis=0)
+  conds = {"jacobian": float(np.linalg.cond(jac_RP / np.where(norms > 0, norms, 1.0)))}
   for name in law_lib.REGRESSORS:
     keys = roles[name]
     if not all(k in col for k in keys):
       ok[name], reasons[name] = False, f"not fitted (fit.terms={terms!r})"
       continue
-    cols = jac_RP[:, [col[k] for k in roles["constant"] + keys]]
-    norms = np.linalg.norm(cols, axis=0)
-    cond = float(np.linalg.cond(cols / np.where(norms > 0, norms, 1.0)))
+    cond = basis_condition(values[name])
     conds[name] = cond
     lo, hi = float(np.min(values[name])), float(np.max(values[name]))
     if not cond <= COND_LIMIT:
       ok[name], reasons[name] = False, (
-          f"the rows' {name} spans only [{lo:.3g}, {hi:.3g}]: its ln and 1/x terms are "
-          f"confounded with the constant (condition number {cond:.3g} > {COND_LIMIT:g})")
+          f"the rows' {name} spans only [{lo:.3g}, {hi:.3g}]: its ln and reciprocal "
+          f"terms are confounded with the constant (condition number {cond:.3g} > {COND_LIMIT:g})")
       continue
     zero = []
     for k in keys:
@@ -201,9 +209,8 @@ def diagnose(law: law_lib.Law, settings: Mapping[str, Any], table: table_lib.Tab
   total, converged = starts["total"], starts["converged"]
   if converged < LOW_CONVERGED_FRACTION * total:
     warnings.append(f"only {converged} of {total} starts converged within "
-                    f"fit.max_iter={settings['max_iter']}; the best start "
-                    + ("needed more: " + starts["remedy"] if "remedy" in starts
-                       else "did"))
+                    f"fit.max_iter={settings['max_iter']}; "
+                    + starts.get("remedy", "the best start did"))
   elif "remedy" in starts:
     warnings.append(starts["remedy"])
   if boot_note:

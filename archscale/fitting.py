@@ -292,8 +292,8 @@ def _converge_best(spec: solver_lib.Spec, form: str, theta_P: np.ndarray, object
       theta_P, objective = theta_BSP[0, 0], float(obj_BS[0, 0])
     status = int(status_BS[0, 0])
     if status in _CONVERGED:
-      starts["remedy"] = (f"the best start stopped at fit.max_iter={spec.max_iter} without "
-                          f"converging; {extra} further iterations converged it")
+      starts["remedy"] = (f"the best start stopped at fit.max_iter={spec.max_iter}; {extra} "
+                          "further iterations converged it")
       return theta_P, objective
   raise ValueError(
       f"the best of {starts['total']} starts of the {form} fit did not converge: it stopped at "

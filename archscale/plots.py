@@ -36,12 +36,16 @@ class Panel:
 
 
 def panels(path: str | pathlib.Path, items: Sequence[Panel], xlabel: str, ylabel: str,
-           logx: bool = False, title: str = "") -> str:
-  """Small multiples side by side, sharing the y axis."""
+           logx: bool = False, title: str = "", ncols: int = 3) -> str:
+  """Small multiples sharing the y axis, wrapped into rows of at most `ncols` panels."""
   plt = _pyplot()
-  fig, axes = plt.subplots(1, max(len(items), 1), figsize=(4 * max(len(items), 1), 3.4),
-                           sharey=True, squeeze=False)
-  for ax, item in zip(axes[0], items, strict=False):
+  n = max(len(items), 1)
+  cols = min(n, ncols)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), sharey=True,
+                           squeeze=False)
+  flat = axes.ravel()
+  for ax, item in zip(flat, items, strict=False):
     for x, y, label in item.points:
       ax.scatter(x, y, s=14, alpha=0.8, label=label)
     for x, y, label in item.curves:
@@ -53,7 +57,10 @@ def panels(path: str | pathlib.Path, items: Sequence[Panel], xlabel: str, ylabel
     ax.set_title(item.title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.legend(fontsize=7)
-  axes[0][0].set_ylabel(ylabel)
+  for ax in flat[len(items):]:
+    ax.set_visible(False)
+  for row in axes:
+    row[0].set_ylabel(ylabel)
   if title:
     fig.suptitle(title)
   return _save(fig, path)
@@ -126,7 +133,7 @@ def _save(fig: Any, path: str | pathlib.Path) -> str:
 
 def fit_figures(result: FitResult, workdir: pathlib.Path) -> list[str]:
   """A fit's figures: predicted vs measured, residuals, and (conditional forms) loss against
-  d/sqrt(N) and against r per scale with the fitted curves."""
+  d/sqrt(N) and against r, one panel per scale and one fitted curve per (scale, tokens) group."""
   rows = result.rows_used
   law = result.law
   loss = np.array([row["loss"] for row in rows])
@@ -142,22 +149,33 @@ def fit_figures(result: FitResult, workdir: pathlib.Path) -> list[str]:
     return written
   x = np.array([row["d_over_sqrt_n"] for row in rows])
   r = np.array([float(row["mlp_attn_ratio"]) for row in rows])
-  l_opt = np.array([row["l_opt"] for row in rows])
+  cols = dict(x=x, r=r, loss=loss, l_opt=np.array([row["l_opt"] for row in rows]),
+              tokens=np.array([float(row["tokens"]) for row in rows]),
+              budget=np.array([row["budget_index"] for row in rows]))
   opt = result.optimum or {}
-  for name, values, other, key in (("d_over_sqrt_n", x, r, "d_over_sqrt_n"),
-                                   ("mlp_attn_ratio", r, x, "r")):
-    items = []
-    for s in np.unique(scale):
-      i = scale == s
-      grid = np.geomspace(values[i].min() / 1.2, values[i].max() * 1.2, 100)
-      held = np.full_like(grid, np.median(other[i]))
-      xs, rs = (grid, held) if key == "d_over_sqrt_n" else (held, grid)
-      curve = law.predict(x=xs, r=rs, l_opt=np.median(l_opt[i]))
-      held_name = "r" if key == "d_over_sqrt_n" else "d/sqrt(N)"
-      items.append(Panel(
-          title=labels[np.flatnonzero(i)[0]], points=[(values[i], loss[i], "measured")],
-          curves=[(grid, curve, f"fit at {held_name}={np.median(other[i]):.3g}")],
-          vlines=[(opt[key], "optimum")] if np.isfinite(opt.get(key) or np.nan) else []))
+  for name, key in (("d_over_sqrt_n", "d_over_sqrt_n"), ("mlp_attn_ratio", "r")):
+    items = [_fit_panel(law, cols, scale == s, key, labels[np.flatnonzero(scale == s)[0]],
+                        opt.get(key)) for s in np.unique(scale)]
     written.append(panels(workdir / f"fit_loss_vs_{key}.png", items, xlabel=name,
                           ylabel="loss", logx=True))
   return written
+
+
+def _fit_panel(law: Any, cols: dict[str, np.ndarray], in_scale: np.ndarray, key: str,
+               title: str, optimum: float | None) -> Panel:
+  """One scale's panel: each tokens group's runs and its fitted curve, the other regressor held
+  at the group's median."""
+  values, other = (cols["x"], cols["r"]) if key == "d_over_sqrt_n" else (cols["r"], cols["x"])
+  held_name = "r" if key == "d_over_sqrt_n" else "d/sqrt(N)"
+  points, curves = [], []
+  for b in np.unique(cols["budget"][in_scale]):
+    i = in_scale & (cols["budget"] == b)
+    grid = np.geomspace(values[i].min() / 1.2, values[i].max() * 1.2, 100)
+    held = np.full_like(grid, np.median(other[i]))
+    xs, rs = (grid, held) if key == "d_over_sqrt_n" else (held, grid)
+    tokens = f"D={human(np.median(cols['tokens'][i]))}"
+    points.append((values[i], cols["loss"][i], tokens))
+    curves.append((grid, law.predict(x=xs, r=rs, l_opt=np.median(cols["l_opt"][i])),
+                   f"fit, {tokens}, {held_name}={np.median(other[i]):.3g}"))
+  marks = [(optimum, "optimum")] if optimum is not None and np.isfinite(optimum) else []
+  return Panel(title=title, points=points, curves=curves, vlines=marks)

@@ -321,3 +321,163 @@ def test_run_fit_refuses_an_empty_results_setting(tmp_path):
   config = config_lib.make_config("demo")
   with pytest.raises(ValueError, match=r"config.fit.results is empty"):
     fitting.run_fit(config, tmp_path)
+
+
+# --- what the rows support: diagnostics, fit.terms -------------------------------------------
+
+
+def narrow_r_rows(r_values, seed=0, sigma=SIGMA):
+  """The paper's law sampled at the usual widths but only at the given ratios."""
+  rng = np.random.default_rng(seed)
+  truth = law.Law("multiplicative", dict(PAPER_MULT, **CHINCHILLA))
+  rows = []
+  for n in SCALES:
+    for x in np.geomspace(0.03, 0.25, 8):
+      for r in r_values:
+        rows.append(dict(run_id=f"n{n:.0f}_x{x:.3f}_r{r:.3f}", params_nonembed=n, tokens=20 * n,
+                         loss=float(truth.predict(n, 20 * n, x, r)) + sigma * rng.standard_normal(),
+                         d_model=x * np.sqrt(n), mlp_attn_ratio=r))
+  return rows
+
+
+def test_narrow_r_gets_a_warning_no_r_optimum_and_constant_r_an_error(caplog):
+  """r over [2.0, 2.25]: ln r and 1/r are confounded with the constant, so no r optimum is
+  reported (the planted one, 1.03, lies outside anyway), the log says why once, pointing at
+  fit.terms, and the width term alone then finds the planted x*; a constant r is refused."""
+  rows = narrow_r_rows(np.linspace(2.0, 2.25, 4))
+  result = fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, starts="random",
+                       n_starts=8, bootstrap=40)
+  diag = result.diagnostics
+  assert diag["identifiable"]["r"] is False
+  assert diag["condition_numbers"]["r"] > 1e3 > diag["condition_numbers"]["d_over_sqrt_n"]
+  assert result.optimum["r"] is None and "r" not in result.intervals
+  assert "spans only [2, 2.25]" in result.optimum["reasons"]["r"]
+  warning = [w for w in diag["warnings"] if w.startswith("r is not identified")]
+  assert len(warning) == 1 and "fit.terms='width'" in warning[0]
+  assert caplog.text.count("r is not identified") == 1
+  doc = json.loads(json.dumps(result.to_json()))
+  assert doc["optimum"]["r"] is None and doc["diagnostics"]["identifiable"]["r"] is False
+  width = fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, terms="width",
+                      starts="random", n_starts=8)
+  assert width.diagnostics["identifiable"] == {"d_over_sqrt_n": True, "r": False}
+  assert width.optimum["d_over_sqrt_n"] == pytest.approx(0.0078 / 0.0974, rel=0.05)
+  with pytest.raises(ValueError, match=r"three distinct values of mlp_attn_ratio.*"
+                                       r"Set fit.terms='width'"):
+    fitting.fit(narrow_r_rows([2.0]), form="multiplicative", l_opt=CHINCHILLA)
+
+
+def test_width_term_alone_recovers_a_planted_optimum():
+  rows = narrow_r_rows([2.0])
+  planted = PAPER_MULT["a2"] / PAPER_MULT["a1"]
+  result = fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, terms="width",
+                       starts="random", n_starts=8, bootstrap=40)
+  assert result.optimum["d_over_sqrt_n"] == pytest.approx(planted, rel=0.05)
+  assert result.law.params["b1"] == 0.0 and result.law.params["b2"] == 0.0
+  assert result.optimum["r"] is None and result.optimum["reasons"]["r"].startswith("not fitted")
+  assert set(result.stderr) == {"a0", "a1", "a2"}
+  assert result.diagnostics["identifiable"] == {"d_over_sqrt_n": True, "r": False}
+  lo, hi = result.intervals["d_over_sqrt_n"]
+  assert lo < planted < hi
+  ratio_only = fitting.fit(narrow_r_rows(np.geomspace(0.5, 5, 6)), form="additive",
+                           l_opt=CHINCHILLA, terms="ratio", starts="random", n_starts=8)
+  assert ratio_only.law.params["a1"] == 0.0 and ratio_only.optimum["d_over_sqrt_n"] is None
+  with pytest.raises(ValueError, match=r"terms='width' selects architecture terms"):
+    fitting.fit(chinchilla_rows(), form="chinchilla", terms="width")
+
+
+@pytest.mark.parametrize("form", ["additive", "multiplicative"])
+def test_jacobian_standard_errors_cover_planted_values_at_nominal_rate(form):
+  """A planted law with both terms comes back within 5%, and 90% intervals from the Jacobian
+  standard errors cover each planted parameter about 90% of the time."""
+  planted = gauge_fixed(form, PLANTED[form])
+  names = ("a1", "a2", "b1", "b2")
+  hits = []
+  for seed in range(30):
+    rows = synthetic_rows(form, PLANTED[form], seed=200 + seed, sigma=0.003, n_x=6, n_r=6)
+    result = fitting.fit(rows, form=form, l_opt=CHINCHILLA, loss="squared", space="linear",
+                         starts="random", n_starts=4, level=0.9, seed=seed)
+    if seed == 0:
+      for k in names:
+        assert result.law.params[k] == pytest.approx(planted[k], rel=0.05), k
+      assert result.diagnostics["identifiable"] == {"d_over_sqrt_n": True, "r": True}
+    z = 1.6449  # two-sided 90%
+    hits.append([abs(result.law.params[k] - planted[k]) <= z * result.stderr[k] for k in names])
+  coverage = np.mean(hits, axis=0)
+  assert 0.8 <= coverage.mean() <= 0.97, dict(zip(names, coverage, strict=True))
+  assert coverage.min() >= 0.66, dict(zip(names, coverage, strict=True))
+
+
+def test_bootstrap_with_most_replicates_failing_reports_no_interval_and_why():
+  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=5, n_r=5)
+  result = fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, loss="squared",
+                       space="linear", starts="random", n_starts=8, max_iter=3, bootstrap=40)
+  diag = result.diagnostics
+  assert diag["bootstrap_total"] == 40 and diag["bootstrap_used"] < 20
+  assert result.intervals == {} and result.samples == {}
+  assert "bootstrap replicates converged; no intervals are reported" in diag["bootstrap_note"]
+  assert diag["bootstrap_note"] in diag["warnings"]
+  with pytest.raises(ValueError, match=r"no intervals are reported"):
+    result.predict_interval(297e6, 6e9, 0.08, 1.0)
+  # The best start also stopped at max_iter=3: it was iterated further until it converged.
+  assert "further iterations converged it" in result.starts["remedy"]
+  assert diag["converged_fraction"] < 0.5
+  assert any(w.startswith("only ") and "fit.max_iter=3" in w for w in diag["warnings"])
+
+
+def test_a_best_start_that_cannot_converge_fails_with_the_reason():
+  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=5, n_r=5)
+  with pytest.raises(ValueError, match=r"did not converge: it stopped at fit.max_iter=3 and was "
+                                       r"still max_iter after \d+ further iterations.*Raise "
+                                       r"fit.max_iter"):
+    fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, starts="random", n_starts=8,
+                max_iter=3)
+
+
+def test_an_optimum_outside_the_rows_range_is_not_reported():
+  """The planted x* = 0.080 lies below the widths sampled here (0.12 to 0.3)."""
+  rows = [r for r in synthetic_rows("multiplicative", PAPER_MULT, sigma=0.002, n_x=12)
+          if r["d_model"] / np.sqrt(r["params_nonembed"]) > 0.12]
+  result = fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, loss="squared",
+                       space="linear", starts="random", n_starts=8)
+  assert result.optimum["d_over_sqrt_n"] is None
+  reason = result.optimum["reasons"]["d_over_sqrt_n"]
+  assert "outside the rows' range" in reason or "not identified" in " ".join(
+      result.diagnostics["warnings"])
+  assert result.law.optimum()["d_over_sqrt_n"] < 0.12  # the law's own closed form, unreported
+
+
+def test_duplicated_runs_count_once_in_a_fit(caplog):
+  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=4, n_r=4)
+  repeats = [dict(rows[0], loss=rows[0]["loss"] + 0.5 * k) for k in range(1, 6)]
+  result = fitting.fit(rows + repeats, form="multiplicative", l_opt=CHINCHILLA,
+                       starts="random", n_starts=4)
+  assert len(result.rows_used) == len(rows)
+  used = [r for r in result.rows_used if r["run_id"] == rows[0]["run_id"]]
+  assert len(used) == 1 and used[0]["loss"] == repeats[-1]["loss"]
+  assert sum("superseded" in r["reason"] for r in result.rows_excluded) == 5
+  assert caplog.text.count(f"{rows[0]['run_id']} (x6)") == 1
+
+
+def test_run_fit_reports_diagnostics_torn_lines_and_grouping(tmp_path, caplog):
+  caplog.set_level("INFO")
+  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=4, n_r=4)
+  results = tmp_path / "results.jsonl"
+  results.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"run_id": "torn", "lo\n')
+  config = config_lib.load_config_file(config_lib.CONFIG_DIR / "fit.py")
+  config.fit.results = str(results)
+  config.fit.bootstrap = 20
+  config.fit.starts = "random"
+  config.fit.n_starts = 4
+  fitting.run_fit(config, tmp_path / "out")
+  doc = json.loads((tmp_path / "out" / "fit.json").read_text())
+  diag = doc["diagnostics"]
+  assert set(diag) >= {"converged_fraction", "identifiable", "bootstrap_used", "bootstrap_total",
+                       "warnings"}
+  assert set(diag["identifiable"]) == {"d_over_sqrt_n", "r"}
+  assert diag["bootstrap_total"] == 20 and diag["torn_lines"] == 1
+  assert any("1 torn line(s)" in w for w in diag["warnings"])
+  assert set(doc["stderr"]) == {"a0", "a1", "a2", "b1", "b2"}
+  assert all(v > 0 for v in doc["stderr"].values())
+  assert "scales by params_nonembed" in diag["grouping"]
+  assert "scales by params_nonembed" in caplog.text
+  assert caplog.text.count("1 torn line(s)") == 1

@@ -58,3 +58,40 @@ def test_prepare_groups_scales_and_budgets_and_filters_r(tmp_path):
   no_arch = table.prepare([dict(params_nonembed=1e6, tokens=2e7, loss=3.0)], arch=False,
                           r_range=(0.5, 2.0))
   assert no_arch.x[0] == 1.0 and no_arch.r[0] == 1.0 and not no_arch.excluded
+
+
+def test_duplicate_run_ids_collapse_to_the_latest_row():
+  rows = grid_rows()
+  rows += [dict(rows[5], loss=9.0), dict(rows[5], loss=2.5), dict(rows[7], status="failed")]
+  t = table.prepare(rows, arch=True, r_range=None)
+  assert len(t.rows) == 26  # rows[7]'s latest attempt failed
+  assert [r["loss"] for r in t.rows if r["run_id"] == rows[5]["run_id"]] == [2.5]
+  reasons = [r["reason"] for r in t.excluded]
+  assert sum(r.startswith("superseded by a later row") for r in reasons) == 3
+  assert len(t.warnings) == 1
+  assert f"{rows[5]['run_id']} (x3)" in t.warnings[0]
+  assert f"{rows[7]['run_id']} (x2)" in t.warnings[0]
+
+
+def test_torn_jsonl_lines_are_counted(tmp_path):
+  path = tmp_path / "results.jsonl"
+  good = json.dumps(grid_rows()[0])
+  path.write_text(f"{good}\n{good[:20]}\n\n[1, 2]\n{good}\n")
+  rows, torn = table.load_rows(path)
+  assert len(rows) == 2 and torn == 2
+
+
+def test_scale_field_groups_rows_and_the_grouping_is_described():
+  rows = grid_rows()
+  for row in rows:  # realised N drifts; the requested scale does not
+    row["params_nonembed"] *= 1.3 if row["mlp_attn_ratio"] > 1 else 1.0
+  by_n = table.prepare(rows, arch=True, r_range=None)
+  assert by_n.scale.max() + 1 > 3 and "by params_nonembed" in by_n.grouping
+  for row, n in zip(rows, np.repeat([80e6, 145e6, 297e6], 9), strict=True):
+    row["scale"] = n
+  by_scale = table.prepare(rows, arch=True, r_range=None)
+  assert by_scale.scale.max() + 1 == 3 and "by the rows' `scale` field" in by_scale.grouping
+  assert "9 rows" in by_scale.grouping and not by_scale.warnings
+  rows[0].pop("scale")
+  partial = table.prepare(rows, arch=True, r_range=None)
+  assert "26 of 27 rows have a `scale` field" in partial.warnings[0]
