@@ -27,6 +27,7 @@ import numpy as np
 from scipy import stats
 
 from archscale import law as law_lib
+from archscale import settings
 from archscale import solver as solver_lib
 from archscale import table as table_lib
 
@@ -195,30 +196,30 @@ def optimum_samples(form: str, theta_BP: np.ndarray,
   return np.where(interior[:, None], np.stack([x, r], axis=-1), np.nan)
 
 
-def diagnose(law: law_lib.Law, settings: Mapping[str, Any], table: table_lib.Table,
+def diagnose(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
              starts: Mapping[str, Any], bootstrap: tuple[int, int], se_P: np.ndarray,
              jac_RP: np.ndarray, intervals: Mapping[str, Sequence[float]],
              boot_note: str | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
   """A fit's `diagnostics` and `optimum`: what the rows support, and a warning per problem.
 
-  settings: the fit's (loss, delta, level, max_iter, terms); starts: its start counts (with
+  cfg: the fit's settings; starts: its start counts (with
   `remedy` when the best start needed more iterations); bootstrap: (used, drawn) replicates.
   """
-  form, terms = law.form, settings["terms"]
+  form, terms = law.form, cfg.terms
   warnings = list(table.warnings)
   total, converged = starts["total"], starts["converged"]
   if converged < LOW_CONVERGED_FRACTION * total:
     warnings.append(f"only {converged} of {total} starts converged within "
-                    f"fit.max_iter={settings['max_iter']}; "
+                    f"fit.max_iter={cfg.max_iter}; "
                     + starts.get("remedy", "the best start did"))
   elif "remedy" in starts:
     warnings.append(starts["remedy"])
   if boot_note:
     warnings.append(boot_note)
   if not np.all(np.isfinite(se_P)):
-    huber_empty = settings["loss"] == "huber" and np.isfinite(jac_RP).all()
+    huber_empty = cfg.loss == "huber" and np.isfinite(jac_RP).all()
     warnings.append("standard errors from the Jacobian are undefined: " + (
-        f"no residual lies within the Huber fit.delta={settings['delta']:g} (use "
+        f"no residual lies within the Huber fit.delta={cfg.delta:g} (use "
         "fit.loss=squared or a larger fit.delta)" if huber_empty else
         "the Jacobian is singular at the optimum (some parameters are not identified)"))
   identifiable = {k: False for k in law_lib.REGRESSORS}
@@ -231,7 +232,7 @@ def diagnose(law: law_lib.Law, settings: Mapping[str, Any], table: table_lib.Tab
     theta = law_lib.params_to_theta(form, law.params)
     theta_free = theta[[law_lib.THETA_KEYS[form].index(k) for k in free]]
     identifiable, reasons, conds = identifiability(
-        form, free, theta_free, se_P, jac_RP, values, intervals, settings["level"], terms)
+        form, free, theta_free, se_P, jac_RP, values, intervals, cfg.level, terms)
     box = {k: (float(np.min(v)), float(np.max(v))) for k, v in values.items()}
     optimum = interior_optimum(law, box, identifiable, reasons)
     if form == "joint":

@@ -8,23 +8,28 @@ the full-data optimum) run through the same program. Rows are read and grouped b
 `archscale.table`; the laws are `archscale.law`'s; figures are drawn by `archscale.plots`.
 
 Public API:
-  fit(rows, form=, l_opt=, r_range=, loss=, delta=, space=, solver=, starts=, n_starts=,
-      max_iter=, tol=, bootstrap=, level=, seed=) -> FitResult
-  evaluate_progressive(rows, form=, l_opt=, r_range=, **fit_kwargs) -> list[dict]
+  fit(rows, config=None, *, l_opt=None, seed=0, log_warnings=True, **options) -> FitResult
+      config: settings.FitConfig (the `fit.*` section); options override its fields
+  evaluate_progressive(rows, config=None, *, l_opt=None, seed=0, **options) -> list[dict]
       fit on the smaller scales, predict the next: train_scales, test_scale, mse, r2, spearman
   prediction_metrics(predicted, measured) -> {"n", "mse", "r2", "spearman"}
-  FitResult: law, objective, intervals, stderr, optimum, starts, metrics, samples, timings,
-      per_start (each start's objective, status, iterations),
+  FitResult: law, objective, intervals, stderr, optimum, diagnostics, starts, metrics, samples,
+      timings, per_start (each start's objective, status, iterations),
       predict_interval(n, d, x, r) -> (2, ...) bounds, to_json()
   run_fit(config, workdir)     `--mode=fit`: writes workdir/fit.json and plots
 
 fit.json: form, l_opt ("empirical", "chinchilla", a path, "given" or "none"), params, intervals
-({name: [lo, hi]} at interval_level, the optimum's d_over_sqrt_n and r included), stderr (bootstrap
-standard deviations), optimum (d_over_sqrt_n, r, closed_form, interior; null for chinchilla),
-objective, starts (total, converged, at_best, status counts), settings, metrics (in_sample;
-progressive steps), timings, l_opt_groups (N, D, L_opt, rows and N spread per budget), rows_used
-(each row plus d_over_sqrt_n, l_opt, predicted, predicted_interval, scale_index, budget_index),
-rows_excluded (each row plus reason), results, plots, provenance.
+({name: [lo, hi]}: bootstrap percentiles at interval_level, the optimum's d_over_sqrt_n and r
+included when reported), stderr (per fitted parameter, from the Jacobian at the optimum),
+bootstrap_stderr (standard deviations of the replicates), optimum (d_over_sqrt_n and r, each null
+when not identified or not inside the rows' range, with `reasons`, `range`, closed_form,
+interior; null for chinchilla), diagnostics (converged_fraction, convergence, identifiable
+{"d_over_sqrt_n": bool, "r": bool}, identifiability reasons, condition_numbers, bootstrap_used,
+bootstrap_total, bootstrap_note, grouping, torn_lines, warnings), objective, starts (total,
+converged, at_best, status counts, remedy), settings, metrics (in_sample; progressive steps),
+timings, l_opt_groups (N, D, L_opt, rows and N spread per budget), rows_used (each row plus
+d_over_sqrt_n, l_opt, predicted, predicted_interval, scale_index, budget_index), rows_excluded
+(each row plus reason), results, plots, provenance.
 """
 
 from __future__ import annotations
@@ -43,14 +48,12 @@ from absl import logging
 from scipy import stats
 
 from archscale import diagnostics as diagnostics_lib
-from archscale import io, plots
+from archscale import io, plots, settings
 from archscale import law as law_lib
 from archscale import solver as solver_lib
 from archscale import table as table_lib
 
-L_OPTS = ("chinchilla", "empirical")
-LOSSES = ("huber", "squared")
-SPACES = ("log", "linear")
+L_OPTS = settings.FIT_L_OPTS
 # Starts whose objective is within this relative distance of the best count as reaching it.
 AT_BEST_RTOL = 1e-6
 
@@ -82,10 +85,10 @@ class _FitModel:
     return _predict_fit_space(self.form, self.space, theta_P, f)
 
 
-def _model(form: str, settings: Mapping[str, Any]) -> _FitModel:
-  keys = law_lib.THETA_KEYS[form]
-  free = law_lib.free_keys(form, settings["terms"])
-  return _FitModel(form, settings["space"],
+def _model(cfg: settings.FitConfig) -> _FitModel:
+  form, keys = cfg.form, law_lib.THETA_KEYS[cfg.form]
+  free = law_lib.free_keys(form, cfg.terms)
+  return _FitModel(form, cfg.space,
                    None if free == keys else tuple(keys.index(k) for k in free))
 
 
@@ -147,36 +150,6 @@ def _check_identifiable(table: table_lib.Table, form: str, terms: str) -> None:
 # Fitting.
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
-  if value not in allowed:
-    raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
-  return value
-
-
-def _settings(form: str, loss: str, delta: float, space: str, solver: str, starts: str,
-              n_starts: int, max_iter: int, tol: float, bootstrap: int, level: float,
-              terms: str) -> dict[str, Any]:
-  _check_choice("form", form, law_lib.FORMS)
-  _check_choice("loss", loss, LOSSES)
-  _check_choice("space", space, SPACES)
-  _check_choice("solver", solver, solver_lib.SOLVERS)
-  _check_choice("starts", starts, solver_lib.STARTS)
-  _check_choice("terms", terms, law_lib.TERMS)
-  if form == "chinchilla" and terms != "both":
-    raise ValueError(f"terms={terms!r} selects architecture terms, which the chinchilla form "
-                     "does not have; leave fit.terms='both'")
-  for name, value, ok in (("delta", delta, delta > 0), ("n_starts", n_starts, n_starts >= 1),
-                          ("max_iter", max_iter, max_iter >= 1), ("tol", tol, tol > 0),
-                          ("bootstrap", bootstrap, bootstrap >= 0),
-                          ("level", level, 0 < level < 1)):
-    if not ok:
-      raise ValueError(f"{name}={value!r} is out of range (delta, tol > 0; n_starts, max_iter >= 1;"
-                       " bootstrap >= 0; 0 < level < 1)")
-  return dict(loss=loss, delta=float(delta), space=space, solver=solver, starts=starts,
-              n_starts=int(n_starts), max_iter=int(max_iter), tol=float(tol),
-              bootstrap=int(bootstrap), level=float(level), terms=terms)
-
-
 def _lstsq(cols: Sequence[np.ndarray], y: np.ndarray) -> np.ndarray:
   return np.linalg.lstsq(np.stack(cols, axis=-1), y, rcond=None)[0]
 
@@ -209,15 +182,15 @@ def _anchor(form: str, f: _Feats, loss: np.ndarray, terms: str) -> np.ndarray:
   return np.concatenate([a, b])
 
 
-def _starting_points(form: str, settings: dict[str, Any], f: _Feats, loss: np.ndarray,
+def _starting_points(cfg: settings.FitConfig, f: _Feats, loss: np.ndarray,
                      rng: np.random.Generator) -> np.ndarray:
   """Starts (S, P): Hoffmann's grid or a random box for Chinchilla; around an anchor otherwise."""
-  if form == "chinchilla":
-    if settings["starts"] == "grid":
+  if cfg.form == "chinchilla":
+    if cfg.starts == "grid":
       return solver_lib.hoffmann_grid()
-    return solver_lib.hoffmann_box(settings["n_starts"], rng)
-  return solver_lib.perturbed_starts(_anchor(form, f, loss, settings["terms"]),
-                                     settings["starts"], settings["n_starts"], rng)
+    return solver_lib.hoffmann_box(cfg.n_starts, rng)
+  return solver_lib.perturbed_starts(_anchor(cfg.form, f, loss, cfg.terms), cfg.starts,
+                                     cfg.n_starts, rng)
 
 
 class _Solution(NamedTuple):
@@ -236,16 +209,16 @@ _CONVERGED = (solver_lib.STATUS.index("converged"), solver_lib.STATUS.index("sta
 EXTEND_ROUNDS = 3
 
 
-def _fit_arrays(form: str, settings: dict[str, Any], f: _Feats, loss: np.ndarray,
+def _fit_arrays(cfg: settings.FitConfig, f: _Feats, loss: np.ndarray,
                 rng: np.random.Generator) -> _Solution:
   """Multi-start fit of one form to prepared arrays (the best start iterated until it
   converges), then the vectorised bootstrap."""
-  spec = solver_lib.Spec(_model(form, settings), settings["loss"], settings["delta"],
-                         settings["solver"], settings["max_iter"], settings["tol"])
-  y = np.log(loss) if settings["space"] == "log" else loss
-  theta0_SP = _starting_points(form, settings, f, loss, rng)
+  form = cfg.form
+  spec = solver_lib.Spec(_model(cfg), cfg.loss, cfg.delta, cfg.solver, cfg.max_iter, cfg.tol)
+  y = np.log(loss) if cfg.space == "log" else loss
+  theta0_SP = _starting_points(cfg, f, loss, rng)
   logging.info("fit: %s, %d rows, %d starts, solver %s", form, len(loss), len(theta0_SP),
-               settings["solver"])
+               cfg.solver)
   t0 = time.perf_counter()
   (theta_BSP, obj_BS, status_BS, iters_BS), compile_s, _ = solver_lib.solve(
       spec, theta0_SP[None], np.ones((1, len(loss))), f, y)
@@ -269,10 +242,10 @@ def _fit_arrays(form: str, settings: dict[str, Any], f: _Feats, loss: np.ndarray
   logging.info("fit: objective %.6g; %d/%d starts converged, %d at the best (%.1f s)", objective,
                starts["converged"], starts["total"], starts["at_best"], timings["seconds"])
   samples = np.zeros((0, len(theta0_SP[0])))
-  if settings["bootstrap"]:
-    samples = _bootstrap(spec, theta, settings["bootstrap"], f, y, rng, starts, timings)
+  if cfg.bootstrap:
+    samples = _bootstrap(spec, theta, cfg.bootstrap, f, y, rng, starts, timings)
   per_start = dict(objective=obj_S, status=status_S, iterations=iters_S)
-  return _Solution(theta, objective, starts, samples, timings, per_start, settings["bootstrap"])
+  return _Solution(theta, objective, starts, samples, timings, per_start, cfg.bootstrap)
 
 
 def _converge_best(spec: solver_lib.Spec, form: str, theta_P: np.ndarray, objective: float,
@@ -327,7 +300,7 @@ def _feats(table: table_lib.Table, l_opt: np.ndarray | None = None) -> _Feats:
   return _Feats(np.log(table.n), np.log(table.d), l_opt, table.x, table.r)
 
 
-def _resolve_l_opt(l_opt: Any, table: table_lib.Table, settings: dict[str, Any],
+def _resolve_l_opt(l_opt: Any, table: table_lib.Table, cfg: settings.FitConfig,
                    rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float] | None, str]:
   """L_opt per row, the Chinchilla params behind it (if any), and a description."""
   if isinstance(l_opt, str) and l_opt == "empirical":
@@ -349,8 +322,8 @@ def _resolve_l_opt(l_opt: Any, table: table_lib.Table, settings: dict[str, Any],
           "Use l_opt='empirical', or the path of a fit.json with Chinchilla params.")
     sub = table_lib.Table([], [], table.n[first], table.d[first], mins, table.x[first],
                           table.r[first], table.scale[first], np.arange(n_budgets))
-    sol = _fit_arrays("chinchilla", dict(settings, starts="grid", bootstrap=0), _feats(sub),
-                      mins, rng)
+    chin = dataclasses.replace(cfg, form="chinchilla", terms="both", starts="grid", bootstrap=0)
+    sol = _fit_arrays(chin, _feats(sub), mins, rng)
     params = {k: float(v) for k, v in law_lib.theta_to_params("chinchilla", sol.theta).items()}
     return law_lib.Law("chinchilla", params).l_opt(table.n, table.d), params, "chinchilla"
   law = None
@@ -469,56 +442,66 @@ MIN_BOOTSTRAP_USED = 10
 MIN_BOOTSTRAP_FRACTION = 0.5
 
 
-def fit(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
-        l_opt: str | pathlib.Path | Mapping[str, float] | law_lib.Law = "chinchilla",
-        r_range: Sequence[float] | None = (0.5, 5.0), loss: str = "huber", delta: float = 1e-3,
-        space: str = "log", solver: str = "lm", starts: str = "grid", n_starts: int = 256,
-        max_iter: int = 200, tol: float = 1e-12, bootstrap: int = 0, level: float = 0.95,
-        seed: int = 0, terms: str = "both", log_warnings: bool = True) -> FitResult:
+def fit(rows: Sequence[Mapping[str, Any]], config: settings.FitConfig | None = None, *,
+        l_opt: str | pathlib.Path | Mapping[str, float] | law_lib.Law | None = None,
+        seed: int = 0, log_warnings: bool = True, **options: Any) -> FitResult:
   """Fits one law to results rows; every input is checked before any solving starts.
 
+  config: the fit section (settings.FitConfig); `options` override its fields (form, terms,
+  r_range, loss, delta, space, solver, starts, n_starts, max_iter, tol, bootstrap, level).
+  Without a config the fields take FitConfig's defaults, except bootstrap: 0 (none).
   l_opt: "chinchilla" (fitted to the best loss of each budget), "empirical" (that best loss
-  itself), or Chinchilla params given directly (a dict, a Law, or a fit.json path).
-  r_range: keep rows with lo <= mlp_attn_ratio <= hi (conditional forms); None keeps all.
-  terms: "both", or only the "width" (x) or "ratio" (r) terms, the others held at zero.
+  itself), or Chinchilla params given directly (a dict, a Law, or a fit.json path); None takes
+  the config's.
   log_warnings: log the diagnostics' warnings (they are in `diagnostics["warnings"]` always).
   """
-  settings = _settings(form, loss, delta, space, solver, starts, n_starts, max_iter, tol,
-                       bootstrap, level, terms)
-  table = _prepare(rows, form, r_range, terms)
+  cfg = _config(config, l_opt, options)
+  l_opt = cfg.l_opt if l_opt is None or isinstance(l_opt, str) else l_opt
+  form = cfg.form
+  table = _prepare(rows, form, cfg.r_bounds, cfg.terms)
   rng = np.random.default_rng(seed)
   chin_params, l_opt_desc, l_opt_R = None, "none", None
   if form != "chinchilla":
-    l_opt_R, chin_params, l_opt_desc = _resolve_l_opt(l_opt, table, settings, rng)
+    l_opt_R, chin_params, l_opt_desc = _resolve_l_opt(l_opt, table, cfg, rng)
   f = _feats(table, l_opt_R)
-  sol = _fit_arrays(form, settings, f, table.loss, rng)
+  sol = _fit_arrays(cfg, f, table.loss, rng)
   params = {k: float(v) for k, v in
-            law_lib.theta_to_params(form, _full_theta(form, terms, sol.theta)).items()}
+            law_lib.theta_to_params(form, _full_theta(form, cfg.terms, sol.theta)).items()}
   box = None
   if form == "joint":
     box = ((float(table.x.min()), float(table.x.max())),
            (float(table.r.min()), float(table.r.max())))
   law = law_lib.Law(form, dict(params, **(chin_params or {})), box=box)
-  result = _assemble(law, settings, table, f, sol, l_opt_R, l_opt_desc)
+  result = _assemble(law, cfg, table, f, sol, l_opt_R, l_opt_desc)
   if log_warnings:
     log_diagnostics(result)
   return result
 
 
-def _assemble(law: law_lib.Law, settings: dict[str, Any], table: table_lib.Table, f: _Feats,
+def _config(config: settings.FitConfig | None, l_opt: Any,
+            options: Mapping[str, Any]) -> settings.FitConfig:
+  """The checked fit settings: `config` (or the defaults, without bootstrap) with `options`."""
+  if isinstance(l_opt, (str, pathlib.Path)):
+    options = dict(options, l_opt=str(l_opt))
+  if config is None:
+    return settings.FitConfig(**{"bootstrap": 0, **options})
+  return dataclasses.replace(config, **options)
+
+
+def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table, f: _Feats,
               sol: _Solution, l_opt_R: np.ndarray | None, l_opt_desc: str) -> FitResult:
   """The FitResult of a solved fit: uncertainty, diagnostics, predictions per row."""
-  form, terms = law.form, settings["terms"]
+  form, terms = law.form, cfg.terms
   free = law_lib.free_keys(form, terms)
-  y = np.log(table.loss) if settings["space"] == "log" else table.loss
-  se_P, jac_RP = diagnostics_lib.jacobian_errors(_model(form, settings), sol.theta, f, y,
-                                                 settings["loss"], settings["delta"])
+  y = np.log(table.loss) if cfg.space == "log" else table.loss
+  se_P, jac_RP = diagnostics_lib.jacobian_errors(_model(cfg), sol.theta, f, y, cfg.loss,
+                                                 cfg.delta)
   samples, boot_note = _bootstrap_samples(form, terms, sol, law.box)
-  q = 100 * np.array([(1 - settings["level"]) / 2, (1 + settings["level"]) / 2])
+  q = 100 * np.array([(1 - cfg.level) / 2, (1 + cfg.level) / 2])
   intervals = {k: [float(v) for v in np.nanpercentile(s, q)] for k, s in samples.items()
                if np.isfinite(s).any()}
   diag, optimum = diagnostics_lib.diagnose(
-      law, settings, table, sol.starts, (len(sol.theta_samples), sol.bootstrap_total), se_P,
+      law, cfg, table, sol.starts, (len(sol.theta_samples), sol.bootstrap_total), se_P,
       jac_RP, intervals, boot_note)
   for k in law_lib.REGRESSORS:  # no interval for an optimum that is not reported
     if optimum is not None and optimum[k] is None:
@@ -528,7 +511,8 @@ def _assemble(law: law_lib.Law, settings: dict[str, Any], table: table_lib.Table
     optimum["bootstrap_interior_fraction"] = float(np.mean(np.isfinite(opt_B2).all(axis=1)))
   pred = law.predict(table.n, table.d, table.x, table.r, l_opt=l_opt_R)
   result = FitResult(
-      law=law, objective=sol.objective, settings=settings, l_opt=l_opt_desc, intervals=intervals,
+      law=law, objective=sol.objective, settings=_settings_doc(cfg), l_opt=l_opt_desc,
+      intervals=intervals,
       stderr=diagnostics_lib.reported_stderr(form, free, sol.theta, se_P), optimum=optimum,
       starts=sol.starts, metrics=dict(in_sample=prediction_metrics(pred, table.loss)),
       rows_used=_rows_used(form, table, pred, l_opt_R), rows_excluded=table.excluded,
@@ -547,6 +531,13 @@ def _assemble(law: law_lib.Law, settings: dict[str, Any], table: table_lib.Table
           params_nonembed=float(np.median(table.n[i])), tokens=float(np.median(table.d[i])),
           l_opt=float(l_opt_R[i[0]]), rows=len(i), n_spread=spread))
   return result
+
+
+def _settings_doc(cfg: settings.FitConfig) -> dict[str, Any]:
+  """fit.json's `settings`: how the law was fitted (the form, table and L_opt are reported
+  beside it)."""
+  skip = ("results", "form", "l_opt", "r_range")
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
 def _rows_used(form: str, table: table_lib.Table, pred: np.ndarray,
@@ -596,36 +587,39 @@ def log_diagnostics(result: FitResult) -> None:
     logging.warning("fit: %s", warning)
 
 
-def evaluate_progressive(rows: Sequence[Mapping[str, Any]], form: str = "multiplicative",
-                         l_opt: Any = "chinchilla", r_range: Sequence[float] | None = (0.5, 5.0),
-                         **fit_kwargs: Any) -> list[dict[str, Any]]:
+def evaluate_progressive(rows: Sequence[Mapping[str, Any]],
+                         config: settings.FitConfig | None = None, *, l_opt: Any = None,
+                         seed: int = 0, **options: Any) -> list[dict[str, Any]]:
   """The paper's protocol: fit on scales 1..k, predict scale k + 1, for every k.
 
-  Scales are the rows' `scale`, else groups of params_nonembed (see archscale.table). With
-  l_opt="empirical" the held-out scale's L_opt is its own best loss, so the metrics score the
-  architecture calibration, as in the paper. Steps whose training rows cannot support the form
-  are reported with `skipped`; each step's fit warnings are kept in the step, not logged.
+  config, options and l_opt as for `fit` (no bootstrap). Scales are the rows' `scale`, else
+  groups of params_nonembed (see archscale.table). With l_opt="empirical" the held-out scale's
+  L_opt is its own best loss, so the metrics score the architecture calibration, as in the
+  paper. Steps whose training rows cannot support the form are reported with `skipped`; each
+  step's fit warnings are kept in the step, not logged.
   """
-  table = _prepare(rows, form, r_range, fit_kwargs.get("terms", "both"))
+  cfg = _config(config, l_opt, dict(options, bootstrap=0))
+  l_opt = cfg.l_opt if l_opt is None or isinstance(l_opt, str) else l_opt
+  table = _prepare(rows, cfg.form, cfg.r_bounds, cfg.terms)
   n_scales = table.scale.max() + 1
   if n_scales < 2:
     raise ValueError("the progressive protocol needs at least two scales of params_nonembed; "
                      f"the rows have {n_scales}")
-  fit_kwargs = dict(fit_kwargs, bootstrap=0, log_warnings=False)
+  step_cfg = dataclasses.replace(cfg, r_range=())  # the r filter has been applied
   steps = []
   for k in range(1, n_scales):
     train, test = table.take(table.scale < k), table.take(table.scale == k)
     step = dict(train_scales=[float(np.median(table.n[table.scale == s])) for s in range(k)],
                 test_scale=float(np.median(test.n)), n_train=len(train.rows), n_test=len(test.rows))
     try:
-      result = fit(train.rows, form=form, l_opt=l_opt, r_range=None, **fit_kwargs)
+      result = fit(train.rows, step_cfg, l_opt=l_opt, seed=seed, log_warnings=False)
     except ValueError as e:
       logging.info("progressive: step %d skipped: %s", k, e)
       steps.append(dict(step, skipped=str(e)))
       continue
     law = result.law
     test_l_opt = None
-    if form != "chinchilla" and not law.has_chinchilla:
+    if cfg.form != "chinchilla" and not law.has_chinchilla:
       test_l_opt = table_lib.empirical_l_opt(test)
     pred = law.predict(test.n, test.d, test.x, test.r, l_opt=test_l_opt)
     metrics = prediction_metrics(pred, test.loss)
@@ -638,22 +632,20 @@ def evaluate_progressive(rows: Sequence[Mapping[str, Any]], form: str = "multipl
 
 def run_fit(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """`--mode=fit`: fits config.fit.form to config.fit.results; writes fit.json and plots."""
-  fc = config.fit
+  fc = settings.FitConfig.from_config(config)
   if not fc.results:
     raise ValueError("config.fit.results is empty: set --config.fit.results=PATH to a results "
                      "table (JSONL or CSV)")
   rows, torn = table_lib.load_rows(fc.results)
-  kwargs = dict(form=fc.form, l_opt=fc.l_opt, r_range=tuple(fc.r_range) if fc.r_range else None,
-                loss=fc.loss, delta=fc.delta, space=fc.space, solver=fc.solver, starts=fc.starts,
-                n_starts=fc.n_starts, max_iter=fc.max_iter, seed=config.seed, terms=fc.terms)
-  result = fit(rows, bootstrap=fc.bootstrap, level=fc.level, log_warnings=False, **kwargs)
+  result = fit(rows, fc, seed=config.seed, log_warnings=False)
   result.diagnostics["torn_lines"] = torn
   if torn:
     result.diagnostics["warnings"].insert(
         0, f"{torn} torn line(s) in {fc.results} were skipped (a write cut short by a crash)")
   log_diagnostics(result)
   n_scales = max(row["scale_index"] for row in result.rows_used) + 1
-  result.metrics["progressive"] = evaluate_progressive(rows, **kwargs) if n_scales > 1 else []
+  result.metrics["progressive"] = (evaluate_progressive(rows, fc, seed=config.seed)
+                                   if n_scales > 1 else [])
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   doc = dict(result.to_json(), results=str(fc.results),

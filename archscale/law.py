@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from archscale import settings
 from archscale import table as table_lib
 
-FORMS = ("multiplicative", "additive", "joint", "chinchilla")
+FORMS = settings.FIT_FORMS
 CHINCHILLA_KEYS = ("E", "A", "B", "alpha", "beta")
 JOINT_KEYS = tuple(f"c{i}{j}" for i in range(3) for j in range(3))
 # Keys of `Law.params` per form; the conditional forms may also carry CHINCHILLA_KEYS for L_opt.
@@ -58,7 +59,7 @@ THETA_KEYS = {
 
 
 # Which terms of a conditional law a fit estimates (`fit.terms`); the others are held at zero.
-TERMS = ("both", "width", "ratio")
+TERMS = settings.FIT_TERMS
 # The two regressors of the conditional forms, by the names fit.json uses.
 REGRESSORS = ("d_over_sqrt_n", "r")
 

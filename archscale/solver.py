@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-SOLVERS = ("lm", "lbfgs")
-STARTS = ("grid", "random")
+from archscale import settings
+
+SOLVERS = settings.FIT_SOLVERS
+STARTS = settings.FIT_STARTS
 STATUS = ("running", "converged", "stalled", "max_iter", "nonfinite")
 # Hoffmann et al.'s grid of starting points for the log-sum-exp Chinchilla fit (4500 starts).
 HOFFMANN_GRID = dict(

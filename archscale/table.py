@@ -178,11 +178,12 @@ def _describe_grouping(table: Table, by_field: bool) -> str:
 
 
 def prepare(rows: Sequence[Mapping[str, Any]], arch: bool,
-            r_range: Sequence[float] | None) -> Table:
+            r_range: tuple[float, float] | None) -> Table:
   """Checks every row (raising on malformed ones) and applies the r filter.
 
   arch: whether the rows need the architecture fields (d_model, mlp_attn_ratio); without them
-  x = r = 1 and r_range is ignored.
+  x = r = 1 and r_range is ignored. r_range: (lo, hi) with 0 < lo < hi (FitConfig.r_bounds), or
+  None to keep every row.
   """
   if not rows:
     raise ValueError("the results table is empty: nothing to fit")
@@ -224,7 +225,7 @@ def prepare(rows: Sequence[Mapping[str, Any]], arch: bool,
   keep = np.ones(len(rows), bool)
   excluded = unfinished
   if arch and r_range:
-    lo, hi = check_r_range(r_range)
+    lo, hi = r_range
     keep = (r >= lo) & (r <= hi)
     excluded += [dict(rows[i], reason=f"mlp_attn_ratio={r[i]:.4g} outside r_range [{lo}, {hi}]")
                  for i in np.flatnonzero(~keep)]
@@ -252,15 +253,6 @@ def _superseded(rows: Sequence[Any]) -> tuple[set[int], list[str]]:
   more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
   return superseded, [f"{len(repeated)} run_id(s) appear more than once: {named}{more}; each "
                       "counts once, as its latest row"]
-
-
-def check_r_range(r_range: Sequence[float]) -> tuple[float, float]:
-  if len(r_range) != 2 or not all(is_finite_number(v) for v in r_range):
-    raise ValueError(f"r_range={tuple(r_range)!r} must be two numbers (lo, hi), or empty for none")
-  lo, hi = float(r_range[0]), float(r_range[1])
-  if not 0 < lo < hi:
-    raise ValueError(f"r_range=({lo}, {hi}) needs 0 < lo < hi; the paper keeps 0.5 <= r <= 5")
-  return lo, hi
 
 
 def distinct(values: np.ndarray) -> int:
