@@ -240,6 +240,29 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
+def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
+  """report.md lines on what the fit's rows support: optimum (or why none), standard errors,
+  identifiability, convergence, bootstrap, and every warning."""
+  opt, diag = fit.get("optimum") or {}, fit.get("diagnostics") or {}
+  out = []
+  if opt:
+    reasons = opt.get("reasons") or {}
+    show = lambda k: (f"{opt[k]:.4g}" if opt.get(k) is not None else
+                      f"none ({reasons.get(k) or 'the fitted curve has no minimum'})")
+    out += [f"Loss-optimal shape: d_model/sqrt(N) = {show('d_over_sqrt_n')}, r = {show('r')}.",
+            ""]
+  if fit.get("stderr"):
+    out += ["Standard errors (Jacobian): " + ", ".join(
+        f"{k} {v:.3g}" for k, v in fit["stderr"].items() if v is not None) + ".", ""]
+  if diag:
+    out += [f"Identified by the rows: {diag.get('identifiable')}; starts converged: "
+            f"{diag.get('converged_fraction', 0):.0%}; bootstrap replicates used: "
+            f"{diag.get('bootstrap_used')} of {diag.get('bootstrap_total')}.", ""]
+    out += [f"- **warning**: {w}" for w in diag.get("warnings", [])]
+    out += [""] if diag.get("warnings") else []
+  return out
+
+
 def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> pathlib.Path:
   """report.md: what each step produced, with the plots inline (relative paths)."""
   out = [f"# archscale pipeline report: {config.name}", ""]
@@ -272,11 +295,7 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
     fit = json.loads(fit_path.read_text())
     out += ["## Fit", "", f"Form `{fit.get('form')}`, L_opt `{fit.get('l_opt')}`: "
             f"{_fmt_params(fit.get('params', {}))}.", ""]
-    opt = fit.get("optimum") or {}
-    if opt:
-      show = lambda v: "none (the fitted curve has no minimum)" if v is None else f"{v:.4g}"
-      out += [f"Loss-optimal shape: d_model/sqrt(N) = {show(opt.get('d_over_sqrt_n'))}, "
-              f"r = {show(opt.get('r'))}.", ""]
+    out += _fit_diagnostics(fit)
     metrics = (fit.get("metrics") or {}).get("in_sample")
     if metrics:
       out += ["In-sample: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
