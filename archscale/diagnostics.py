@@ -39,35 +39,34 @@ COND_LIMIT = 1e3
 
 
 def jacobian_errors(model: Callable[[Any, Any], Any], theta_P: np.ndarray, feats: Any,
-                    y_R: np.ndarray, loss: str, delta: float) -> tuple[np.ndarray, np.ndarray]:
-  """(standard errors (P,), Jacobian (R, P)) of the fitted parameters at the optimum theta_P.
-
-  NaN standard errors where J^T J is singular or (Huber) no residual is within delta.
-  """
+                    y_R: np.ndarray, loss: str,
+                    delta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(standard errors (P,), covariance (P, P), Jacobian (R, P)) of the fitted parameters at the
+  optimum theta_P; NaN where J^T J is singular or (Huber) no residual is within delta."""
   with solver_lib.float64():
     f = type(feats)(*(jnp.asarray(a, jnp.float64) for a in feats))
     theta = jnp.asarray(theta_P, jnp.float64)
     jac_RP = np.asarray(jax.jacfwd(lambda t: model(t, f))(theta))
     resid_R = np.asarray(model(theta, f)) - np.asarray(y_R, np.float64)
   n_rows, n_p = jac_RP.shape
-  nan = np.full(n_p, np.nan)
+  nan, nan_PP = np.full(n_p, np.nan), np.full((n_p, n_p), np.nan)
   if n_rows <= n_p or not np.all(np.isfinite(jac_RP)) or not np.all(np.isfinite(resid_R)):
-    return nan, jac_RP
+    return nan, nan_PP, jac_RP
   if loss == "squared":
     scale = np.sum(resid_R**2) / (n_rows - n_p)
   else:
     psi, inside = np.clip(resid_R, -delta, delta), (np.abs(resid_R) <= delta).astype(float)
     m = inside.mean()
     if m == 0:
-      return nan, jac_RP
+      return nan, nan_PP, jac_RP
     k = 1 + n_p / n_rows * inside.var() / m**2
     scale = k**2 * np.sum(psi**2) / (n_rows - n_p) / m**2
   try:
     cov_PP = scale * np.linalg.inv(jac_RP.T @ jac_RP)
   except np.linalg.LinAlgError:
-    return nan, jac_RP
+    return nan, nan_PP, jac_RP
   diag = np.diag(cov_PP)
-  return np.where(diag >= 0, np.sqrt(np.abs(diag)), np.nan), jac_RP
+  return np.where(diag >= 0, np.sqrt(np.abs(diag)), np.nan), cov_PP, jac_RP
 
 
 def reported_stderr(form: str, free: Sequence[str], theta_P: np.ndarray,
@@ -252,3 +251,64 @@ def diagnose(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
       bootstrap_note=boot_note, grouping=table.grouping,
       warnings=list(dict.fromkeys(warnings)))
   return diag, optimum
+
+
+# ----------------------------------------------------------------------------------------------
+# What a search may rely on: the rows' support and the uncertainty of predictions.
+
+
+def widened_support(doc: Mapping[str, Any], margin: float) -> dict[str, list[float]] | None:
+  """A fit.json's `support` (the rows' d_over_sqrt_n and r ranges) widened on each side by
+  `margin` times its width in log space; None when the law carries no support (hand-written)."""
+  support = doc.get("support")
+  if not support:
+    return None
+  out = {}
+  for name in law_lib.REGRESSORS:
+    lo, hi = (float(v) for v in support[name])
+    pad = margin * math.log(hi / lo)
+    out[name] = [lo * math.exp(-pad), hi * math.exp(pad)]
+  return out
+
+
+def _gradients(law: law_lib.Law, free: Sequence[str], x: np.ndarray, r: np.ndarray,
+               l_opt: np.ndarray | None) -> np.ndarray:
+  """(K, P) derivative of the prediction at each (x, r) by the fitted parameters, by central
+  differences (L_opt held fixed)."""
+  theta = law_lib.params_to_theta(law.form, law.params)
+  cols = [law_lib.THETA_KEYS[law.form].index(k) for k in free]
+  grads = []
+  for c in cols:
+    h = 1e-6 * max(1.0, abs(theta[c]))
+    up, down = theta.copy(), theta.copy()
+    up[c] += h
+    down[c] -= h
+    diff = (law_lib.calibrate(law.form, up[None], x, r, np)[0]
+            - law_lib.calibrate(law.form, down[None], x, r, np)[0]) / (2 * h)
+    grads.append(diff if l_opt is None or law.form == "additive" else diff * l_opt)
+  return np.stack(grads, axis=-1)
+
+
+def compare(law: law_lib.Law, doc: Mapping[str, Any], a: Sequence[float],
+            b: Sequence[float] | None, level: float) -> dict[str, Any] | None:
+  """Predicted loss of shape a = (n, d, x, r) with its interval at `level` (from the fit's
+  Jacobian covariance, conditional on L_opt), and its difference from shape b (if given) with
+  the difference's interval; None when the fit.json carries no covariance."""
+  cov = doc.get("covariance") or {}
+  matrix = np.asarray(cov.get("matrix") or [], np.float64)
+  if not matrix.size or not np.all(np.isfinite(matrix)) or law.form == "chinchilla":
+    return None
+  z = float(stats.norm.ppf((1 + level) / 2))
+  shapes = [a] + ([b] if b is not None else [])
+  n, d, x, r = (np.array([float(s[i]) for s in shapes]) for i in range(4))
+  l_opt = law.l_opt(n, d) if law.has_chinchilla else None
+  g_KP = _gradients(law, cov["params"], x, r, l_opt)
+  pred = np.asarray(law.predict(n, d, x, r), np.float64)
+  half = z * math.sqrt(max(float(g_KP[0] @ matrix @ g_KP[0]), 0.0))
+  out = dict(predicted=float(pred[0]), interval=[float(pred[0] - half), float(pred[0] + half)],
+             level=level)
+  if b is not None:
+    g = g_KP[0] - g_KP[1]
+    half_diff = z * math.sqrt(max(float(g @ matrix @ g), 0.0))
+    out.update(difference=float(pred[0] - pred[1]), difference_half_width=half_diff)
+  return out

@@ -25,11 +25,12 @@ bootstrap_stderr (standard deviations of the replicates), optimum (d_over_sqrt_n
 when not identified or not inside the rows' range, with `reasons`, `range`, closed_form,
 interior; null for chinchilla), diagnostics (converged_fraction, convergence, identifiable
 {"d_over_sqrt_n": bool, "r": bool}, identifiability reasons, condition_numbers, bootstrap_used,
-bootstrap_total, bootstrap_note, grouping, torn_lines, warnings), objective, starts (total,
-converged, at_best, status counts, remedy), settings, metrics (in_sample; progressive steps),
-timings, l_opt_groups (N, D, L_opt, rows and N spread per budget), rows_used (each row plus
-d_over_sqrt_n, l_opt, predicted, predicted_interval, scale_index, budget_index), rows_excluded
-(each row plus reason), results, plots, provenance.
+bootstrap_total, bootstrap_note, grouping, torn_lines, warnings), covariance (of the fitted
+solver parameters, from the Jacobian), support (the rows' d_over_sqrt_n and r ranges), objective,
+starts (total, converged, at_best, status counts, remedy), settings, metrics (in_sample;
+progressive steps), timings, l_opt_groups (N, D, L_opt, rows and N spread per budget),
+rows_used (each row plus d_over_sqrt_n, l_opt, predicted, predicted_interval, scale_index,
+budget_index), rows_excluded (each row plus reason), results, plots, provenance.
 """
 
 from __future__ import annotations
@@ -378,6 +379,9 @@ class FitResult:
   per_start: dict[str, np.ndarray]  # each start's objective, status (solver.STATUS), iterations
   diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
   bootstrap_stderr: dict[str, float] = dataclasses.field(default_factory=dict)
+  # The fitted (solver) parameters' covariance from the Jacobian, and the rows' x and r ranges.
+  covariance: dict[str, Any] = dataclasses.field(default_factory=dict)
+  support: dict[str, list[float]] | None = None
 
   def predict_interval(self, n: Any = None, d: Any = None, x: Any = None, r: Any = None,
                        l_opt: Any = None, level: float | None = None) -> np.ndarray:
@@ -415,7 +419,8 @@ class FitResult:
         form=self.law.form, l_opt=self.l_opt, params=dict(self.law.params),
         intervals=self.intervals, interval_level=self.settings["level"], stderr=self.stderr,
         bootstrap_stderr=self.bootstrap_stderr, optimum=self.optimum,
-        diagnostics=self.diagnostics, objective=self.objective, starts=self.starts,
+        diagnostics=self.diagnostics, covariance=self.covariance, support=self.support,
+        objective=self.objective, starts=self.starts,
         settings=self.settings, metrics=self.metrics, timings=self.timings,
         l_opt_groups=self.l_opt_groups, rows_used=self.rows_used,
         rows_excluded=self.rows_excluded))
@@ -494,8 +499,8 @@ def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
   form, terms = law.form, cfg.terms
   free = law_lib.free_keys(form, terms)
   y = np.log(table.loss) if cfg.space == "log" else table.loss
-  se_P, jac_RP = diagnostics_lib.jacobian_errors(_model(cfg), sol.theta, f, y, cfg.loss,
-                                                 cfg.delta)
+  se_P, cov_PP, jac_RP = diagnostics_lib.jacobian_errors(_model(cfg), sol.theta, f, y,
+                                                         cfg.loss, cfg.delta)
   samples, boot_note = _bootstrap_samples(form, terms, sol, law.box)
   q = 100 * np.array([(1 - cfg.level) / 2, (1 + cfg.level) / 2])
   intervals = {k: [float(v) for v in np.nanpercentile(s, q)] for k, s in samples.items()
@@ -517,7 +522,10 @@ def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
       starts=sol.starts, metrics=dict(in_sample=prediction_metrics(pred, table.loss)),
       rows_used=_rows_used(form, table, pred, l_opt_R), rows_excluded=table.excluded,
       l_opt_groups=[], samples=samples, timings=sol.timings, per_start=sol.per_start,
-      diagnostics=diag,
+      diagnostics=diag, covariance=dict(params=list(free), matrix=cov_PP),
+      support=None if form == "chinchilla" else {
+          "d_over_sqrt_n": [float(table.x.min()), float(table.x.max())],
+          "r": [float(table.r.min()), float(table.r.max())]},
       bootstrap_stderr={k: float(np.nanstd(s, ddof=1)) for k, s in samples.items()
                         if np.isfinite(s).sum() > 1})
   if samples:
