@@ -312,3 +312,36 @@ def compare(law: law_lib.Law, doc: Mapping[str, Any], a: Sequence[float],
     half_diff = z * math.sqrt(max(float(g @ matrix @ g), 0.0))
     out.update(difference=float(pred[0] - pred[1]), difference_half_width=half_diff)
   return out
+
+
+def pick_statements(law: law_lib.Law, doc: Mapping[str, Any],
+                    picks: Mapping[str, Sequence[float]], baseline: Sequence[float] | None,
+                    target: float, level: float) -> tuple[dict[str, Any], list[str]]:
+  """Each pick's (name -> (n, d, x, r)) predicted loss with its interval and, in plain words,
+  whether its advantage over the baseline (or its margin to a numeric target) exceeds the fit's
+  uncertainty."""
+  out: dict[str, Any] = {}
+  lines: list[str] = []
+  for name, shape in picks.items():
+    c = compare(law, doc, shape, baseline, level)
+    if c is None:
+      lines.append(f"{name}: the law carries no covariance (hand-written, or its standard errors "
+                   "are undefined), so whether its predicted difference is real is untested")
+      continue
+    out[name] = c
+    lo, hi = c["interval"]
+    head = f"{name}: predicted loss {c['predicted']:.5g}, {level:.0%} interval [{lo:.5g}, {hi:.5g}]"
+    if baseline is not None:
+      diff, half = c["difference"], c["difference_half_width"]
+      within = abs(diff) <= half
+      lines.append(f"{head}; against the baseline {diff:+.3g} +/- {half:.2g}: "
+                   + ("within the fit's uncertainty, so the law cannot tell it from the baseline"
+                      if within else "beyond the fit's uncertainty"))
+      c["within_uncertainty"] = within
+    else:
+      within = lo <= target <= hi
+      lines.append(f"{head}; the target {target:.5g} is "
+                   + ("inside that interval: whether it meets the target is within the fit's "
+                      "uncertainty" if within else "outside that interval"))
+      c["within_uncertainty"] = within
+  return out, lines

@@ -341,6 +341,9 @@ class SearchConfig(Section):
   width_range: Any = (0.5, 2.0)  # d_model/sqrt(N) from 0.5 x the lower to 2 x the upper of the
                                  # law's optimum and the baseline
   r_range: Any = (0.5, 5.0)    # r outside the law's fitted range is not extrapolated to
+  support_margin: float = 0.1  # candidates stay within the fit rows' x and r ranges, each
+                               # widened by this fraction of its width in log space
+  extrapolate: bool = False    # true: keep candidates outside that support, marked extrapolated
   n_tolerance: float = 0.05    # a candidate's N may differ from the budget by this fraction
   gqa: int = 0                 # GQA of the enumeration (0: the baseline's, else the model's)
   patience: int = 2            # GQA walk: stop after this many steps without a throughput gain
@@ -356,6 +359,9 @@ class SearchConfig(Section):
     self._positive_ints("batch_size", "input_len", "output_len", "dtype_bytes",
                         "d_model_multiple", "d_ff_multiple", "patience", "max_measure")
     self._positive_numbers("n_tolerance")
+    self._non_negative_numbers("support_margin")
+    check(isinstance(self.extrapolate, bool), f"search.extrapolate must be true or false, got "
+          f"{self.extrapolate!r}")
     check(self.d_head % 2 == 0, f"search.d_head must be even (rotary embeddings), got "
           f"{self.d_head}")
     r_lo, r_hi = _pair(self.r_range, "search.r_range")
