@@ -240,6 +240,23 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
+def _search_support(s: dict[str, Any]) -> list[str]:
+  """report.md lines on where the search may trust the law: its support and each pick's
+  uncertainty (predicted losses whose differences are within it are not findings)."""
+  sup = s.get("support")
+  if sup:
+    out = [f"Searched within the fit rows' support: d_model/sqrt(N) in "
+           f"[{sup['d_over_sqrt_n'][0]:.3g}, {sup['d_over_sqrt_n'][1]:.3g}], r in "
+           f"[{sup['r'][0]:.3g}, {sup['r'][1]:.3g}] (margin {sup['margin']:g}"
+           + ("; extrapolating, outside candidates marked" if sup["extrapolate"] else "")
+           + ").", ""]
+  else:
+    out = ["The law carries no support (no fit rows), so candidates were not checked against "
+           "the data's range.", ""]
+  statements = (s.get("uncertainty") or {}).get("statements", [])
+  return out + [f"- {line}" for line in statements] + ([""] if statements else [])
+
+
 def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
   """report.md lines on what the fit's rows support: optimum (or why none), standard errors,
   identifiability, convergence, bootstrap, and every warning."""
@@ -343,6 +360,7 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
             "(`python -m archscale.main --config=WORKDIR/panda.py --mode=train`).", ""]
     if not math.isfinite(s["target"]):
       out += ["The target is not finite; check the law.", ""]
+    out += _search_support(s)
   path = workdir / REPORT
   io.write_text_atomic(path, "\n".join(out))
   say(f"report: {path}")
