@@ -604,15 +604,16 @@ def _uncertainty(law: Any, doc: dict[str, Any], result: SearchResult, budget: Bu
                                      float(doc.get("interval_level", 0.95)))
 
 
-def _law_optimum(law: Any, doc: dict[str, Any] | None = None) -> float | None:
-  if doc and isinstance(doc.get("optimum"), dict):  # a fit's optimum: null when not supported
-    x = doc["optimum"].get("d_over_sqrt_n")
-    return float(x) if x is not None else None
+def _law_optimum(law: Any, doc: dict[str, Any], key: str = "d_over_sqrt_n") -> float | None:
+  """The optimum a fit reported (null when the rows do not support one), else the law's own."""
+  if isinstance(doc.get("optimum"), dict):
+    value = doc["optimum"].get(key)
+    return float(value) if value is not None else None
   try:
-    x = float(law.optimum()["d_over_sqrt_n"])
+    value = float(law.optimum()[key])
   except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
     return None
-  return x if math.isfinite(x) and 0 < x < 10 else None
+  return value if math.isfinite(value) and (key == "r" or 0 < value < 10) else None
 
 
 def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
@@ -666,7 +667,7 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "target_spec": str(s.target),
       "law": {"path": law_path, "form": getattr(law, "form", None),
               "optimum": optimum and {"d_over_sqrt_n": optimum,
-                                      "r": _law_optimum_r(law, doc)}},
+                                      "r": _law_optimum(law, doc, "r")}},
       "loss_units": units,
       "support": space.support and {
           "d_over_sqrt_n": list(space.support[0]), "r": list(space.support[1]),
@@ -685,17 +686,6 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       write_arch_config(workdir / f"{name}.py", name, cand, config, budget, units, source.name)
   _log_summary(result, units)
   return out
-
-
-def _law_optimum_r(law: Any, doc: dict[str, Any]) -> float | None:
-  if isinstance(doc.get("optimum"), dict):
-    r = doc["optimum"].get("r")
-    return float(r) if r is not None else None
-  try:
-    r = float(law.optimum()["r"])
-  except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
-    return None
-  return r if math.isfinite(r) else None
 
 
 def _describe(c: Candidate | None) -> str:

@@ -201,18 +201,24 @@ def test_fit_uses_float64_without_leaking_it():
   assert jnp.ones(2).dtype == jnp.float32
 
 
-def test_run_fit_writes_fit_json_and_plots(tmp_path):
-  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=5, n_r=5)
-  rows.append(dict(rows[0], run_id="wide", mlp_attn_ratio=8.0))  # Outside the paper's r range.
-  rows.append(dict(run_id="crashed", status="failed", error="out of memory"))
+def fit_config(tmp_path, text, n_starts):
+  """--mode=fit (configs/fit.py, 20 bootstrap replicates, random starts) on `text` as the
+  results table; fit.json and the plots go to tmp_path / "out"."""
   results = tmp_path / "results.jsonl"
-  results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  results.write_text(text)
   config = config_lib.load_config_file(config_lib.CONFIG_DIR / "fit.py")
   config.fit.results = str(results)
   config.fit.bootstrap = 20
   config.fit.starts = "random"
-  config.fit.n_starts = 8
+  config.fit.n_starts = n_starts
   fitting.run_fit(config, tmp_path / "out")
+
+
+def test_run_fit_writes_fit_json_and_plots(tmp_path):
+  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=5, n_r=5)
+  rows.append(dict(rows[0], run_id="wide", mlp_attn_ratio=8.0))  # Outside the paper's r range.
+  rows.append(dict(run_id="crashed", status="failed", error="out of memory"))
+  fit_config(tmp_path, "".join(json.dumps(r) + "\n" for r in rows), n_starts=8)
   doc = json.loads((tmp_path / "out" / "fit.json").read_text())
   assert doc["form"] == "multiplicative" and doc["l_opt"] == "empirical"
   assert set(doc["params"]) == {"a0", "a1", "a2", "b0", "b1", "b2"}
@@ -470,14 +476,8 @@ def test_duplicated_runs_count_once_in_a_fit(caplog):
 def test_run_fit_reports_diagnostics_torn_lines_and_grouping(tmp_path, caplog):
   caplog.set_level("INFO")
   rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=4, n_r=4)
-  results = tmp_path / "results.jsonl"
-  results.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"run_id": "torn", "lo\n')
-  config = config_lib.load_config_file(config_lib.CONFIG_DIR / "fit.py")
-  config.fit.results = str(results)
-  config.fit.bootstrap = 20
-  config.fit.starts = "random"
-  config.fit.n_starts = 4
-  fitting.run_fit(config, tmp_path / "out")
+  fit_config(tmp_path, "".join(json.dumps(r) + "\n" for r in rows) + '{"run_id": "torn", "lo\n',
+             n_starts=4)
   doc = json.loads((tmp_path / "out" / "fit.json").read_text())
   diag = doc["diagnostics"]
   assert set(diag) >= {"converged_fraction", "identifiable", "bootstrap_used", "bootstrap_total",
