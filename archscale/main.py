@@ -17,7 +17,7 @@ MODES = {
     "train": "archscale.train:run_train",
     "decode_bench": "archscale.decode:run_decode_bench",
     "sweep": "archscale.sweep:run_sweep",
-    "fit": "archscale.law:run_fit",
+    "fit": "archscale.fitting:run_fit",
     "search": "archscale.search:run_search",
     "pipeline": "archscale.pipeline:run_pipeline",
     "export": "archscale.hf:run_export",

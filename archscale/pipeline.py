@@ -4,7 +4,7 @@ Steps, in order, each writing into WORKDIR:
 
   prepare_data  tokenized corpus in WORKDIR/data (unless data.path names a prepared one)
   sweep         WORKDIR/runs/<run_id>/, results.jsonl                    (archscale.sweep)
-  fit           fit.json and its plots, from results.jsonl                (archscale.law)
+  fit           fit.json and its plots, from results.jsonl                (archscale.fitting)
   decode_bench  decode_bench.json / .png for bench.archs on this machine  (archscale.decode)
   search        search.json, pareto.png, panda.py, surefire.py            (archscale.search)
   report        report.md: the key numbers and every plot
@@ -105,12 +105,12 @@ def _sweep(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> No
 
 
 def _fit(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
-  from archscale import law as law_lib
+  from archscale import fitting
 
   finished = sum(r.get("status", "finished") == "finished"
                  for r in io.read_jsonl(config.fit.results))
   say(f"fit: {config.fit.form} law (L_opt: {config.fit.l_opt}) on {finished} finished runs")
-  law_lib.run_fit(config, workdir)
+  fitting.run_fit(config, workdir)
   fit = json.loads((workdir / "fit.json").read_text())
   say(f"fit: params {_fmt_params(fit.get('params', {}))}; optimum {fit.get('optimum')}")
 
@@ -241,6 +241,46 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
+def _search_support(s: dict[str, Any]) -> list[str]:
+  """report.md lines on where the search may trust the law: its support and each pick's
+  uncertainty (predicted losses whose differences are within it are not findings)."""
+  sup = s.get("support")
+  if sup:
+    out = [f"Searched within the fit rows' support: d_model/sqrt(N) in "
+           f"[{sup['d_over_sqrt_n'][0]:.3g}, {sup['d_over_sqrt_n'][1]:.3g}], r in "
+           f"[{sup['r'][0]:.3g}, {sup['r'][1]:.3g}] (margin {sup['margin']:g}"
+           + ("; extrapolating, outside candidates marked" if sup["extrapolate"] else "")
+           + ").", ""]
+  else:
+    out = ["The law carries no support (no fit rows), so candidates were not checked against "
+           "the data's range.", ""]
+  statements = (s.get("uncertainty") or {}).get("statements", [])
+  return out + [f"- {line}" for line in statements] + ([""] if statements else [])
+
+
+def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
+  """report.md lines on what the fit's rows support: optimum (or why none), standard errors,
+  identifiability, convergence, bootstrap, and every warning."""
+  opt, diag = fit.get("optimum") or {}, fit.get("diagnostics") or {}
+  out = []
+  if opt:
+    reasons = opt.get("reasons") or {}
+    show = lambda k: (f"{opt[k]:.4g}" if opt.get(k) is not None else
+                      f"none ({reasons.get(k) or 'the fitted curve has no minimum'})")
+    out += [f"Loss-optimal shape: d_model/sqrt(N) = {show('d_over_sqrt_n')}, r = {show('r')}.",
+            ""]
+  if fit.get("stderr"):
+    out += ["Standard errors (Jacobian): " + ", ".join(
+        f"{k} {v:.3g}" for k, v in fit["stderr"].items() if v is not None) + ".", ""]
+  if diag:
+    out += [f"Identified by the rows: {diag.get('identifiable')}; starts converged: "
+            f"{diag.get('converged_fraction', 0):.0%}; bootstrap replicates used: "
+            f"{diag.get('bootstrap_used')} of {diag.get('bootstrap_total')}.", ""]
+    out += [f"- **warning**: {w}" for w in diag.get("warnings", [])]
+    out += [""] if diag.get("warnings") else []
+  return out
+
+
 def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> pathlib.Path:
   """report.md: what each step produced, with the plots inline (relative paths)."""
   out = [f"# archscale pipeline report: {config.name}", ""]
@@ -273,11 +313,7 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
     fit = json.loads(fit_path.read_text())
     out += ["## Fit", "", f"Form `{fit.get('form')}`, L_opt `{fit.get('l_opt')}`: "
             f"{_fmt_params(fit.get('params', {}))}.", ""]
-    opt = fit.get("optimum") or {}
-    if opt:
-      show = lambda v: "none (the fitted curve has no minimum)" if v is None else f"{v:.4g}"
-      out += [f"Loss-optimal shape: d_model/sqrt(N) = {show(opt.get('d_over_sqrt_n'))}, "
-              f"r = {show(opt.get('r'))}.", ""]
+    out += _fit_diagnostics(fit)
     metrics = (fit.get("metrics") or {}).get("in_sample")
     if metrics:
       out += ["In-sample: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -325,6 +361,7 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
             "(`python -m archscale.main --config=WORKDIR/panda.py --mode=train`).", ""]
     if not math.isfinite(s["target"]):
       out += ["The target is not finite; check the law.", ""]
+    out += _search_support(s)
   path = workdir / REPORT
   io.write_text_atomic(path, "\n".join(out))
   say(f"report: {path}")

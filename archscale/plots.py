@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from archscale.fitting import FitResult
 
 
 def _pyplot() -> Any:
@@ -33,12 +36,16 @@ class Panel:
 
 
 def panels(path: str | pathlib.Path, items: Sequence[Panel], xlabel: str, ylabel: str,
-           logx: bool = False, title: str = "") -> str:
-  """Small multiples side by side, sharing the y axis."""
+           logx: bool = False, title: str = "", ncols: int = 3) -> str:
+  """Small multiples sharing the y axis, wrapped into rows of at most `ncols` panels."""
   plt = _pyplot()
-  fig, axes = plt.subplots(1, max(len(items), 1), figsize=(4 * max(len(items), 1), 3.4),
-                           sharey=True, squeeze=False)
-  for ax, item in zip(axes[0], items, strict=False):
+  n = max(len(items), 1)
+  cols = min(n, ncols)
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), sharey=True,
+                           squeeze=False)
+  flat = axes.ravel()
+  for ax, item in zip(flat, items, strict=False):
     for x, y, label in item.points:
       ax.scatter(x, y, s=14, alpha=0.8, label=label)
     for x, y, label in item.curves:
@@ -50,7 +57,10 @@ def panels(path: str | pathlib.Path, items: Sequence[Panel], xlabel: str, ylabel
     ax.set_title(item.title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.legend(fontsize=7)
-  axes[0][0].set_ylabel(ylabel)
+  for ax in flat[len(items):]:
+    ax.set_visible(False)
+  for row in axes:
+    row[0].set_ylabel(ylabel)
   if title:
     fig.suptitle(title)
   return _save(fig, path)
@@ -119,3 +129,53 @@ def _save(fig: Any, path: str | pathlib.Path) -> str:
   fig.savefig(path, dpi=110)
   _pyplot().close(fig)
   return str(path)
+
+
+def fit_figures(result: FitResult, workdir: pathlib.Path) -> list[str]:
+  """A fit's figures: predicted vs measured, residuals, and (conditional forms) loss against
+  d/sqrt(N) and against r, one panel per scale and one fitted curve per (scale, tokens) group."""
+  rows = result.rows_used
+  law = result.law
+  loss = np.array([row["loss"] for row in rows])
+  pred = np.array([row["predicted"] for row in rows])
+  scale = np.array([row["scale_index"] for row in rows])
+  n = np.array([float(row["params_nonembed"]) for row in rows])
+  labels = [f"N={human(np.median(n[scale == s]))}" for s in scale]
+  written = [predicted_vs_measured(workdir / "fit_predicted_vs_measured.png", pred, loss,
+                                   labels, title=f"{law.form} fit"),
+             residuals(workdir / "fit_residuals.png", pred, loss - pred, labels,
+                       title=f"{law.form} fit")]
+  if law.form == "chinchilla":
+    return written
+  x = np.array([row["d_over_sqrt_n"] for row in rows])
+  r = np.array([float(row["mlp_attn_ratio"]) for row in rows])
+  cols = dict(x=x, r=r, loss=loss, l_opt=np.array([row["l_opt"] for row in rows]),
+              tokens=np.array([float(row["tokens"]) for row in rows]),
+              budget=np.array([row["budget_index"] for row in rows]))
+  opt = result.optimum or {}
+  for name, key in (("d_over_sqrt_n", "d_over_sqrt_n"), ("mlp_attn_ratio", "r")):
+    items = [_fit_panel(law, cols, scale == s, key, labels[np.flatnonzero(scale == s)[0]],
+                        opt.get(key)) for s in np.unique(scale)]
+    written.append(panels(workdir / f"fit_loss_vs_{key}.png", items, xlabel=name,
+                          ylabel="loss", logx=True))
+  return written
+
+
+def _fit_panel(law: Any, cols: dict[str, np.ndarray], in_scale: np.ndarray, key: str,
+               title: str, optimum: float | None) -> Panel:
+  """One scale's panel: each tokens group's runs and its fitted curve, the other regressor held
+  at the group's median."""
+  values, other = (cols["x"], cols["r"]) if key == "d_over_sqrt_n" else (cols["r"], cols["x"])
+  held_name = "r" if key == "d_over_sqrt_n" else "d/sqrt(N)"
+  points, curves = [], []
+  for b in np.unique(cols["budget"][in_scale]):
+    i = in_scale & (cols["budget"] == b)
+    grid = np.geomspace(values[i].min() / 1.2, values[i].max() * 1.2, 100)
+    held = np.full_like(grid, np.median(other[i]))
+    xs, rs = (grid, held) if key == "d_over_sqrt_n" else (held, grid)
+    tokens = f"D={human(np.median(cols['tokens'][i]))}"
+    points.append((values[i], cols["loss"][i], tokens))
+    curves.append((grid, law.predict(x=xs, r=rs, l_opt=np.median(cols["l_opt"][i])),
+                   f"fit, {tokens}, {held_name}={np.median(other[i]):.3g}"))
+  marks = [(optimum, "optimum")] if optimum is not None and np.isfinite(optimum) else []
+  return Panel(title=title, points=points, curves=curves, vlines=marks)

@@ -95,6 +95,18 @@ class Space:
   d_ff_multiple: int = 256
   r_range: tuple[float, float] = (0.5, 5.0)
   n_tolerance: float = 0.05
+  # The fit rows' (x, r) ranges, widened by search.support_margin (None: unknown, no limit), and
+  # whether candidates outside are kept (marked extrapolated) rather than dropped.
+  support: tuple[tuple[float, float], tuple[float, float]] | None = None
+  extrapolate: bool = False
+
+
+def in_support(space: Space, spec: ArchSpec) -> bool:
+  """Whether the spec's d_model/sqrt(N) and r lie within the law's (widened) support."""
+  if space.support is None:
+    return True
+  (x_lo, x_hi), (r_lo, r_hi) = space.support
+  return x_lo <= spec.d_over_sqrt_n <= x_hi and r_lo <= spec.mlp_attn_ratio <= r_hi
 
 
 def fill_d_ff(budget: Budget, space: Space, d_model: int, n_heads: int,
@@ -124,6 +136,8 @@ def make_spec(budget: Budget, space: Space, d_model: int, n_heads: int,
   lo, hi = space.r_range
   if not lo <= spec.mlp_attn_ratio <= hi:
     return None, "r outside search.r_range"
+  if not space.extrapolate and not in_support(space, spec):
+    return None, "outside the law's support (search.support_margin, search.extrapolate)"
   return spec, None
 
 
@@ -178,6 +192,7 @@ class Candidate:
   throughput: float | None = None
   fits: bool | None = None
   meets_target: bool = False
+  extrapolated: bool = False  # outside the law's support (kept under search.extrapolate)
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -186,6 +201,7 @@ class Candidate:
         "throughput": self.throughput,
         "fits": self.fits,
         "meets_target": self.meets_target,
+        "extrapolated": self.extrapolated,
         "origin": self.origin,
     }
 
@@ -211,8 +227,10 @@ class Evaluator:
   """Predicted loss and throughput of specs, each computed once."""
 
   def __init__(self, law: Any, tokens: float, target: float,
-               throughput: Callable[[ArchSpec], tuple[float | None, bool]]):
+               throughput: Callable[[ArchSpec], tuple[float | None, bool]],
+               space: Space | None = None):
     self.law, self.tokens, self.target, self._throughput = law, tokens, target, throughput
+    self.space = space or Space()
     self.cache: dict[ArchSpec, Candidate] = {}
     self.throughput_calls = 0
 
@@ -222,7 +240,8 @@ class Evaluator:
     for spec, loss in zip(new, predict_losses(self.law, new, self.tokens), strict=True):
       loss = float(loss)
       self.cache[spec] = Candidate(spec, loss, origin,
-                                   meets_target=bool(math.isfinite(loss) and loss <= self.target))
+                                   meets_target=bool(math.isfinite(loss) and loss <= self.target),
+                                   extrapolated=not in_support(self.space, spec))
     return [self.cache[s] for s in specs]
 
   def rate(self, cand: Candidate) -> Candidate:
@@ -336,7 +355,7 @@ def search(law: Any, budget: Budget, space: Space, target: float,
   say = progress or (lambda msg: logging.info("%s", msg))
   start_time = time.time()
   specs, dropped = enumerate_specs(budget, space, d_models, gqa)
-  ev = Evaluator(law, budget.tokens, target, throughput)
+  ev = Evaluator(law, budget.tokens, target, throughput, space)
   grid = ev.add(specs, "grid")
   meeting = [c for c in grid if c.meets_target]
   say(f"search: {len(grid)} feasible architectures over {len(d_models)} d_model values at GQA "
@@ -494,6 +513,7 @@ def _baseline_spec(name: str) -> ArchSpec:
 
 def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
   """The law of `search.law`, or one fitted now from `search.results` / `fit.results`."""
+  from archscale import fitting
   from archscale import law as law_lib
 
   s = SearchConfig.from_config(config)
@@ -511,7 +531,7 @@ def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
   cfg = config.copy_and_resolve_references()
   cfg.fit.results = results
   logging.info("search: fitting a %s law to %s", cfg.fit.form, cfg.fit.results)
-  law_lib.run_fit(cfg, workdir)
+  fitting.run_fit(cfg, workdir)
   path = pathlib.Path(workdir) / "fit.json"
   return law_lib.load_law(path), str(path)
 
@@ -555,12 +575,45 @@ def resolve(config: Any) -> dict[str, Any]:
           "width_range": tuple(float(v) for v in s.width_range)}
 
 
-def _law_optimum(law: Any) -> float | None:
+def _with_support(law_path: str, space: Space, s: SearchConfig) -> tuple[dict[str, Any], Space]:
+  """The law's fit.json (form and params only when hand-written) and the space limited to its
+  rows' support, widened by search.support_margin (no limit when the law carries none)."""
+  from archscale import diagnostics
+
+  doc = json.loads(pathlib.Path(law_path).read_text(encoding="utf-8"))
+  support = diagnostics.widened_support(doc, s.support_margin)
+  if support is None:
+    logging.warning("search: the law %s carries no support (the rows it was fitted on): "
+                    "candidates are not checked against the data's range", law_path)
+    return doc, dataclasses.replace(space, extrapolate=s.extrapolate)
+  return doc, dataclasses.replace(space, support=(tuple(support["d_over_sqrt_n"]),
+                                                  tuple(support["r"])), extrapolate=s.extrapolate)
+
+
+def _uncertainty(law: Any, doc: dict[str, Any], result: SearchResult, budget: Budget,
+                 baseline: ArchSpec | None) -> tuple[dict[str, Any], list[str]]:
+  """Panda's and Surefire's predicted losses with intervals, and whether their difference from
+  the baseline (or the target) exceeds the fit's uncertainty."""
+  from archscale import diagnostics
+
+  shape = lambda spec, n: (n, budget.tokens, spec.d_over_sqrt_n, spec.mlp_attn_ratio)
+  picks = {name: shape(c.spec, c.spec.params_nonembed)
+           for name, c in (("panda", result.panda), ("surefire", result.surefire)) if c}
+  base = shape(baseline, budget.n_nonembed) if baseline is not None else None
+  return diagnostics.pick_statements(law, doc, picks, base, result.target,
+                                     float(doc.get("interval_level", 0.95)))
+
+
+def _law_optimum(law: Any, doc: dict[str, Any], key: str = "d_over_sqrt_n") -> float | None:
+  """The optimum a fit reported (null when the rows do not support one), else the law's own."""
+  if isinstance(doc.get("optimum"), dict):
+    value = doc["optimum"].get(key)
+    return float(value) if value is not None else None
   try:
-    x = float(law.optimum()["d_over_sqrt_n"])
+    value = float(law.optimum()[key])
   except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
     return None
-  return x if math.isfinite(x) and 0 < x < 10 else None
+  return value if math.isfinite(value) and (key == "r" or 0 < value < 10) else None
 
 
 def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
@@ -572,6 +625,7 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   baseline = inputs["baseline"]
   source = _throughput_source(config, workdir, scenario)
   law, law_path = load_or_fit_law(config, workdir)
+  doc, space = _with_support(law_path, space, s)
   units = loss_units(law)
   if inputs["target_value"] is not None:
     target = inputs["target_value"]
@@ -586,10 +640,13 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   if not math.isfinite(target):
     raise ValueError(f"search.target: the law predicts a non-finite loss ({target}) for "
                      f"{s.target}; check search.law")
-  optimum = _law_optimum(law)
+  optimum = _law_optimum(law, doc)
   centers = [c for c in (optimum, baseline.d_over_sqrt_n if baseline else None) if c]
   if not centers:
     centers = [ArchSpec.from_config(config).d_over_sqrt_n]
+  if space.support and not space.extrapolate:  # the grid around what the rows support
+    lo, hi = space.support[0]
+    centers = [min(max(c, lo), hi) for c in centers]
   d_models = d_model_grid(budget.n_nonembed, centers, inputs["width_range"],
                           space.d_model_multiple)
   logging.info("search: N=%.4g D=%.4g L=%d d_head=%d, d_model %d..%d, target %.5g (%s), %s",
@@ -610,10 +667,17 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "target_spec": str(s.target),
       "law": {"path": law_path, "form": getattr(law, "form", None),
               "optimum": optimum and {"d_over_sqrt_n": optimum,
-                                      "r": _law_optimum_r(law)}},
+                                      "r": _law_optimum(law, doc, "r")}},
       "loss_units": units,
+      "support": space.support and {
+          "d_over_sqrt_n": list(space.support[0]), "r": list(space.support[1]),
+          "rows": doc.get("support"), "margin": s.support_margin, "extrapolate": s.extrapolate},
       "provenance": io.provenance(config),
   })
+  out["uncertainty"], statements = _uncertainty(law, doc, result, budget, baseline)
+  out["uncertainty"]["statements"] = statements
+  for line in statements:
+    logging.info("search: %s", line)
   workdir.mkdir(parents=True, exist_ok=True)
   io.write_json_atomic(workdir / SEARCH_JSON, out)
   plot_pareto(result, workdir / PARETO_PNG, units, source.name)
@@ -622,14 +686,6 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       write_arch_config(workdir / f"{name}.py", name, cand, config, budget, units, source.name)
   _log_summary(result, units)
   return out
-
-
-def _law_optimum_r(law: Any) -> float | None:
-  try:
-    r = float(law.optimum()["r"])
-  except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
-    return None
-  return r if math.isfinite(r) else None
 
 
 def _describe(c: Candidate | None) -> str:

@@ -269,16 +269,23 @@ class SweepConfig(Section):
 # --------------------------------------------------------------------------------------- fit
 
 FIT_FORMS = ("multiplicative", "additive", "joint", "chinchilla")
+FIT_TERMS = ("both", "width", "ratio")
+FIT_L_OPTS = ("chinchilla", "empirical")
+FIT_LOSSES = ("huber", "squared")
+FIT_SPACES = ("log", "linear")
+FIT_SOLVERS = ("lm", "lbfgs")
+FIT_STARTS = ("grid", "random")
 
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig(Section):
-  """`fit.*`: the scaling-law fitter."""
+  """`fit.*`: the scaling-law fitter (archscale.fitting)."""
 
   SECTION: ClassVar[str] = "fit"
 
   results: str = ""            # results table, JSONL or CSV
   form: str = "multiplicative"  # multiplicative | additive | joint | chinchilla
+  terms: str = "both"          # both | width | ratio: which architecture terms to fit
   l_opt: str = "empirical"     # empirical (best loss per (N, D)) | chinchilla | a fit.json path
   r_range: Any = (0.5, 5.0)    # keep rows with lo <= mlp_attn_ratio <= hi; () keeps all
   loss: str = "huber"          # huber | squared, summed over rows
@@ -287,12 +294,43 @@ class FitConfig(Section):
   solver: str = "lm"           # lm (Levenberg-Marquardt) | lbfgs (optax)
   starts: str = "grid"         # grid (Hoffmann's for Chinchilla, around an anchor else) | random
   n_starts: int = 256          # random starts (the joint form always draws them)
-  max_iter: int = 200          # per start
+  max_iter: int = 200          # per start (a best start that stops there is iterated further)
+  tol: float = 1e-12           # a start converges when its step or objective drop is this small
   bootstrap: int = 200         # row resamples for percentile intervals; 0 = none
   level: float = 0.95          # interval coverage
 
   def __post_init__(self):
-    self._one_of("form", FIT_FORMS)
+    for name, choices in (("form", FIT_FORMS), ("terms", FIT_TERMS), ("loss", FIT_LOSSES),
+                          ("space", FIT_SPACES), ("solver", FIT_SOLVERS),
+                          ("starts", FIT_STARTS)):
+      value = getattr(self, name)
+      check(value in choices, f"fit.{name}={value!r} is not allowed; choose one of "
+            f"{list(choices)}")
+    check(self.form != "chinchilla" or self.terms == "both",
+          f"fit.terms={self.terms!r} selects architecture terms, which the chinchilla form does "
+          "not have; leave fit.terms='both'")
+    check(isinstance(self.l_opt, str) and bool(self.l_opt.strip()),
+          f"fit.l_opt must be one of {list(FIT_L_OPTS)} or the path of a fit.json with "
+          f"Chinchilla params, got {self.l_opt!r}")
+    for name, ok in (("delta", _is_number(self.delta) and self.delta > 0),
+                     ("tol", _is_number(self.tol) and self.tol > 0),
+                     ("n_starts", _is_int(self.n_starts) and self.n_starts >= 1),
+                     ("max_iter", _is_int(self.max_iter) and self.max_iter >= 1),
+                     ("bootstrap", _is_int(self.bootstrap) and self.bootstrap >= 0),
+                     ("level", _is_number(self.level) and 0 < self.level < 1)):
+      check(ok, f"fit.{name}={getattr(self, name)!r} is out of range (delta, tol > 0; "
+            "n_starts, max_iter >= 1; bootstrap >= 0; 0 < level < 1)")
+    _ = self.r_bounds  # checks r_range
+
+  @property
+  def r_bounds(self) -> tuple[float, float] | None:
+    """r_range as (lo, hi), or None when empty (keep every row)."""
+    if self.r_range is None or len(self.r_range) == 0:
+      return None
+    lo, hi = _pair(self.r_range, "fit.r_range")
+    check(0 < lo < hi, f"fit.r_range=({lo}, {hi}) needs 0 < lo < hi; the paper keeps "
+          "0.5 <= r <= 5")
+    return lo, hi
 
 
 # ------------------------------------------------------------------------------------ search
@@ -322,6 +360,9 @@ class SearchConfig(Section):
   width_range: Any = (0.5, 2.0)  # d_model/sqrt(N) from 0.5 x the lower to 2 x the upper of the
                                  # law's optimum and the baseline
   r_range: Any = (0.5, 5.0)    # r outside the law's fitted range is not extrapolated to
+  support_margin: float = 0.1  # candidates stay within the fit rows' x and r ranges, each
+                               # widened by this fraction of its width in log space
+  extrapolate: bool = False    # true: keep candidates outside that support, marked extrapolated
   n_tolerance: float = 0.05    # a candidate's N may differ from the budget by this fraction
   gqa: int = 0                 # GQA of the enumeration (0: the baseline's, else the model's)
   patience: int = 2            # GQA walk: stop after this many steps without a throughput gain
@@ -337,6 +378,9 @@ class SearchConfig(Section):
     self._positive_ints("batch_size", "input_len", "output_len", "dtype_bytes",
                         "d_model_multiple", "d_ff_multiple", "patience", "max_measure")
     self._positive_numbers("n_tolerance")
+    self._non_negative_numbers("support_margin")
+    check(isinstance(self.extrapolate, bool), f"search.extrapolate must be true or false, got "
+          f"{self.extrapolate!r}")
     check(self.d_head % 2 == 0, f"search.d_head must be even (rotary embeddings), got "
           f"{self.d_head}")
     r_lo, r_hi = _pair(self.r_range, "search.r_range")
