@@ -449,7 +449,7 @@ def decode_step(model: Transformer, params: dict, cache: KVCache,
   """Feeds one token per sequence; returns next-token logits [B, V] and the updated cache.
 
   With `scan_layers=True` each step stacks and splits the per-layer caches around `nn.scan`; fast
-  generation decodes unrolled (`archscale.decode.generate` does, unstacking the weights once).
+  generation decodes unrolled (`archscale.generate.generate` does, unstacking the weights once).
   """
   logits_B1V, cache = model.clone(decode=True).apply(
       {"params": params}, tokens_B[:, None], cache)

@@ -253,16 +253,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from archscale import decode, io
+  from archscale import decode_bench, io, plots
   from archscale.arch import ArchSpec
 
   specs = {n: ArchSpec.from_dict(table[n]) for n in names}
   partial = f"{args.out.removesuffix('.json')}.partial.json" if args.out else None
   save_partial = lambda rows: io.write_json_atomic(partial, {"hf": hf, "rows": rows})
   t0 = time.perf_counter()
-  rows = decode.run_sweep(specs, args.batch_sizes, args.input_len, args.output_len, args.repeats,
-                          args.dtype, args.attention, args.decode_attention, args.accelerator,
-                          on_rows=save_partial if partial else None)
+  rows = decode_bench.bench_archs(specs, args.batch_sizes, args.input_len, args.output_len,
+                                  args.repeats, args.dtype, args.attention,
+                                  args.decode_attention, args.accelerator,
+                                  on_rows=save_partial if partial else None)
   accelerator = rows[0]["accelerator"] if rows else None
   result: dict[str, Any] = {
       "experiment": args.experiment, "quick": args.quick,
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         jnp.dtype(args.dtype).itemsize)
   result["provenance"] = io.provenance()
   if args.plot:
-    decode.plot_throughput(rows, args.plot)
+    plots.decode_throughput(rows, args.plot)
   text = json.dumps(result, indent=2, default=str)
   if args.out:
     io.write_text_atomic(args.out, text + "\n")
