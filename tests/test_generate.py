@@ -80,7 +80,7 @@ def test_generation_makes_no_copy_of_the_kv_cache(setup):
   batch, prompt, max_len = 16, 8, SPEC.max_seq_len  # the cache dominates the program's memory
   options = M.ModelOptions(scan_layers=True)  # training's layout; generation unrolls it
   cache = M.init_cache(SPEC, batch, max_len, jnp.float32)
-  cache_bytes = sum(x.nbytes for x in cache.k_BSKH + cache.v_BSKH)
+  cache_bytes = sum(x.nbytes for x in cache.k_BKSH + cache.v_BKSH)
   program = G.generate_program.lower(
       G.unstack_layers(params, SPEC.n_layers), jnp.zeros((batch, prompt), jnp.int32), cache,
       jax.random.key(0), jnp.int32(8), spec=SPEC, prefill_options=G.decode_model_options(options),
