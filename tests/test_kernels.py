@@ -108,7 +108,8 @@ def test_splash_runs_per_shard_under_a_mesh():
       xla = M.Transformer(spec)
       params = M.init_params(xla, jax.random.key(0))
       tokens = jax.random.randint(jax.random.key(1), (2, 128), 0, 97)
-      mesh = jax.make_mesh((2, 1, 2), sharding.MESH_AXES)
+      mesh = jax.make_mesh((2, 1, 2), sharding.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
       rules = [(k, v or None) for k, v in sharding.activation_rules(sharding.LOGICAL_RULES)]
       rules = [(k, v[0] if v and len(v) == 1 else v) for k, v in rules]
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
