@@ -32,12 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from archscale import costmodel, io, plots
+from archscale import costmodel, io, plots, settings
 from archscale import generate as generate_lib
 from archscale import model as model_lib
 from archscale.arch import ArchSpec
-
-ATTENTION_CHOICES = ("auto",) + model_lib.ATTENTION_IMPLS
 
 
 def _decode_chunk(params, cache, tokens_B, *, spec, options, n_steps):
@@ -62,12 +60,10 @@ def resolve_attention(attention: str, decode_attention: str, platform: str,
 
   Prefill at long prompts needs a fused kernel (XLA's reference path materialises B*N*T*T
   scores). For decode steps cuDNN (with per-row KV lengths) measured as fast as XLA's einsum at
-  batch 1 and 7-20% faster at batch 16-64 on an H100. cuDNN needs 16-bit inputs.
+  batch 1 and 7-20% faster at batch 16-64 on an H100, with the cache then stored [B, S, K, H]
+  (XLA's einsum copied it transposed every step; cuDNN now gets the transposed copy). cuDNN
+  needs 16-bit inputs.
   """
-  for name, value in (("bench.attention", attention), ("bench.decode_attention",
-                                                       decode_attention)):
-    if value not in ATTENTION_CHOICES:
-      raise ValueError(f"{name} must be one of {ATTENTION_CHOICES}, got {value!r}")
   fused_ok = platform == "gpu" and dtype in ("bfloat16", "float16")
   prefill = attention if attention != "auto" else ("cudnn" if fused_ok else "xla")
   decode = decode_attention if decode_attention != "auto" else ("cudnn" if fused_ok else "xla")
@@ -197,8 +193,9 @@ def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, 
   max_len = input_len + output_len
   keys = jax.random.split(jax.random.key(seed + 1), 2)
   prompt_BT = jax.random.randint(keys[0], (batch, input_len), 0, spec.vocab_size, jnp.int32)
+  cache_len = generate_lib.cache_length(spec, max_len, decode_options)
   new_cache = lambda: jax.block_until_ready(
-      model_lib.init_cache(spec, batch, max_len, prefill_options.jnp_dtype))
+      model_lib.init_cache(spec, batch, cache_len, prefill_options.jnp_dtype))
   statics = dict(spec=spec, prefill_options=prefill_options, decode_options=decode_options,
                  sampler=sampler)
 
@@ -252,67 +249,41 @@ def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, 
   }
 
 
-def parse_batch_sizes(value: Any) -> list[int]:
-  """bench.batch_sizes as a sorted list of positive ints (a sequence or "1,16,64")."""
-  items = value.split(",") if isinstance(value, str) else list(value)
-  try:
-    sizes = [int(v) for v in items]
-  except (TypeError, ValueError):
-    raise ValueError(f"bench.batch_sizes must be positive integers, got {value!r}") from None
-  if not sizes or any(b <= 0 for b in sizes):
-    raise ValueError(f"bench.batch_sizes must be a non-empty list of positive integers, got "
-                     f"{value!r}")
-  return sorted(set(sizes))
-
-
-def validate_bench(specs: dict[str, ArchSpec], batch_sizes: Sequence[int], input_len: int,
-                   output_len: int, repeats: int, dtype: str) -> None:
-  """Raises ValueError naming the bench field when the sweep cannot run as configured."""
+def _check_lengths(specs: dict[str, ArchSpec], bench: settings.BenchConfig) -> None:
+  """Raises ValueError naming the bench field when an architecture cannot hold the lengths."""
   if not specs:
     raise ValueError("bench.archs is empty; give comma-separated names such as "
                      "'llama3_2_1b,surefire_1b'")
-  if not batch_sizes or any(b <= 0 for b in batch_sizes):
-    raise ValueError(f"bench.batch_sizes must be positive integers, got {list(batch_sizes)}")
-  if input_len < 1:
-    raise ValueError(f"bench.input_len must be >= 1, got {input_len}")
-  if output_len < 2:
-    raise ValueError(f"bench.output_len must be >= 2 (per-step timing needs a decode step), got "
-                     f"{output_len}")
-  if repeats < 1:
-    raise ValueError(f"bench.repeats must be >= 1, got {repeats}")
-  if dtype not in model_lib.DTYPES:
-    raise ValueError(f"bench.dtype must be one of {sorted(model_lib.DTYPES)}, got {dtype!r}")
+  total = bench.input_len + bench.output_len
   for name, spec in specs.items():
-    if input_len + output_len > spec.max_seq_len:
-      raise ValueError(f"bench.input_len + bench.output_len = {input_len + output_len} exceeds "
+    if total > spec.max_seq_len:
+      raise ValueError(f"bench.input_len + bench.output_len = {total} exceeds "
                        f"model.max_seq_len={spec.max_seq_len} of {name}; shorten them")
 
 
-def bench_archs(specs: dict[str, ArchSpec], batch_sizes: Sequence[int], input_len: int,
-              output_len: int, repeats: int, dtype: str = "bfloat16", attention: str = "auto",
-              decode_attention: str = "auto", accelerator: str = "auto", seed: int = 0,
-              on_rows: Callable[[list[dict[str, Any]]], None] | None = None
-              ) -> list[dict[str, Any]]:
-  """Validates the settings, then runs `bench_architecture` for every architecture.
+def bench_archs(specs: dict[str, ArchSpec], bench: settings.BenchConfig, seed: int = 0,
+                on_rows: Callable[[list[dict[str, Any]]], None] | None = None
+                ) -> list[dict[str, Any]]:
+  """Checks the lengths, then runs `bench_architecture` for every architecture.
 
   `on_rows(rows)` receives all rows so far after each architecture (e.g. to save them, so an
   interrupted sweep keeps what it measured).
   """
-  batch_sizes = parse_batch_sizes(batch_sizes)
-  validate_bench(specs, batch_sizes, input_len, output_len, repeats, dtype)
+  _check_lengths(specs, bench)
   device = jax.devices()[0]
-  prefill_attn, decode_attn = resolve_attention(attention, decode_attention,
-                                                 device.platform, dtype)
-  if accelerator == "auto":
+  prefill_attn, decode_attn = resolve_attention(bench.attention, bench.decode_attention,
+                                                 device.platform, bench.dtype)
+  if bench.accelerator == "auto":
     acc = costmodel.accelerator_for_device_kind(device.device_kind)
   else:
-    acc = costmodel.get_accelerator(accelerator).name if accelerator else None
-  options = model_lib.ModelOptions(dtype=dtype, param_dtype=dtype, scan_layers=False,
+    acc = costmodel.get_accelerator(bench.accelerator).name if bench.accelerator else None
+  options = model_lib.ModelOptions(dtype=bench.dtype, param_dtype=bench.dtype, scan_layers=False,
                                    attention=prefill_attn)
   rows = []
   for name, spec in specs.items():
-    for row in bench_architecture(name, spec, batch_sizes, input_len, output_len, repeats,
-                                  options, decode_attn, acc, seed):
+    for row in bench_architecture(name, spec, bench.batch_sizes, bench.input_len,
+                                  bench.output_len, bench.repeats, options, decode_attn, acc,
+                                  seed):
       rows.append({**row, "device_kind": device.device_kind})
     if on_rows is not None:
       on_rows(rows)
@@ -323,10 +294,9 @@ def run_decode_bench(config: Any, workdir: pathlib.Path) -> list[dict[str, Any]]
   """`--mode=decode_bench`: sweep, then decode_bench.json, decode_bench.png, calibration.json."""
   from archscale import config_lib  # Imported lazily: the benchmark script runs without it.
 
-  bench = config.bench
-  names = [n.strip() for n in str(bench.archs).split(",") if n.strip()]
+  bench = settings.BenchConfig.from_config(config)
   specs = {}
-  for name in names:
+  for name in bench.arch_names:
     try:
       specs[name] = ArchSpec.from_dict(config_lib.arch_config(name))
     except ValueError as err:
@@ -335,10 +305,8 @@ def run_decode_bench(config: Any, workdir: pathlib.Path) -> list[dict[str, Any]]
   # Rows so far go to a partial file, so an interrupted sweep neither loses them nor replaces
   # the table of an earlier complete one.
   partial = workdir / "decode_bench.partial.json"
-  rows = bench_archs(specs, bench.batch_sizes, int(bench.input_len), int(bench.output_len),
-                   int(bench.repeats), bench.dtype, bench.attention, bench.decode_attention,
-                   bench.accelerator, int(config.seed),
-                   on_rows=lambda rows: io.write_json_atomic(partial, rows))
+  rows = bench_archs(specs, bench, int(config.seed),
+                     on_rows=lambda rows: io.write_json_atomic(partial, rows))
   io.write_json_atomic(workdir / "decode_bench.json", rows)
   partial.unlink(missing_ok=True)
   io.write_json_atomic(workdir / "decode_bench_provenance.json", io.provenance(config))

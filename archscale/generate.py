@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from archscale import kernels
 from archscale import model as model_lib
 from archscale.arch import ArchSpec
 
@@ -180,6 +181,13 @@ def decode_model_options(options: model_lib.ModelOptions,
       attention=decode_attention if decode_attention is not None else options.attention)
 
 
+def cache_length(spec: ArchSpec, needed: int, decode_options: model_lib.ModelOptions) -> int:
+  """Positions to allocate for `needed`: the Pallas decode kernel takes whole blocks of them."""
+  if decode_options.attention == "pallas":
+    return kernels.decode_cache_length(needed, spec.max_seq_len)
+  return needed
+
+
 def generate(params: dict, spec: ArchSpec, prompt_tokens: jax.Array, n_new: int,
              sampler: Sampler = Sampler(), *,
              options: model_lib.ModelOptions | None = None, rng: jax.Array | None = None,
@@ -206,9 +214,11 @@ def generate(params: dict, spec: ArchSpec, prompt_tokens: jax.Array, n_new: int,
     raise ValueError(f"prompt ({t}) + n_new ({n_new}) - 1 positions exceed model.max_seq_len="
                      f"{spec.max_seq_len}; shorten the prompt or generate fewer tokens")
   rng = jax.random.key(0) if rng is None else rng
-  cache = model_lib.init_cache(spec, b, cache_len, options.jnp_dtype)
+  decode_options = decode_model_options(options, decode_attention)
+  cache = model_lib.init_cache(spec, b, cache_length(spec, cache_len, decode_options),
+                               options.jnp_dtype)
   tokens_BN, lengths_B, cache = generate_program(
       _unstack_jit(params, spec.n_layers), prompt_BT.astype(jnp.int32), cache, rng,
       jnp.int32(n_new), spec=spec, prefill_options=decode_model_options(options),
-      decode_options=decode_model_options(options, decode_attention), sampler=sampler)
+      decode_options=decode_options, sampler=sampler)
   return Generation(tokens_BN[:, :n_new], lengths_B, cache)

@@ -70,7 +70,7 @@ class ModelOptions(settings.Section):
   param_dtype: str = "float32"    # stored parameters and optimiser state
   scan_layers: bool = settings.bookkeeping(True)  # nn.scan over layers: compile time flat in depth
   remat: str = settings.bookkeeping("none")       # none | full | dots | dots_no_batch
-  attention: str = settings.bookkeeping("xla")    # xla | dpa | cudnn
+  attention: str = settings.bookkeeping("xla")    # xla | dpa | cudnn | pallas | splash
   attention_chunk: int = settings.bookkeeping(0)  # xla: queries per attention block; 0 = all
 
   def __post_init__(self):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from archscale import config_lib
+from archscale import config_lib, settings
 from archscale import decode_bench as DB
 from archscale import model as M
 from archscale.arch import ArchSpec
@@ -69,7 +69,9 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
   monkeypatch.setattr(DB, "_bench_batch", fake_bench_batch)
   monkeypatch.setattr(M, "init_params", lambda model, rng: {"layers_0": {"w": jnp.zeros(3)}})
   specs = {"demo": SPEC, "demo_mqa": SPEC.replace(n_kv_heads=1)}
-  rows = DB.bench_archs(specs, [4, 1, 2], 8, 4, 1, dtype="float32", accelerator="h100-sxm")
+  bench = settings.BenchConfig(batch_sizes=[4, 1, 2], input_len=8, output_len=4, repeats=1,
+                               dtype="float32", accelerator="h100-sxm")
+  rows = DB.bench_archs(specs, bench)
   assert calls == [1, 2, 1, 2]  # batch 4 is not tried once batch 2 failed
   assert [(r["arch"], r["batch_size"], "error" in r) for r in rows] == [
       ("demo", 1, False), ("demo", 2, True), ("demo", 4, True),
@@ -91,8 +93,10 @@ def test_a_failed_batch_is_recorded_and_rows_are_handed_over_per_architecture(mo
   monkeypatch.setattr(M, "init_params", lambda model, rng: {"layers_0": {"w": jnp.zeros(3)}})
   specs = {"demo": SPEC, "demo_mqa": SPEC.replace(n_kv_heads=1)}
   handed = []
-  rows = DB.bench_archs(specs, [1, 2], 8, 4, 1, dtype="float32",
-                     on_rows=lambda rows: handed.append([r["arch"] for r in rows]))
+  bench = settings.BenchConfig(batch_sizes=[1, 2], input_len=8, output_len=4, repeats=1,
+                               dtype="float32")
+  rows = DB.bench_archs(specs, bench,
+                        on_rows=lambda rows: handed.append([r["arch"] for r in rows]))
   assert handed == [["demo", "demo"], ["demo", "demo", "demo_mqa", "demo_mqa"]]
   assert rows[2]["error"] == "ValueError: cuDNN does not support this"
   assert "error" not in rows[3]  # a failure that is not out of memory does not stop the batches
@@ -106,6 +110,8 @@ def test_a_failed_batch_is_recorded_and_rows_are_handed_over_per_architecture(mo
     ("repeats", 0, "bench.repeats"),
     ("dtype", "int8", "bench.dtype"),
     ("attention", "flash", "bench.attention"),
+    ("decode_attention", "flash", "bench.decode_attention"),
+    ("batch_sizes", (1, "x"), "bench.batch_sizes"),
 ])
 def test_bench_config_errors_name_the_field(tmp_path, field, value, match):
   with pytest.raises(ValueError, match=match):
