@@ -56,7 +56,8 @@ _decode_chunk_jit = jax.jit(_decode_chunk, static_argnames=("spec", "options", "
 
 def resolve_attention(attention: str, decode_attention: str, platform: str,
                       dtype: str) -> tuple[str, str]:
-  """(prefill, decode) attention kernels; "auto" = cuDNN on GPU in 16-bit, else XLA.
+  """(prefill, decode) attention kernels; "auto" = cuDNN on GPU in 16-bit, splash for a TPU
+  prefill, else XLA.
 
   Prefill at long prompts needs a fused kernel (XLA's reference path materialises B*N*T*T
   scores). For decode steps cuDNN (with per-row KV lengths) measured as fast as XLA's einsum at
@@ -65,7 +66,8 @@ def resolve_attention(attention: str, decode_attention: str, platform: str,
   needs 16-bit inputs.
   """
   fused_ok = platform == "gpu" and dtype in ("bfloat16", "float16")
-  prefill = attention if attention != "auto" else ("cudnn" if fused_ok else "xla")
+  auto_prefill = "cudnn" if fused_ok else "splash" if platform == "tpu" else "xla"
+  prefill = attention if attention != "auto" else auto_prefill
   decode = decode_attention if decode_attention != "auto" else ("cudnn" if fused_ok else "xla")
   return prefill, decode
 

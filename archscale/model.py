@@ -53,11 +53,12 @@ LLAMA3_ROPE_SCALING = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.
 class ModelOptions(settings.Section):
   """How the model runs (not what it is): numerics, layer stacking, remat and attention kernel.
 
-  attention: "xla" is the reference einsum path; "dpa" calls `jax.nn.dot_product_attention` and
-  lets JAX choose the kernel; "cudnn" forces cuDNN flash attention (GPU only); "pallas" runs
-  decode steps with the Pallas decode kernel (GPU; `archscale.kernels`) and everything else with
-  "xla"; "splash" runs causal training and prefill attention with TPU splash attention where the
-  length is a multiple of 128 (else "xla"), and decode steps with "xla".
+  attention: "auto" is "splash" on TPU and "xla" elsewhere; "xla" is the reference einsum path;
+  "dpa" calls `jax.nn.dot_product_attention` and lets JAX choose the kernel; "cudnn" forces
+  cuDNN flash attention (GPU only); "pallas" runs decode steps with the Pallas decode kernel
+  (GPU; `archscale.kernels`) and everything else with "xla"; "splash" runs causal training and
+  prefill attention with TPU splash attention where the length is a multiple of 128 (else
+  "xla"), and decode steps with "xla".
   attention_chunk: "xla" attention over blocks of this many queries, each block rematerialised
   in the backward pass, so its scores take B N C S instead of B N T S floats (0: one block).
   Exact; it is what keeps long prefills and training sequences in memory where no fused kernel
@@ -70,7 +71,7 @@ class ModelOptions(settings.Section):
   param_dtype: str = "float32"    # stored parameters and optimiser state
   scan_layers: bool = settings.bookkeeping(True)  # nn.scan over layers: compile time flat in depth
   remat: str = settings.bookkeeping("none")       # none | full | dots | dots_no_batch
-  attention: str = settings.bookkeeping("xla")    # xla | dpa | cudnn | pallas | splash
+  attention: str = settings.bookkeeping("auto")   # auto | xla | dpa | cudnn | pallas | splash
   attention_chunk: int = settings.bookkeeping(0)  # xla: queries per attention block; 0 = all
 
   def __post_init__(self):
@@ -80,13 +81,20 @@ class ModelOptions(settings.Section):
         raise ValueError(f"compute.{name} must be one of {sorted(DTYPES)}, got {value!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"compute.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
-    if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(
-          f"compute.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+    if self.attention not in ("auto",) + ATTENTION_IMPLS:
+      raise ValueError(f"compute.attention must be one of {('auto',) + ATTENTION_IMPLS}, got "
+                       f"{self.attention!r}")
     if not (isinstance(self.attention_chunk, int) and not isinstance(self.attention_chunk, bool)
             and self.attention_chunk >= 0):
       raise ValueError("compute.attention_chunk must be a non-negative integer (queries per "
                        f"block of XLA attention; 0 = one block), got {self.attention_chunk!r}")
+
+  @property
+  def attention_impl(self) -> str:
+    """The attention kernel in use: "auto" resolved for the default backend."""
+    if self.attention != "auto":
+      return self.attention
+    return "splash" if jax.default_backend() == "tpu" else "xla"
 
   @property
   def jnp_dtype(self):
@@ -264,7 +272,7 @@ class Attention(nn.Module):
 
   def _attend_self(self, q_BTNH, k_BTKH, v_BTKH, positions_BT):
     """Causal attention over this call's own tokens (training, prefill)."""
-    impl = self.options.attention
+    impl = self.options.attention_impl
     if impl in ("dpa", "cudnn"):
       return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
                                           implementation="cudnn" if impl == "cudnn" else None)
@@ -278,7 +286,7 @@ class Attention(nn.Module):
 
   def _attend_cache(self, q_BTNH, k_BKSH, v_BKSH, positions_BT, end):
     """Attention of T new queries over the cache, filled up to end + T."""
-    impl, (b, t) = self.options.attention, q_BTNH.shape[:2]
+    impl, (b, t) = self.options.attention_impl, q_BTNH.shape[:2]
     if impl == "pallas" and t == 1:
       lengths_B = jnp.full((b,), end + 1, jnp.int32)
       return kernels.decode_attention(q_BTNH[:, 0], k_BKSH, v_BKSH, lengths_B)[:, None]

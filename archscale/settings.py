@@ -351,7 +351,8 @@ class BenchConfig(Section):
   output_len: int = 1024
   repeats: int = 5
   dtype: str = "bfloat16"
-  attention: str = "auto"      # prefill kernel: auto (cudnn on GPU in 16-bit) | xla | dpa | cudnn
+  attention: str = "auto"      # prefill kernel: auto (cudnn on GPU in 16-bit, splash on TPU) |
+                               # xla | dpa | cudnn | splash
   decode_attention: str = "auto"  # decode-step kernel: the same, or pallas (Pallas decode kernel)
   accelerator: str = "auto"    # costmodel.ACCELERATORS key; auto = from the device kind; "" = none
 

@@ -117,3 +117,10 @@ def test_bench_config_errors_name_the_field(tmp_path, field, value, match):
   with pytest.raises(ValueError, match=match):
     DB.run_decode_bench(_bench_config(**{field: value}), tmp_path)
   assert not (tmp_path / "decode_bench.json").exists()
+
+
+def test_auto_kernels_per_platform():
+  assert DB.resolve_attention("auto", "auto", "gpu", "bfloat16") == ("cudnn", "cudnn")
+  assert DB.resolve_attention("auto", "auto", "gpu", "float32") == ("xla", "xla")
+  assert DB.resolve_attention("auto", "auto", "tpu", "bfloat16") == ("splash", "xla")
+  assert DB.resolve_attention("xla", "pallas", "gpu", "bfloat16") == ("xla", "pallas")

@@ -123,3 +123,11 @@ def test_splash_runs_per_shard_under_a_mesh():
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_auto_attention_is_splash_only_on_tpu():
+  assert M.ModelOptions().attention == "auto"
+  assert M.ModelOptions().attention_impl == ("splash" if jax.default_backend() == "tpu" else "xla")
+  assert M.ModelOptions(attention="cudnn").attention_impl == "cudnn"
+  with pytest.raises(ValueError, match="compute.attention"):
+    M.ModelOptions(attention="flash")
