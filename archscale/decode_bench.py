@@ -56,19 +56,20 @@ _decode_chunk_jit = jax.jit(_decode_chunk, static_argnames=("spec", "options", "
 
 def resolve_attention(attention: str, decode_attention: str, platform: str,
                       dtype: str) -> tuple[str, str]:
-  """(prefill, decode) attention kernels; "auto" = cuDNN on GPU in 16-bit, splash for a TPU
-  prefill, else XLA.
+  """(prefill, decode) attention kernels. "auto": the prefill runs cuDNN on GPU in 16-bit,
+  splash on TPU, else XLA; decode steps run XLA.
 
   Prefill at long prompts needs a fused kernel (XLA's reference path materialises B*N*T*T
-  scores). For decode steps cuDNN (with per-row KV lengths) measured as fast as XLA's einsum at
-  batch 1 and 7-20% faster at batch 16-64 on an H100, with the cache then stored [B, S, K, H]
-  (XLA's einsum copied it transposed every step; cuDNN now gets the transposed copy). cuDNN
-  needs 16-bit inputs.
+  scores). For decode steps cuDNN measured as fast as XLA's einsum at batch 1 and 7-20% faster
+  at batch 16-64 on an H100 while the cache was stored [B, S, K, H], which made XLA copy it
+  transposed every step. The cache is now heads-major: XLA reads it in place and cuDNN (which
+  takes [B, S, K, H]) gets the transposed copy instead. "pallas" reads only the filled part.
+  cuDNN needs 16-bit inputs.
   """
   fused_ok = platform == "gpu" and dtype in ("bfloat16", "float16")
   auto_prefill = "cudnn" if fused_ok else "splash" if platform == "tpu" else "xla"
   prefill = attention if attention != "auto" else auto_prefill
-  decode = decode_attention if decode_attention != "auto" else ("cudnn" if fused_ok else "xla")
+  decode = decode_attention if decode_attention != "auto" else "xla"
   return prefill, decode
 
 

@@ -353,7 +353,7 @@ class BenchConfig(Section):
   dtype: str = "bfloat16"
   attention: str = "auto"      # prefill kernel: auto (cudnn on GPU in 16-bit, splash on TPU) |
                                # xla | dpa | cudnn | splash
-  decode_attention: str = "auto"  # decode-step kernel: the same, or pallas (Pallas decode kernel)
+  decode_attention: str = "auto"  # decode-step kernel: auto (xla) | xla | dpa | cudnn | pallas
   accelerator: str = "auto"    # costmodel.ACCELERATORS key; auto = from the device kind; "" = none
 
   def __post_init__(self):

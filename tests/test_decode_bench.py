@@ -120,7 +120,7 @@ def test_bench_config_errors_name_the_field(tmp_path, field, value, match):
 
 
 def test_auto_kernels_per_platform():
-  assert DB.resolve_attention("auto", "auto", "gpu", "bfloat16") == ("cudnn", "cudnn")
+  assert DB.resolve_attention("auto", "auto", "gpu", "bfloat16") == ("cudnn", "xla")
   assert DB.resolve_attention("auto", "auto", "gpu", "float32") == ("xla", "xla")
   assert DB.resolve_attention("auto", "auto", "tpu", "bfloat16") == ("splash", "xla")
   assert DB.resolve_attention("xla", "pallas", "gpu", "bfloat16") == ("xla", "pallas")
