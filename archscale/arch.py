@@ -259,7 +259,7 @@ class ArchSpec:
     """Forward FLOPs of a causal prefill of `prompt_len` tokens for one sequence.
 
     The LM head runs on the last position only (a serving prefill needs just the next-token
-    logits; `decode.generate` does this), the layers on every position.
+    logits; `generate.generate` does this), the layers on every position.
     """
     head = self.vocab_size * self.d_model
     layers = self.matmul_params_per_token - head

@@ -15,7 +15,7 @@ MODES = {
     "describe": "archscale.arch:run_describe",
     "prepare_data": "archscale.prepare:run_prepare_data",
     "train": "archscale.train:run_train",
-    "decode_bench": "archscale.decode:run_decode_bench",
+    "decode_bench": "archscale.decode_bench:run_decode_bench",
     "sweep": "archscale.sweep:run_sweep",
     "fit": "archscale.fitting:run_fit",
     "search": "archscale.search:run_search",

@@ -5,7 +5,7 @@ Steps, in order, each writing into WORKDIR:
   prepare_data  tokenized corpus in WORKDIR/data (unless data.path names a prepared one)
   sweep         WORKDIR/runs/<run_id>/, results.jsonl                    (archscale.sweep)
   fit           fit.json and its plots, from results.jsonl                (archscale.fitting)
-  decode_bench  decode_bench.json / .png for bench.archs on this machine  (archscale.decode)
+  decode_bench  decode_bench.json / .png for bench.archs on this machine  (archscale.decode_bench)
   search        search.json, pareto.png, panda.py, surefire.py            (archscale.search)
   report        report.md: the key numbers and every plot
 
@@ -116,11 +116,11 @@ def _fit(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None
 
 
 def _decode_bench(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
-  from archscale import decode
+  from archscale import decode_bench
 
   say(f"decode_bench: {config.bench.archs} at batch sizes {tuple(config.bench.batch_sizes)}, "
       f"{config.bench.input_len} prompt + {config.bench.output_len} generated tokens")
-  rows = decode.run_decode_bench(config, workdir)
+  rows = decode_bench.run_decode_bench(config, workdir)
   for r in rows:
     if r.get("error"):
       say(f"decode_bench: {r['arch']} batch {r['batch_size']}: {r['error']}")

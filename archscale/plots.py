@@ -122,6 +122,34 @@ def residuals(path: str | pathlib.Path, predicted: Any, resid: Any,
   return _save(fig, path)
 
 
+def decode_throughput(rows: Sequence[dict[str, Any]], path: str | pathlib.Path,
+                      title: str | None = None) -> str:
+  """Output tokens/s against batch size (log-x), one line per architecture; failed rows skipped.
+
+  `rows` are the decode harness's (`archscale.decode_bench`).
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  archs = list(dict.fromkeys(r["arch"] for r in rows))
+  for arch in archs:
+    ok = sorted((r["batch_size"], r["output_tokens_per_s"]) for r in rows
+                if r["arch"] == arch and not r.get("error"))
+    if ok:
+      ax.plot([b for b, _ in ok], [v for _, v in ok], marker="o", label=arch)
+  ax.set_xscale("log", base=2)
+  batches = sorted({r["batch_size"] for r in rows})
+  ax.set_xticks(batches, [str(b) for b in batches])
+  ax.minorticks_off()
+  ax.set_xlabel("batch size")
+  ax.set_ylabel("output tokens / s")
+  if rows:
+    r = rows[0]
+    ax.set_title(title or f"decode throughput ({r['input_len']} in / {r['output_len']} out)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
 def _save(fig: Any, path: str | pathlib.Path) -> str:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from archscale import arch, config_lib, costmodel, io, sweep
+from archscale import arch, config_lib, costmodel, io, settings, sweep
 from archscale.arch import ArchSpec
 from archscale.settings import BenchConfig, SearchConfig
 
@@ -465,15 +465,16 @@ class MeasuredThroughput:
   def __call__(self, spec: ArchSpec) -> tuple[float | None, bool]:
     import jax
 
-    from archscale import decode
+    from archscale import decode_bench
 
     key = self._key(spec, jax.devices()[0].device_kind)
     if key not in self._cache:
       s = self.scenario
-      rows = decode.run_sweep({"candidate": spec}, [s.batch_size], s.input_len, s.output_len,
-                              self.repeats, dtype=self.dtype, attention=self.attention,
-                              decode_attention=self.decode_attention, accelerator="",
-                              seed=self.seed)
+      bench = settings.BenchConfig(
+          batch_sizes=(s.batch_size,), input_len=s.input_len, output_len=s.output_len,
+          repeats=self.repeats, dtype=self.dtype, attention=self.attention,
+          decode_attention=self.decode_attention, accelerator="")
+      rows = decode_bench.bench_archs({"candidate": spec}, bench, seed=self.seed)
       row = rows[0]
       if row.get("error") and not row["error"].startswith("out of memory"):
         raise RuntimeError(f"measuring {spec.to_dict()} failed: {row['error']}")

@@ -409,17 +409,42 @@ class BenchConfig(Section):
   SECTION: ClassVar[str] = "bench"
 
   archs: str = ""              # comma-separated architecture names ("" = the config's name)
-  batch_sizes: Any = (1, 16, 64)
+  batch_sizes: Any = (1, 16, 64)  # a sequence or "1,16,64"; kept sorted and unique
   input_len: int = 4096
   output_len: int = 1024
   repeats: int = 5
   dtype: str = "bfloat16"
-  attention: str = "auto"      # prefill kernel: auto (cudnn on GPU in 16-bit) | xla | dpa | cudnn
-  decode_attention: str = "auto"  # decode-step kernel, same choices
-  accelerator: str = "auto"    # costmodel.ACCELERATORS key; auto = from the device kind
+  attention: str = "auto"      # prefill kernel: auto (cudnn on GPU in 16-bit, splash on TPU) |
+                               # xla | dpa | cudnn | splash
+  decode_attention: str = "auto"  # decode-step kernel: auto (xla) | xla | dpa | cudnn | pallas
+  accelerator: str = "auto"    # costmodel.ACCELERATORS key; auto = from the device kind; "" = none
 
   def __post_init__(self):
+    from archscale import model  # model.py builds its options on this module
+
+    object.__setattr__(self, "batch_sizes", _batch_sizes(self.batch_sizes))
     self._positive_ints("input_len", "output_len", "repeats")
+    check(self.output_len >= 2, f"bench.output_len must be >= 2 (per-step timing needs a decode "
+                                f"step), got {self.output_len}")
+    self._one_of("dtype", sorted(model.DTYPES))
+    self._one_of("attention", ("auto",) + model.ATTENTION_IMPLS)
+    self._one_of("decode_attention", ("auto",) + model.ATTENTION_IMPLS)
+
+  @property
+  def arch_names(self) -> list[str]:
+    return [n.strip() for n in str(self.archs).split(",") if n.strip()]
+
+
+def _batch_sizes(value: Any) -> tuple[int, ...]:
+  """bench.batch_sizes as a sorted tuple of positive ints (from a sequence or "1,16,64")."""
+  items = value.split(",") if isinstance(value, str) else list(value)
+  try:
+    sizes = [int(v) for v in items]
+  except (TypeError, ValueError):
+    raise ValueError(f"bench.batch_sizes must be positive integers, got {value!r}") from None
+  check(bool(sizes) and all(b > 0 for b in sizes),
+        f"bench.batch_sizes must be a non-empty list of positive integers, got {value!r}")
+  return tuple(sorted(set(sizes)))
 
 
 # ------------------------------------------------------------------ models leaving archscale

@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from archscale import config_lib, decode, hf, train
+from archscale import config_lib, generate, hf, train
 from archscale import data as data_lib
 from archscale import model as model_lib
 from archscale.arch import ArchSpec
@@ -81,7 +81,7 @@ def test_export_matches_transformers_logits_and_greedy_generation(tmp_path, name
   assert np.abs(ours).max() > 1.0  # the comparison is not between near-zero logits
   assert np.abs(ours - theirs).max() <= 1e-5 * np.abs(theirs).max()
 
-  gen = decode.generate(params, spec, jnp.asarray(tokens_BT[:, :8]), 12,
+  gen = generate.generate(params, spec, jnp.asarray(tokens_BT[:, :8]), 12,
                         options=model_lib.ModelOptions(scan_layers=False))
   with torch.no_grad():
     hf_gen = model.generate(torch.from_numpy(tokens_BT[:, :8]), max_new_tokens=12,

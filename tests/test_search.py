@@ -237,15 +237,15 @@ def test_measured_throughput_times_once_and_caches(tmp_path):
 
 def test_a_measurement_that_fails_other_than_out_of_memory_stops_the_search(tmp_path,
                                                                              monkeypatch):
-  from archscale import decode
+  from archscale import decode_bench
 
   spec = ArchSpec.from_dict(config_lib.ARCHS["demo"])
   source = search.MeasuredThroughput(search.Scenario(2, 16, 8), "float32", 1,
                                      tmp_path / search.MEASURE_CACHE)
   rows = {"oom": [{"error": "out of memory: 3 GB"}], "bug": [{"error": "TypeError: bad"}]}
-  monkeypatch.setattr(decode, "run_sweep", lambda *a, **k: rows["oom"])
+  monkeypatch.setattr(decode_bench, "bench_archs", lambda *a, **k: rows["oom"])
   assert source(spec) == (None, False)  # does not fit: a result, cached
-  monkeypatch.setattr(decode, "run_sweep", lambda *a, **k: rows["bug"])
+  monkeypatch.setattr(decode_bench, "bench_archs", lambda *a, **k: rows["bug"])
   with pytest.raises(RuntimeError, match="TypeError: bad"):
     source(spec.replace(n_kv_heads=1))
   assert len((tmp_path / search.MEASURE_CACHE).read_text().splitlines()) == 1
