@@ -18,6 +18,12 @@ from typing import Any
 ROPE_SCALINGS = ("llama3", "none")
 
 
+# ArchSpec fields that a parameter budget does not decide: a sweep takes them from the config's
+# model, a search from its baseline.
+FIXED_FIELDS = ("vocab_size", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps",
+                "max_seq_len")
+
+
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
   """A LLaMA-3.2-style decoder: the knobs the paper studies plus what a model needs to run."""

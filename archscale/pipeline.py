@@ -199,38 +199,6 @@ def _arch_line(a: dict[str, Any]) -> str:
           f"predicted {a['predicted_loss']:.5g}, {speed}")
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
-  """Loss against d_model/sqrt(N) and against r, one colour per scale (the U-curves)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import matplotlib.ticker
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-  scales = sorted({r["scale"] for r in rows})
-  for i, scale in enumerate(scales):
-    mine = [r for r in rows if r["scale"] == scale]
-    color = plt.cm.viridis(i / max(1, len(scales) - 1))
-    for ax, key in zip(axes, ("d_over_sqrt_n", "mlp_attn_ratio"), strict=True):
-      pts = sorted((r[key], r["loss"]) for r in mine)
-      ax.plot(*zip(*pts, strict=True), "o", color=color, label=f"N = {plots.human(scale)}")
-  axes[0].set_xlabel("d_model / sqrt(N)")
-  axes[1].set_xlabel("r = MLP / attention parameters")
-  axes[1].set_xscale("log")
-  axes[1].set_xticks([0.5, 1, 2, 3, 5])
-  axes[1].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-  axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  axes[0].set_ylabel(f"loss ({rows[0].get('loss_source', 'eval')})")
-  for ax in axes:
-    ax.grid(True, alpha=0.3)
-  axes[0].legend(fontsize=8)
-  fig.suptitle("sweep: loss by architecture")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
   def cell(v: Any) -> str:
     if isinstance(v, float):
@@ -293,6 +261,17 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
     out += ["Step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
             + f" (total {sum(times.values()):.0f}s).", ""]
 
+  for part in (_report_sweep, _report_fit, _report_bench, _report_search):
+    out += part(workdir)
+  path = workdir / REPORT
+  io.write_text_atomic(path, "\n".join(out))
+  say(f"report: {path}")
+  return path
+
+
+def _report_sweep(workdir: pathlib.Path) -> list[str]:
+  """The sweep: finished and unfinished runs, the U-curves, the table."""
+  out: list[str] = []
   rows = [r for r in sweep.latest_rows(workdir / sweep.RESULTS).values()]
   done = sorted((r for r in rows if r.get("status") == "finished"),
                 key=lambda r: (r["scale"], r["d_over_sqrt_n"], r["mlp_attn_ratio"]))
@@ -301,13 +280,18 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
           f"{len(done)} runs finished, {len(failed)} not finished (`{sweep.RESULTS}`). "
           f"`loss` is the {done[0].get('loss_source', 'eval') if done else 'eval'} loss.", ""]
   if done:
-    plot_sweep(done, workdir / SWEEP_PNG)
+    plots.sweep_losses(done, workdir / SWEEP_PNG)
     out += [f"![sweep]({SWEEP_PNG})", "",
             _table(["run", "N", "tokens", "d_model", "d_ff", "heads", "x", "r", "loss"],
                    [[r["run_id"], r["params_nonembed"], r["tokens"], r["d_model"], r["d_ff"],
                      f"{r['n_heads']}/{r['n_kv_heads']}", r["d_over_sqrt_n"],
                      r["mlp_attn_ratio"], r["loss"]] for r in done]), ""]
+  return out
 
+
+def _report_fit(workdir: pathlib.Path) -> list[str]:
+  """The fit: form, parameters, diagnostics, in-sample metrics, plots."""
+  out: list[str] = []
   fit_path = workdir / "fit.json"
   if fit_path.exists():
     fit = json.loads(fit_path.read_text())
@@ -320,7 +304,12 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
                                         for k, v in metrics.items()) + ".", ""]
     for png in sorted(workdir.glob("fit*.png")):
       out += [f"![{png.stem}]({png.name})", ""]
+  return out
 
+
+def _report_bench(workdir: pathlib.Path) -> list[str]:
+  """The decode benchmark rows of this machine."""
+  out: list[str] = []
   bench_path = workdir / "decode_bench.json"
   if bench_path.exists():
     bench = json.loads(bench_path.read_text())
@@ -331,7 +320,12 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
                      r.get("step_ms_median"), r.get("error")] for r in bench]), ""]
     if (workdir / "decode_bench.png").exists():
       out += ["![decode bench](decode_bench.png)", ""]
+  return out
 
+
+def _report_search(workdir: pathlib.Path) -> list[str]:
+  """The search: budget, target, the picks against the baseline, support."""
+  out: list[str] = []
   search_path = workdir / "search.json"
   if search_path.exists():
     s = json.loads(search_path.read_text())
@@ -362,7 +356,4 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
     if not math.isfinite(s["target"]):
       out += ["The target is not finite; check the law.", ""]
     out += _search_support(s)
-  path = workdir / REPORT
-  io.write_text_atomic(path, "\n".join(out))
-  say(f"report: {path}")
-  return path
+  return out

@@ -207,3 +207,56 @@ def _fit_panel(law: Any, cols: dict[str, np.ndarray], in_scale: np.ndarray, key:
                    f"fit, {tokens}, {held_name}={np.median(other[i]):.3g}"))
   marks = [(optimum, "optimum")] if optimum is not None and np.isfinite(optimum) else []
   return Panel(title=title, points=points, curves=curves, vlines=marks)
+
+
+def pareto(result: Any, path: str | pathlib.Path, units: str, source: str) -> str:
+  """Search: predicted loss against throughput; candidates, frontier, Panda/Surefire/baseline."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  pts = [(c.throughput, c.predicted_loss) for c in result.candidates if (c.throughput or 0) > 0]
+  if pts:
+    ax.scatter(*zip(*pts, strict=True), s=6, c="0.75", label="candidates", zorder=1)
+  if result.pareto:
+    ax.plot([c.throughput for c in result.pareto], [c.predicted_loss for c in result.pareto],
+            "-o", c="tab:green", ms=3, lw=1.2, label="Pareto frontier", zorder=2)
+  ax.axhline(result.target, ls="--", c="0.4", lw=1, label="target", zorder=1)
+  marks = (("baseline", result.baseline, "X", "black"), ("Panda", result.panda, "*", "tab:red"),
+           ("Surefire", result.surefire, "D", "tab:blue"))
+  for label, c, marker, color in marks:
+    if c is not None and c.throughput:
+      ax.scatter([c.throughput], [c.predicted_loss], marker=marker, s=110, c=color,
+                 edgecolors="white", label=label, zorder=3)
+  ax.set_xlabel(f"output tokens / s ({source})")
+  ax.set_ylabel({"loss": "predicted loss", "factor": "predicted L / L_opt",
+                 "offset": "predicted L - L_opt"}[units])
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title("architecture search: loss vs throughput")
+  return _save(fig, path)
+
+
+def sweep_losses(rows: Sequence[dict[str, Any]], path: str | pathlib.Path) -> str:
+  """Sweep: loss against d_model/sqrt(N) and against r, one colour per scale (the U-curves)."""
+  import matplotlib.ticker
+
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  scales = sorted({r["scale"] for r in rows})
+  for i, scale in enumerate(scales):
+    mine = [r for r in rows if r["scale"] == scale]
+    color = plt.cm.viridis(i / max(1, len(scales) - 1))
+    for ax, key in zip(axes, ("d_over_sqrt_n", "mlp_attn_ratio"), strict=True):
+      pts = sorted((r[key], r["loss"]) for r in mine)
+      ax.plot(*zip(*pts, strict=True), "o", color=color, label=f"N = {human(scale)}")
+  axes[0].set_xlabel("d_model / sqrt(N)")
+  axes[1].set_xlabel("r = MLP / attention parameters")
+  axes[1].set_xscale("log")
+  axes[1].set_xticks([0.5, 1, 2, 3, 5])
+  axes[1].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  axes[0].set_ylabel(f"loss ({rows[0].get('loss_source', 'eval')})")
+  for ax in axes:
+    ax.grid(True, alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle("sweep: loss by architecture")
+  return _save(fig, path)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import math
 import pathlib
@@ -52,14 +51,12 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from archscale import arch, config_lib, costmodel, io, settings, sweep
-from archscale.arch import ArchSpec
-from archscale.settings import BenchConfig, SearchConfig
+from archscale import arch, config_lib, io, plots, throughput
+from archscale.arch import FIXED_FIELDS, ArchSpec, steps_for_tokens
+from archscale.settings import SearchConfig
 
 SEARCH_JSON = "search.json"
 PARETO_PNG = "pareto.png"
-FIXED_FIELDS = sweep.FIXED_FIELDS  # ArchSpec fields every candidate shares with the baseline
-MEASURE_CACHE = "throughput_measured.jsonl"
 # Sections of a search config copied into panda.py / surefire.py when they differ from defaults.
 _CONFIG_SECTIONS = ("compute", "data", "train", "mesh", "distributed", "bench")
 _MAX_D_MODELS = 512
@@ -412,80 +409,6 @@ def search(law: Any, budget: Budget, space: Space, target: float,
   return SearchResult(cands, pareto_front(rated), panda, surefire, base, target, stats)
 
 
-# ------------------------------------------------------------------------------ throughput
-
-
-@dataclasses.dataclass(frozen=True)
-class Scenario:
-  """The serving workload throughput is measured or predicted for."""
-
-  batch_size: int
-  input_len: int
-  output_len: int
-  dtype_bytes: int = 2
-
-
-class ModelThroughput:
-  """The roofline cost model of one accelerator (calibrated when a calibration is given)."""
-
-  cheap = True
-
-  def __init__(self, accelerator: str, scenario: Scenario,
-               calibration: dict[str, Any] | None = None):
-    self.accelerator = costmodel.get_accelerator(accelerator).name
-    self.scenario, self.calibration = scenario, calibration
-    self.name = f"model:{self.accelerator}" + (" (calibrated)" if calibration else "")
-
-  def __call__(self, spec: ArchSpec) -> tuple[float | None, bool]:
-    s = self.scenario
-    out = costmodel.throughput(spec, self.accelerator, s.batch_size, s.input_len, s.output_len,
-                               s.dtype_bytes, calibration=self.calibration)
-    return out["output_tokens_per_s"], bool(out["fits"])
-
-
-class MeasuredThroughput:
-  """The decode harness on this machine (random weights), cached in a JSONL file by spec."""
-
-  cheap = False
-
-  def __init__(self, scenario: Scenario, dtype: str, repeats: int, cache_path: pathlib.Path,
-               seed: int = 0, attention: str = "auto", decode_attention: str = "auto"):
-    self.scenario, self.dtype, self.repeats = scenario, dtype, repeats
-    self.cache_path, self.seed = cache_path, seed
-    self.attention, self.decode_attention = attention, decode_attention
-    self.name = "measure"
-    self._cache = {r["key"]: r for r in io.read_jsonl(cache_path) if "key" in r}
-
-  def _key(self, spec: ArchSpec, device_kind: str) -> str:
-    blob = json.dumps([spec.to_dict(), dataclasses.asdict(self.scenario), self.dtype,
-                       self.repeats, device_kind, self.attention, self.decode_attention],
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-  def __call__(self, spec: ArchSpec) -> tuple[float | None, bool]:
-    import jax
-
-    from archscale import decode_bench
-
-    key = self._key(spec, jax.devices()[0].device_kind)
-    if key not in self._cache:
-      s = self.scenario
-      bench = settings.BenchConfig(
-          batch_sizes=(s.batch_size,), input_len=s.input_len, output_len=s.output_len,
-          repeats=self.repeats, dtype=self.dtype, attention=self.attention,
-          decode_attention=self.decode_attention, accelerator="")
-      rows = decode_bench.bench_archs({"candidate": spec}, bench, seed=self.seed)
-      row = rows[0]
-      if row.get("error") and not row["error"].startswith("out of memory"):
-        raise RuntimeError(f"measuring {spec.to_dict()} failed: {row['error']}")
-      entry = {"key": key, "arch": spec.to_dict(), "scenario": dataclasses.asdict(s),
-               "output_tokens_per_s": row.get("output_tokens_per_s"), "error": row.get("error")}
-      io.append_jsonl(self.cache_path, entry)
-      self._cache[key] = entry
-    entry = self._cache[key]
-    return entry["output_tokens_per_s"], not entry.get("error")
-
-
 # ------------------------------------------------------------------------------ the mode
 
 
@@ -537,28 +460,6 @@ def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
   return law_lib.load_law(path), str(path)
 
 
-def _throughput_source(config: Any, workdir: pathlib.Path, scenario: Scenario) -> Any:
-  s = SearchConfig.from_config(config)
-  text = str(s.throughput).strip()
-  if text == "measure":
-    b = BenchConfig.from_config(config)
-    return MeasuredThroughput(scenario, b.dtype, b.repeats, pathlib.Path(workdir) / MEASURE_CACHE,
-                              int(config.seed), b.attention, b.decode_attention)
-  if not text.startswith("model:"):
-    raise ValueError(f"search.throughput={text!r} must be 'measure' or 'model:<accelerator>' "
-                     f"with an accelerator of {sorted(costmodel.ACCELERATORS)}")
-  name = text[len("model:"):].strip()
-  if name not in costmodel.ACCELERATORS:
-    raise ValueError(f"search.throughput={text!r}: unknown accelerator {name!r}; choose one of "
-                     f"{sorted(costmodel.ACCELERATORS)}")
-  calib_path = pathlib.Path(str(s.calibration).strip() or pathlib.Path(workdir) /
-                            "calibration.json").expanduser()
-  if str(s.calibration).strip() and not calib_path.exists():
-    raise ValueError(f"search.calibration={str(s.calibration)!r} does not exist")
-  calibration = costmodel.load_calibration(calib_path, name)
-  return ModelThroughput(name, scenario, calibration)
-
-
 def resolve(config: Any) -> dict[str, Any]:
   """Checks the search section and derives the budget, space and target, before any work."""
   s = SearchConfig.from_config(config)
@@ -570,7 +471,7 @@ def resolve(config: Any) -> dict[str, Any]:
                   int(s.d_head or ref.d_head), tuple((k, getattr(ref, k)) for k in FIXED_FIELDS))
   space = Space(s.d_model_multiple, s.d_ff_multiple, tuple(float(v) for v in s.r_range),
                 float(s.n_tolerance))
-  scenario = Scenario(s.batch_size, s.input_len, s.output_len, s.dtype_bytes)
+  scenario = throughput.Scenario(s.batch_size, s.input_len, s.output_len, s.dtype_bytes)
   return {"target_value": target_value, "baseline_name": baseline_name, "baseline": baseline,
           "budget": budget, "space": space, "scenario": scenario, "gqa": int(s.gqa or ref.gqa),
           "width_range": tuple(float(v) for v in s.width_range)}
@@ -624,7 +525,7 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   inputs = resolve(config)
   budget, space, scenario = inputs["budget"], inputs["space"], inputs["scenario"]
   baseline = inputs["baseline"]
-  source = _throughput_source(config, workdir, scenario)
+  source = throughput.source(config, workdir, scenario)
   law, law_path = load_or_fit_law(config, workdir)
   doc, space = _with_support(law_path, space, s)
   units = loss_units(law)
@@ -681,7 +582,7 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     logging.info("search: %s", line)
   workdir.mkdir(parents=True, exist_ok=True)
   io.write_json_atomic(workdir / SEARCH_JSON, out)
-  plot_pareto(result, workdir / PARETO_PNG, units, source.name)
+  plots.pareto(result, workdir / PARETO_PNG, units, source.name)
   for name, cand in (("panda", result.panda), ("surefire", result.surefire)):
     if cand is not None:
       write_arch_config(workdir / f"{name}.py", name, cand, config, budget, units, source.name)
@@ -709,39 +610,6 @@ def _log_summary(result: SearchResult, units: str) -> None:
 # ---------------------------------------------------------------------------------- outputs
 
 
-def plot_pareto(result: SearchResult, path: pathlib.Path, units: str, source: str) -> None:
-  """Predicted loss against throughput: candidates grey, the frontier, Panda/Surefire/baseline."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  pts = [(c.throughput, c.predicted_loss) for c in result.candidates if _speed(c) > 0]
-  if pts:
-    ax.scatter(*zip(*pts, strict=True), s=6, c="0.75", label="candidates", zorder=1)
-  if result.pareto:
-    ax.plot([c.throughput for c in result.pareto], [c.predicted_loss for c in result.pareto],
-            "-o", c="tab:green", ms=3, lw=1.2, label="Pareto frontier", zorder=2)
-  ax.axhline(result.target, ls="--", c="0.4", lw=1, label="target", zorder=1)
-  marks = (("baseline", result.baseline, "X", "black"), ("Panda", result.panda, "*", "tab:red"),
-           ("Surefire", result.surefire, "D", "tab:blue"))
-  for label, c, marker, color in marks:
-    if c is not None and c.throughput:
-      ax.scatter([c.throughput], [c.predicted_loss], marker=marker, s=110, c=color,
-                 edgecolors="white", label=label, zorder=3)
-  ax.set_xlabel(f"output tokens / s ({source})")
-  ax.set_ylabel({"loss": "predicted loss", "factor": "predicted L / L_opt",
-                 "offset": "predicted L - L_opt"}[units])
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  ax.set_title("architecture search: loss vs throughput")
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def _base_arch(config: Any) -> str:
   if config.name in config_lib.ARCHS:
     return config.name
@@ -754,49 +622,27 @@ def write_arch_config(path: pathlib.Path, name: str, cand: Candidate, config: An
                       budget: Budget, units: str, source: str) -> pathlib.Path:
   """A standalone config file for one found architecture, ready for --mode=train / decode_bench.
 
-  It starts from `config_lib.make_config(<the search's base architecture>)`, sets every model
-  field, the sections the search config changed, train.steps for D tokens at its batch and
-  sequence length, and bench.archs to itself.
+  It starts from `config_lib.make_config(<the search's base architecture>)` and sets every model
+  field, what the search config changed in the sections a run reads, train.steps for D tokens at
+  its batch and sequence length, and bench.archs to itself.
   """
   base_name = _base_arch(config)
-  base = config_lib.make_config(base_name)
-  spec = cand.spec
-  lines = [
-      f'"""{name}: found by archscale --mode=search in {path.parent.resolve()}.',
-      "",
-      f"Budget N={budget.n_nonembed:.6g} non-embedding parameters (this architecture: "
-      f"{spec.params_nonembed:,}), D={budget.tokens:.6g} tokens.",
-      f"d_model/sqrt(N)={spec.d_over_sqrt_n:.4f}, r={spec.mlp_attn_ratio:.3f}, GQA={spec.gqa}; "
-      f"predicted {units} {cand.predicted_loss:.5g}, "
-      f"throughput {cand.throughput or 0:,.0f} output tokens/s ({source}).",
-      '"""',
-      "",
-      "import pathlib",
-      "",
-      "from archscale import config_lib",
-      "",
-      "",
-      "def get_config():",
-      f"  c = config_lib.make_config({base_name!r})",
-      f"  c.name = {name!r}",
-      "  c.mode = 'train'",
-  ]
-  lines += [f"  c.model.{k} = {v!r}" for k, v in spec.to_dict().items()]
+  c = config_lib.make_config(base_name)
+  c.name, c.mode = name, "train"
   for section in _CONFIG_SECTIONS:
-    if section not in config or section not in base:
-      continue
-    for key, value in config[section].to_dict().items():
-      if section == "bench" and key == "archs":
-        continue
-      if section == "train" and key == "steps":
-        continue
-      if key not in base[section] or base[section][key] != value:
-        lines.append(f"  c.{section}.{key} = {value!r}")
-  per_step = int(config.train.global_batch_size) * int(config.data.seq_len)
-  steps = max(1, math.ceil(budget.tokens / per_step))
-  lines.append(f"  c.train.steps = {steps}  # D tokens at this batch size and sequence length")
-  lines.append("  c.bench.archs = str(pathlib.Path(__file__).resolve())")
-  lines.append("  return c")
-  text = "\n".join(lines) + "\n"
-  io.write_text_atomic(path, text)
-  return path
+    if section in config:
+      c[section] = config[section].copy_and_resolve_references()
+  c.model.update(cand.spec.to_dict())
+  c.train.steps = steps_for_tokens(
+      budget.tokens, int(config.train.global_batch_size) * int(config.data.seq_len))
+  spec = cand.spec
+  doc = (f"{name}: found by archscale --mode=search in {path.parent.resolve()}.\n\n"
+         f"Budget N={budget.n_nonembed:.6g} non-embedding parameters (this architecture: "
+         f"{spec.params_nonembed:,}), D={budget.tokens:.6g} tokens (train.steps at this batch "
+         f"size and sequence length).\nd_model/sqrt(N)={spec.d_over_sqrt_n:.4f}, "
+         f"r={spec.mlp_attn_ratio:.3f}, GQA={spec.gqa}; predicted {units} "
+         f"{cand.predicted_loss:.5g}, throughput {cand.throughput or 0:,.0f} output tokens/s "
+         f"({source}).\n")
+  return config_lib.write_config_py(
+      path, c, doc, base=base_name,
+      tail=["c.bench.archs = str(pathlib.Path(__file__).resolve())"])

@@ -60,7 +60,7 @@ import ml_collections
 from absl import logging
 
 from archscale import config_lib, io, settings
-from archscale.arch import ArchSpec, steps_for_tokens
+from archscale.arch import FIXED_FIELDS, ArchSpec, steps_for_tokens
 from archscale.monitor import EXIT_BUSY, EXIT_PREEMPTED
 from archscale.settings import SweepConfig
 
@@ -70,9 +70,6 @@ LAUNCH_COMMANDS = "launch_commands.sh"
 RUNS_DIR = "runs"
 RUN_CONFIG = "run_config.py"
 SWEEP_CONFIG = "sweep_config.py"
-# ArchSpec fields a sweep takes from the config's model rather than from the grid.
-FIXED_FIELDS = ("vocab_size", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps",
-                "max_seq_len")
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 # trainer(run_config, run_dir) -> the train summary (dict with "status"); raises on failure.
@@ -234,7 +231,7 @@ def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
   s = SweepConfig.from_config(config)
   scales = parse_scales(s.scales, config.model)
   points = _grid_points(s)
-  fixed = {k: config.model[k] for k in FIXED_FIELDS}
+  fixed = {k: config.model[k] for k in FIXED_FIELDS}  # from the config's model, not the grid
   recipe = settings.training_recipe(config)
   runs: list[Run] = []
   dropped: list[dict[str, Any]] = []

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from archscale import config_lib, law, search, train
+from archscale import config_lib, law, search, throughput, train
 from archscale.arch import ArchSpec
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -225,14 +225,14 @@ def test_numeric_target_and_absolute_law(tmp_path):
 
 def test_measured_throughput_times_once_and_caches(tmp_path):
   spec = ArchSpec.from_dict(config_lib.ARCHS["demo"])
-  source = search.MeasuredThroughput(search.Scenario(2, 16, 8), "float32", 1,
-                                     tmp_path / search.MEASURE_CACHE)
+  source = throughput.MeasuredThroughput(throughput.Scenario(2, 16, 8), "float32", 1,
+                                     tmp_path / throughput.MEASURE_CACHE)
   speed, fits = source(spec)
   assert fits and speed > 0
-  again = search.MeasuredThroughput(search.Scenario(2, 16, 8), "float32", 1,
-                                    tmp_path / search.MEASURE_CACHE)
+  again = throughput.MeasuredThroughput(throughput.Scenario(2, 16, 8), "float32", 1,
+                                    tmp_path / throughput.MEASURE_CACHE)
   assert again(spec) == (speed, True)  # read back from the cache, not re-measured
-  assert len((tmp_path / search.MEASURE_CACHE).read_text().splitlines()) == 1
+  assert len((tmp_path / throughput.MEASURE_CACHE).read_text().splitlines()) == 1
 
 
 def test_a_measurement_that_fails_other_than_out_of_memory_stops_the_search(tmp_path,
@@ -240,15 +240,15 @@ def test_a_measurement_that_fails_other_than_out_of_memory_stops_the_search(tmp_
   from archscale import decode_bench
 
   spec = ArchSpec.from_dict(config_lib.ARCHS["demo"])
-  source = search.MeasuredThroughput(search.Scenario(2, 16, 8), "float32", 1,
-                                     tmp_path / search.MEASURE_CACHE)
+  source = throughput.MeasuredThroughput(throughput.Scenario(2, 16, 8), "float32", 1,
+                                     tmp_path / throughput.MEASURE_CACHE)
   rows = {"oom": [{"error": "out of memory: 3 GB"}], "bug": [{"error": "TypeError: bad"}]}
   monkeypatch.setattr(decode_bench, "bench_archs", lambda *a, **k: rows["oom"])
   assert source(spec) == (None, False)  # does not fit: a result, cached
   monkeypatch.setattr(decode_bench, "bench_archs", lambda *a, **k: rows["bug"])
   with pytest.raises(RuntimeError, match="TypeError: bad"):
     source(spec.replace(n_kv_heads=1))
-  assert len((tmp_path / search.MEASURE_CACHE).read_text().splitlines()) == 1
+  assert len((tmp_path / throughput.MEASURE_CACHE).read_text().splitlines()) == 1
 
 
 def test_measure_refuses_to_time_too_many_candidates(tmp_path):
@@ -260,7 +260,7 @@ def test_measure_refuses_to_time_too_many_candidates(tmp_path):
   c.search.max_measure = 5
   with pytest.raises(ValueError, match="search.max_measure"):
     search.run_search(c, tmp_path)
-  assert not (tmp_path / search.MEASURE_CACHE).exists()
+  assert not (tmp_path / throughput.MEASURE_CACHE).exists()
 
 
 def test_a_measured_source_times_only_candidates_that_can_be_chosen():

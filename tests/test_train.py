@@ -33,6 +33,7 @@ from helpers import (
 from archscale import checkpoint, monitor, train
 from archscale import data as data_lib
 from archscale import model as model_lib
+from archscale import step as step_lib
 
 KILL_AT = 15  # the killed run dies after step 15; its last checkpoint is step 10
 
@@ -64,7 +65,7 @@ def test_peak_flops_table():
 def test_learning_rate_schedules(schedule):
   t = ml_collections.ConfigDict(dict(lr=1.0, min_lr_ratio=0.1, steps=100, warmup_steps=10,
                                      schedule=schedule, decay_fraction=0.2))
-  lr = [float(train.learning_rate(t)(s)) for s in range(100)]
+  lr = [float(step_lib.learning_rate(t)(s)) for s in range(100)]
   assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warm-up
   assert max(lr) == pytest.approx(1.0)
   if schedule == "constant":
@@ -79,7 +80,7 @@ def test_learning_rate_schedules(schedule):
 def test_weight_decay_skips_norm_scales():
   params = {"embedding": np.ones((4, 2)), "final_norm": {"scale": np.ones(2)},
             "layers": {"attn_norm": {"scale": np.ones((2, 2))}, "mlp": {"up": np.ones((2, 2))}}}
-  mask = train.decay_mask(params)
+  mask = step_lib.decay_mask(params)
   assert mask["embedding"] and mask["layers"]["mlp"]["up"]
   assert not mask["final_norm"]["scale"] and not mask["layers"]["attn_norm"]["scale"]
 
@@ -465,7 +466,7 @@ def test_z_loss_is_added_to_the_objective(corpus):
   setup = train.build(config)
   params = model_lib.init_params(setup.model, jax.random.key(0))
   tokens = jnp.asarray(data_lib.Batches(corpus, "train", 32, 8, 0)(0))
-  loss = jax.jit(lambda p, x, z: train.loss_fn(setup.model, p, x, z), static_argnums=2)
+  loss = jax.jit(lambda p, x, z: step_lib.loss_fn(setup.model, p, x, z), static_argnums=2)
   total, (ce, z) = loss(params, tokens, 1e-2)
   total0, (ce0, z0) = loss(params, tokens, 0.0)
   assert float(z0) == 0.0 and float(ce0) == float(total0) == pytest.approx(float(ce))
