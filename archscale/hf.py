@@ -359,7 +359,7 @@ def export(params: dict, spec: ArchSpec, out_dir: str | pathlib.Path, tokenizer:
            dtype: str = "float32", max_shard_bytes: int = 5 * 10**9) -> pathlib.Path:
   """Writes an HF LLaMA directory (see the module docstring); replaces `out_dir` when complete.
 
-  `tokenizer` is an `archscale.data.Tokenizer` (None: weights and configs only).
+  `tokenizer` is an `archscale.tokenizer.Tokenizer` (None: weights and configs only).
   """
   import ml_dtypes
 
@@ -387,14 +387,14 @@ def export(params: dict, spec: ArchSpec, out_dir: str | pathlib.Path, tokenizer:
 
 def run_tokenizer(config: Any, workdir: pathlib.Path) -> Any:
   """The tokenizer a run trained with: its prepared dataset's, else `data.tokenizer`."""
-  from archscale import data as data_lib
+  from archscale import tokenizer as tok_lib
 
   path = str(config.data.path).strip()
   if not path and str(config.data.get("source", "")).strip():
     path = str(pathlib.Path(workdir) / "data")  # where --mode=train prepares it
   if path:
-    return data_lib.load_tokenizer(path)
-  return data_lib.load_tokenizer(config.data.tokenizer, eos_token=config.data.eos_token)
+    return tok_lib.load_tokenizer(path)
+  return tok_lib.load_tokenizer(config.data.tokenizer, eos_token=config.data.eos_token)
 
 
 def run_export(config: Any, workdir: pathlib.Path) -> None:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from archscale import config_lib, evaluate, hf, settings
-from archscale import data as data_lib
 from archscale import model as model_lib
+from archscale import tokenizer as tok_lib
 from archscale.arch import ArchSpec
 
 SPEC = ArchSpec(d_model=40, n_layers=2, n_heads=6, n_kv_heads=2, d_head=8, d_ff=64,
@@ -52,7 +52,7 @@ def _params() -> dict:
 def exported(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval")
   params = _params()
-  hf.export(params, SPEC, root / "hf", data_lib.ByteTokenizer())
+  hf.export(params, SPEC, root / "hf", tok_lib.ByteTokenizer())
   (root / "tasks").mkdir()
   data = root / "tiny_mc.json"
   data.write_text(json.dumps(DOCS))
@@ -72,7 +72,7 @@ def test_harness_loglikelihoods_equal_archscale_scoring(exported):
   pairs = [tuple(arg[:2]) for s in samples for arg in s["arguments"]]
   harness = [float(r[0][0]) for s in samples for r in s["resps"]]
   assert len(pairs) == sum(len(d["choices"]) for d in DOCS)
-  ours = evaluate.loglikelihoods(SPEC, params, data_lib.ByteTokenizer(), pairs)
+  ours = evaluate.loglikelihoods(SPEC, params, tok_lib.ByteTokenizer(), pairs)
   np.testing.assert_allclose(ours, harness, rtol=0, atol=1e-4)
   assert len(set(np.round(ours, 3))) > len(DOCS)  # distinct scores: the comparison has teeth
 

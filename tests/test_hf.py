@@ -14,8 +14,9 @@ import transformers
 from safetensors.numpy import load_file
 
 from archscale import config_lib, generate, hf, train
-from archscale import data as data_lib
 from archscale import model as model_lib
+from archscale import prepare as prepare_lib
+from archscale import tokenizer as tok_lib
 from archscale.arch import ArchSpec
 
 _BASE = dict(n_layers=2, d_ff=96, vocab_size=256, max_seq_len=64, norm_eps=1e-5)
@@ -67,7 +68,7 @@ def test_export_matches_transformers_logits_and_greedy_generation(tmp_path, name
   params = _random_params(spec)
   # Untied shapes are written in shards of a few KB, so the sharded layout loads too.
   shard = 10**9 if spec.tie_embeddings else 40_000
-  out = hf.export(params, spec, tmp_path / "hf", data_lib.ByteTokenizer(), max_shard_bytes=shard)
+  out = hf.export(params, spec, tmp_path / "hf", tok_lib.ByteTokenizer(), max_shard_bytes=shard)
   assert (out / hf.INDEX_FILE).exists() == (not spec.tie_embeddings)
   model = _hf_model(out)
   assert model.config.head_dim == spec.d_head
@@ -136,9 +137,9 @@ def test_import_then_export_reproduces_transformers_files(tmp_path, dtype):
 
 def test_byte_tokenizer_loads_in_transformers_with_the_same_ids(tmp_path):
   spec = _spec("gqa")
-  out = hf.export(_random_params(spec), spec, tmp_path / "hf", data_lib.ByteTokenizer())
+  out = hf.export(_random_params(spec), spec, tmp_path / "hf", tok_lib.ByteTokenizer())
   tok = transformers.AutoTokenizer.from_pretrained(out)
-  ours = data_lib.ByteTokenizer()
+  ours = tok_lib.ByteTokenizer()
   for text in ["Hello, world!", "  two  spaces\nnew line", "naïve café — ünïcödé ✓ 日本"]:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == ours.encode(text)
@@ -155,7 +156,7 @@ def test_hf_tokenizer_is_copied_with_its_eos(tmp_path):
   raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
   raw.save(str(tmp_path / "tokenizer.json"))
-  ours = data_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
+  ours = tok_lib.load_tokenizer(str(tmp_path / "tokenizer.json"))
   spec = _spec("mha")
   out = hf.export(_random_params(spec), spec, tmp_path / "hf", ours)
   tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -215,7 +216,7 @@ def test_export_mode_writes_a_run_checkpoint_that_transformers_reproduces(tmp_pa
   """--mode=export on a trained run: the directory reproduces the checkpoint's logits."""
   text = "\n\n".join(f"verse {i}: and the light was good, and it was so." for i in range(200))
   (tmp_path / "corpus.txt").write_text(text)
-  data_lib.prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer="byte",
+  prepare_lib.prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer="byte",
                    text_docs="paragraph", eval_fraction=0.05)
   config = config_lib.make_config("demo")
   config.model.update(d_model=40, d_ff=64, n_layers=2, n_heads=6, n_kv_heads=2, d_head=8,
@@ -257,7 +258,7 @@ def test_train_init_from_starts_a_run_from_an_hf_directory(tmp_path):
   source = hf.export(_random_params(spec, seed=5), spec, tmp_path / "src")
   text = "\n\n".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(200))
   (tmp_path / "corpus.txt").write_text(text)
-  data_lib.prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer="byte",
+  prepare_lib.prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer="byte",
                    text_docs="paragraph", eval_fraction=0.05)
   config = config_lib.make_config("demo")  # its model section (d_model 64, ...) is not spec's
   config.data.path = str(tmp_path / "data")
