@@ -304,8 +304,8 @@ class FitConfig(Section):
                           ("space", FIT_SPACES), ("solver", FIT_SOLVERS),
                           ("starts", FIT_STARTS)):
       value = getattr(self, name)
-      check(value in choices, f"fit.{name}={value!r} is not allowed; choose one of "
-            f"{list(choices)}")
+      check(value in choices, f"fit.{name} must be one of {list(choices)}; {name}={value!r} is "
+            "not allowed")
     check(self.form != "chinchilla" or self.terms == "both",
           f"fit.terms={self.terms!r} selects architecture terms, which the chinchilla form does "
           "not have; leave fit.terms='both'")
