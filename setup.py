@@ -29,5 +29,11 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5"],
+        # Export, import and downstream evaluation (archscale.hf, archscale.evaluate).
+        # transformers 5.4 and later refuse a LlamaConfig whose hidden_size is not a multiple of
+        # num_attention_heads even with head_dim set (every Panda / Surefire shape); 5.0-5.3 load
+        # them. torch below 2.14 keeps pip on the CPU wheel where one is on disk.
+        "hf": ["transformers>=5.0,<5.4", "safetensors>=0.4", "torch>=2.4,<2.14",
+               "lm-eval>=0.4.8", "accelerate>=0.26"],
     },
 )

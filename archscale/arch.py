@@ -18,6 +18,12 @@ from typing import Any
 ROPE_SCALINGS = ("llama3", "none")
 
 
+# ArchSpec fields that a parameter budget does not decide: a sweep takes them from the config's
+# model, a search from its baseline.
+FIXED_FIELDS = ("vocab_size", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps",
+                "max_seq_len")
+
+
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
   """A LLaMA-3.2-style decoder: the knobs the paper studies plus what a model needs to run."""
@@ -259,7 +265,7 @@ class ArchSpec:
     """Forward FLOPs of a causal prefill of `prompt_len` tokens for one sequence.
 
     The LM head runs on the last position only (a serving prefill needs just the next-token
-    logits; `decode.generate` does this), the layers on every position.
+    logits; `generate.generate` does this), the layers on every position.
     """
     head = self.vocab_size * self.d_model
     layers = self.matmul_params_per_token - head

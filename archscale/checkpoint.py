@@ -33,11 +33,13 @@ class Checkpoints:
     self.directory = directory.resolve()
     self.every = train_cfg.checkpoint_every
     self.background = bool(train_cfg.async_checkpoint)
-    self._in_flight: int | None = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=train_cfg.keep_checkpoints, create=True,
         enable_async_checkpointing=self.background)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._in_flight: int | None = None  # the step a background save is writing
+    self._written = self.manager.latest_step()  # the last step known to be on disk
+    self._failed = False  # a failure was raised already: closing must not raise it again
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -47,7 +49,7 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Saves `state` and a copy of `meta` at `step`; raises CheckpointError when it fails."""
-    self._raise_background_failure()
+    self.wait()
     # A copy: a background save serialises `meta` later, while the loop keeps updating it.
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(copy.deepcopy(meta)))
@@ -59,6 +61,7 @@ class Checkpoints:
       self._in_flight = step
       logging.info("train: writing the checkpoint of step %d in the background", step)
     else:
+      self._written = step
       logging.info("train: checkpoint of step %d written", step)
 
   def wait(self) -> None:
@@ -70,7 +73,7 @@ class Checkpoints:
     self._raise_background_failure()
     if self._in_flight is not None:
       logging.info("train: checkpoint of step %d written", self._in_flight)
-      self._in_flight = None
+      self._written, self._in_flight = self._in_flight, None
 
   def _raise_background_failure(self) -> None:
     try:
@@ -79,7 +82,8 @@ class Checkpoints:
       raise self._error(self._in_flight, e) from e
 
   def _error(self, step: int | None, e: BaseException) -> CheckpointError:
-    last = self.manager.latest_step()
+    self._failed = True
+    last = self._written
     return CheckpointError(
         f"saving the checkpoint of step {step} to {self.directory} failed: {io.describe_error(e)}. "
         f"The last good checkpoint is {'step ' + str(last) if last is not None else 'none'}; "
@@ -94,4 +98,8 @@ class Checkpoints:
     return self.manager.restore(step, args=args)["state"]
 
   def close(self) -> None:
-    self.manager.close()
+    try:
+      self.manager.close()
+    except Exception:  # noqa: BLE001
+      if not self._failed:
+        raise

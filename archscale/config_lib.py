@@ -5,18 +5,22 @@ overridden from the command line as `--config.section.field=value`. Sections:
 
   model    ArchSpec fields (archscale.arch.ArchSpec)
   compute  how the model runs (archscale.model.ModelOptions)
-  data, train, sweep, fit, search, bench   typed sections of archscale.settings, which hold
-           their defaults, documentation and checks
+  data, train, sweep, fit, search, bench, export, eval   typed sections of archscale.settings,
+           which hold their defaults, documentation and checks
   mesh     device mesh axis sizes (-1 = the rest) distributed  multi-host initialisation
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import pprint
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
-from archscale import settings
+from archscale import io, settings
 from archscale.model import ModelOptions
 
 # Table 1 of the paper (arXiv 2510.18245) plus a tiny CPU demo. Values are ArchSpec fields.
@@ -70,7 +74,48 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.fit = ml_collections.ConfigDict(settings.FitConfig.defaults())
   c.search = ml_collections.ConfigDict(settings.SearchConfig.defaults())
   c.sweep = ml_collections.ConfigDict(settings.SweepConfig.defaults())
+  c.export = ml_collections.ConfigDict(settings.ExportConfig.defaults())
+  c.eval = ml_collections.ConfigDict(settings.EvalConfig.defaults())
   return c
+
+
+def write_config_py(path: str | os.PathLike, config: Any, doc: str, *, base: str | None = None,
+                    tail: Sequence[str] = ()) -> pathlib.Path:
+  """Writes a standalone config file whose `get_config()` returns `config`.
+
+  With `base` (an architecture name) the file starts from `make_config(base)` and sets only the
+  fields that differ, which reads well (panda.py); without, it spells out the whole tree. `tail`:
+  further statements run before returning (`c` is the config; `pathlib` is imported).
+  """
+  path = pathlib.Path(path)
+  if base is None:
+    body = pprint.pformat(config.to_dict(), indent=1, width=96, sort_dicts=True)
+    lines = ["import ml_collections", "", "", "def get_config():",
+             f"  c = ml_collections.ConfigDict(\n{_indent(body, 6)}  )"]
+  else:
+    lines = ["import pathlib", "", "from archscale import config_lib", "", "",
+             "def get_config():", f"  c = config_lib.make_config({base!r})",
+             *(f"  c.{key} = {value!r}" for key, value in _differences(make_config(base), config))]
+  lines += [f"  {line}" for line in tail] + ["  return c"]
+  io.write_text_atomic(path, f'"""{doc}"""\n\n' + "\n".join(lines) + "\n")
+  return path
+
+
+def _differences(base: Any, config: Any, prefix: str = "") -> list[tuple[str, Any]]:
+  """(dotted key, value) of every leaf of `config` that `base` lacks or holds otherwise."""
+  out = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(base.get(key), type(value)):
+      out += _differences(base[key], value, f"{prefix}{key}.")
+    elif isinstance(value, ml_collections.ConfigDict):
+      out.append((f"{prefix}{key}", value.to_dict()))
+    elif key not in base or base[key] != value:
+      out.append((f"{prefix}{key}", value))
+  return out
+
+
+def _indent(text: str, n: int) -> str:
+  return "".join(" " * n + line + "\n" for line in text.splitlines())
 
 
 def arch_config(name: str) -> dict:

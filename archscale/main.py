@@ -15,11 +15,13 @@ MODES = {
     "describe": "archscale.arch:run_describe",
     "prepare_data": "archscale.prepare:run_prepare_data",
     "train": "archscale.train:run_train",
-    "decode_bench": "archscale.decode:run_decode_bench",
+    "decode_bench": "archscale.decode_bench:run_decode_bench",
     "sweep": "archscale.sweep:run_sweep",
-    "fit": "archscale.law:run_fit",
+    "fit": "archscale.fitting:run_fit",
     "search": "archscale.search:run_search",
     "pipeline": "archscale.pipeline:run_pipeline",
+    "export": "archscale.hf:run_export",
+    "evaluate": "archscale.evaluate:run_evaluate",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")

@@ -13,6 +13,10 @@ The KV cache is an explicit pytree (`KVCache`) passed in and returned, never a m
   logits_BTV, cache = prefill(model, params, prompt_BT, max_len=1024)  # last_only=True: [B, 1, V]
   logits_BV, cache = decode_step(model, params, cache, next_token_B)
 
+The cache is stored heads-major, [B, K, S, H], so that attention contracts it with batch and
+KV heads as its leading dimensions and reads it in place (a [B, S, K, H] cache is transposed into
+a copy by XLA on every decode step).
+
 Shape suffixes: B batch, T query positions, S cached (key) positions, D d_model, N query heads,
 K KV heads, G query heads per KV head, H d_head, F d_ff, V vocab, L layers.
 """
@@ -27,10 +31,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from archscale import settings
+from archscale import kernels, settings
 from archscale.arch import ArchSpec
 
-ATTENTION_IMPLS = ("xla", "dpa", "cudnn")
+ATTENTION_IMPLS = ("xla", "dpa", "cudnn", "pallas", "splash")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -49,8 +53,12 @@ LLAMA3_ROPE_SCALING = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.
 class ModelOptions(settings.Section):
   """How the model runs (not what it is): numerics, layer stacking, remat and attention kernel.
 
-  attention: "xla" is the reference einsum path; "dpa" calls `jax.nn.dot_product_attention` and
-  lets JAX choose the kernel; "cudnn" forces cuDNN flash attention (GPU only).
+  attention: "auto" is "splash" on TPU and "xla" elsewhere; "xla" is the reference einsum path;
+  "dpa" calls `jax.nn.dot_product_attention` and lets JAX choose the kernel; "cudnn" forces
+  cuDNN flash attention (GPU only); "pallas" runs decode steps with the Pallas decode kernel
+  (GPU; `archscale.kernels`) and everything else with "xla"; "splash" runs causal training and
+  prefill attention with TPU splash attention where the length is a multiple of 128 (else
+  "xla"), and decode steps with "xla".
   attention_chunk: "xla" attention over blocks of this many queries, each block rematerialised
   in the backward pass, so its scores take B N C S instead of B N T S floats (0: one block).
   Exact; it is what keeps long prefills and training sequences in memory where no fused kernel
@@ -63,7 +71,7 @@ class ModelOptions(settings.Section):
   param_dtype: str = "float32"    # stored parameters and optimiser state
   scan_layers: bool = settings.bookkeeping(True)  # nn.scan over layers: compile time flat in depth
   remat: str = settings.bookkeeping("none")       # none | full | dots | dots_no_batch
-  attention: str = settings.bookkeeping("xla")    # xla | dpa | cudnn
+  attention: str = settings.bookkeeping("auto")   # auto | xla | dpa | cudnn | pallas | splash
   attention_chunk: int = settings.bookkeeping(0)  # xla: queries per attention block; 0 = all
 
   def __post_init__(self):
@@ -73,13 +81,20 @@ class ModelOptions(settings.Section):
         raise ValueError(f"compute.{name} must be one of {sorted(DTYPES)}, got {value!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"compute.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
-    if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(
-          f"compute.attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+    if self.attention not in ("auto",) + ATTENTION_IMPLS:
+      raise ValueError(f"compute.attention must be one of {('auto',) + ATTENTION_IMPLS}, got "
+                       f"{self.attention!r}")
     if not (isinstance(self.attention_chunk, int) and not isinstance(self.attention_chunk, bool)
             and self.attention_chunk >= 0):
       raise ValueError("compute.attention_chunk must be a non-negative integer (queries per "
                        f"block of XLA attention; 0 = one block), got {self.attention_chunk!r}")
+
+  @property
+  def attention_impl(self) -> str:
+    """The attention kernel in use: "auto" resolved for the default backend."""
+    if self.attention != "auto":
+      return self.attention
+    return "splash" if jax.default_backend() == "tpu" else "xla"
 
   @property
   def jnp_dtype(self):
@@ -91,26 +106,27 @@ class ModelOptions(settings.Section):
 
 
 class KVCache(NamedTuple):
-  """Keys and values preallocated to `max_len`, one buffer per layer; `end` = positions filled.
+  """Keys and values [B, K, S, H] preallocated to `max_len` positions, one buffer per layer;
+  `end` = positions filled.
 
   Separate per-layer buffers (rather than one stacked [L, ...] array) let a decode step update
   each layer's cache in place instead of rebuilding a stacked copy of the whole cache every step.
   """
 
-  k_BSKH: tuple[jax.Array, ...]
-  v_BSKH: tuple[jax.Array, ...]
+  k_BKSH: tuple[jax.Array, ...]
+  v_BKSH: tuple[jax.Array, ...]
   end: jax.Array  # int32 scalar
 
   @property
   def max_len(self) -> int:
-    return self.k_BSKH[0].shape[1]
+    return self.k_BKSH[0].shape[2]
 
 
 def init_cache(spec: ArchSpec, batch_size: int, max_len: int, dtype: Any = jnp.bfloat16) -> KVCache:
   """An empty cache for `batch_size` sequences of up to `max_len` positions."""
   if max_len > spec.max_seq_len:
     raise ValueError(f"cache length {max_len} exceeds model.max_seq_len={spec.max_seq_len}")
-  shape = (batch_size, max_len, spec.n_kv_heads, spec.d_head)
+  shape = (batch_size, spec.n_kv_heads, max_len, spec.d_head)
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(spec.n_layers))
   return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(spec.n_layers)),
                  jnp.zeros((), jnp.int32))
@@ -179,20 +195,20 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) 
   return rotated.astype(x_BTNH.dtype)
 
 
-def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS) -> jax.Array:
+def _xla_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS) -> jax.Array:
   """Reference grouped-query attention: softmax(q k^T / sqrt(H)) v, scores in float32."""
   b, t, n, h = q_BTNH.shape
-  k = k_BSKH.shape[2]
+  k = k_BKSH.shape[1]
   q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+  scores_BKGTS = jnp.einsum("btkgh,bksh->bkgts", q_BTKGH, k_BKSH,
                             preferred_element_type=jnp.float32) / math.sqrt(h)
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs_BKGTS, v_BKSH)
   return out_BTKGH.reshape(b, t, n, h)
 
 
-def _chunked_xla_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, key_pos_S,
+def _chunked_xla_attention(q_BTNH, k_BKSH, v_BKSH, positions_BT, key_pos_S,
                            chunk: int) -> jax.Array:
   """`_xla_attention` with a causal mask, over blocks of `chunk` queries (see ModelOptions)."""
   b, t, n, h = q_BTNH.shape
@@ -207,7 +223,7 @@ def _chunked_xla_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, key_pos_S,
   @jax.checkpoint
   def block(args):
     q_BcNH, pos_Bc = args
-    return _xla_attention(q_BcNH, k_BSKH, v_BSKH, key_pos_S[None, None, :] <= pos_Bc[:, :, None])
+    return _xla_attention(q_BcNH, k_BKSH, v_BKSH, key_pos_S[None, None, :] <= pos_Bc[:, :, None])
 
   out_CBcNH = jax.lax.map(block, (q_CBcNH, pos_CBc))
   return out_CBcNH.swapaxes(0, 1).reshape(b, blocks * chunk, n, h)[:, :t]
@@ -221,7 +237,7 @@ class Attention(nn.Module):
   decode: bool = False  # True: attend over the cache; False: over this call's own tokens
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, end, cache_k_BSKH=None, cache_v_BSKH=None):
+  def __call__(self, x_BTD, positions_BT, end, cache_k_BKSH=None, cache_v_BKSH=None):
     s, o = self.spec, self.options
     d, n, k, h = s.d_model, s.n_heads, s.n_kv_heads, s.d_head
     init = _normal(_INIT_STD)
@@ -239,39 +255,54 @@ class Attention(nn.Module):
     k_BTKH = nn.with_logical_constraint(k_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
     v_BTKH = nn.with_logical_constraint(v_BTKH, ("batch", "seq", "kv_heads", "head_dim"))
 
-    if cache_k_BSKH is not None:  # Write this call's keys and values at positions [end, end+T).
-      cache_k_BSKH = jax.lax.dynamic_update_slice_in_dim(
-          cache_k_BSKH, k_BTKH.astype(cache_k_BSKH.dtype), end, axis=1)
-      cache_v_BSKH = jax.lax.dynamic_update_slice_in_dim(
-          cache_v_BSKH, v_BTKH.astype(cache_v_BSKH.dtype), end, axis=1)
+    if cache_k_BKSH is not None:  # Write this call's keys and values at positions [end, end+T).
+      cache_k_BKSH = jax.lax.dynamic_update_slice_in_dim(
+          cache_k_BKSH, k_BTKH.swapaxes(1, 2).astype(cache_k_BKSH.dtype), end, axis=2)
+      cache_v_BKSH = jax.lax.dynamic_update_slice_in_dim(
+          cache_v_BKSH, v_BTKH.swapaxes(1, 2).astype(cache_v_BKSH.dtype), end, axis=2)
 
     if self.decode:
-      keys_BSKH = cache_k_BSKH.astype(q_BTNH.dtype)
-      values_BSKH = cache_v_BSKH.astype(q_BTNH.dtype)
-      key_pos_S = jnp.arange(keys_BSKH.shape[1])
+      out_BTNH = self._attend_cache(q_BTNH, cache_k_BKSH.astype(q_BTNH.dtype),
+                                    cache_v_BKSH.astype(q_BTNH.dtype), positions_BT, end)
     else:
-      keys_BSKH, values_BSKH, key_pos_S = k_BTKH, v_BTKH, positions_BT[0]
-    out_BTNH = self._attend(q_BTNH, keys_BSKH, values_BSKH, positions_BT, key_pos_S, end)
+      out_BTNH = self._attend_self(q_BTNH, k_BTKH, v_BTKH, positions_BT)
     out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "seq", "q_heads", "head_dim"))
     y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, wo_NHD)
-    return y_BTD, (cache_k_BSKH, cache_v_BSKH)
+    return y_BTD, (cache_k_BKSH, cache_v_BKSH)
 
-  def _attend(self, q_BTNH, k_BSKH, v_BSKH, positions_BT, key_pos_S, end):
-    t = q_BTNH.shape[1]
-    if self.options.attention != "xla" and not self.decode:
-      impl = "cudnn" if self.options.attention == "cudnn" else None
-      return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=True,
-                                          implementation=impl)
-    if self.options.attention != "xla" and t == 1:
-      impl = "cudnn" if self.options.attention == "cudnn" else None
-      lengths_B = jnp.full((q_BTNH.shape[0],), end + 1, jnp.int32)
-      return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, key_value_seq_lengths=lengths_B,
-                                          implementation=impl)
+  def _attend_self(self, q_BTNH, k_BTKH, v_BTKH, positions_BT):
+    """Causal attention over this call's own tokens (training, prefill)."""
+    impl = self.options.attention_impl
+    if impl in ("dpa", "cudnn"):
+      return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
+                                          implementation="cudnn" if impl == "cudnn" else None)
+    if impl == "splash" and kernels.splash_block(q_BTNH.shape[1]) is not None:
+      return kernels.splash_attention(
+          q_BTNH, k_BTKH, v_BTKH,
+          nn.logical_to_mesh_axes(("batch", "seq", "q_heads", "head_dim")),
+          nn.logical_to_mesh_axes(("batch", "seq", "kv_heads", "head_dim")))
+    return self._xla(q_BTNH, k_BTKH.swapaxes(1, 2), v_BTKH.swapaxes(1, 2), positions_BT,
+                     positions_BT[0])
+
+  def _attend_cache(self, q_BTNH, k_BKSH, v_BKSH, positions_BT, end):
+    """Attention of T new queries over the cache, filled up to end + T."""
+    impl, (b, t) = self.options.attention_impl, q_BTNH.shape[:2]
+    if impl == "pallas" and t == 1:
+      lengths_B = jnp.full((b,), end + 1, jnp.int32)
+      return kernels.decode_attention(q_BTNH[:, 0], k_BKSH, v_BKSH, lengths_B)[:, None]
+    if impl in ("dpa", "cudnn") and t == 1:  # these kernels take [B, S, K, H]: a transposed copy
+      lengths_B = jnp.full((b,), end + 1, jnp.int32)
+      return jax.nn.dot_product_attention(
+          q_BTNH, k_BKSH.swapaxes(1, 2), v_BKSH.swapaxes(1, 2), key_value_seq_lengths=lengths_B,
+          implementation="cudnn" if impl == "cudnn" else None)
+    return self._xla(q_BTNH, k_BKSH, v_BKSH, positions_BT, jnp.arange(k_BKSH.shape[2]))
+
+  def _xla(self, q_BTNH, k_BKSH, v_BKSH, positions_BT, key_pos_S):
     chunk = self.options.attention_chunk
-    if chunk and t > chunk:
-      return _chunked_xla_attention(q_BTNH, k_BSKH, v_BSKH, positions_BT, key_pos_S, chunk)
+    if chunk and q_BTNH.shape[1] > chunk:
+      return _chunked_xla_attention(q_BTNH, k_BKSH, v_BKSH, positions_BT, key_pos_S, chunk)
     mask_BTS = key_pos_S[None, None, :] <= positions_BT[:, :, None]
-    return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    return _xla_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS)
 
 
 class MLP(nn.Module):
@@ -353,7 +384,7 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[o.remat], prevent_cse=not o.scan_layers)
     new_k = new_v = None
     if o.scan_layers:
-      stacked = None if cache is None else (jnp.stack(cache.k_BSKH), jnp.stack(cache.v_BSKH))
+      stacked = None if cache is None else (jnp.stack(cache.k_BKSH), jnp.stack(cache.v_BKSH))
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=s.n_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
@@ -363,7 +394,7 @@ class Transformer(nn.Module):
     else:
       outs = []
       for i in range(s.n_layers):
-        layer_cache = None if cache is None else (cache.k_BSKH[i], cache.v_BSKH[i])
+        layer_cache = None if cache is None else (cache.k_BKSH[i], cache.v_BKSH[i])
         x_BTD, out = block(s, o, self.decode, name=f"layers_{i}")(
             x_BTD, positions_BT, end, layer_cache)
         outs.append(out)
@@ -449,7 +480,7 @@ def decode_step(model: Transformer, params: dict, cache: KVCache,
   """Feeds one token per sequence; returns next-token logits [B, V] and the updated cache.
 
   With `scan_layers=True` each step stacks and splits the per-layer caches around `nn.scan`; fast
-  generation decodes unrolled (`archscale.decode.generate` does, unstacking the weights once).
+  generation decodes unrolled (`archscale.generate.generate` does, unstacking the weights once).
   """
   logits_B1V, cache = model.clone(decode=True).apply(
       {"params": params}, tokens_B[:, None], cache)

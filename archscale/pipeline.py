@@ -4,8 +4,8 @@ Steps, in order, each writing into WORKDIR:
 
   prepare_data  tokenized corpus in WORKDIR/data (unless data.path names a prepared one)
   sweep         WORKDIR/runs/<run_id>/, results.jsonl                    (archscale.sweep)
-  fit           fit.json and its plots, from results.jsonl                (archscale.law)
-  decode_bench  decode_bench.json / .png for bench.archs on this machine  (archscale.decode)
+  fit           fit.json and its plots, from results.jsonl                (archscale.fitting)
+  decode_bench  decode_bench.json / .png for bench.archs on this machine  (archscale.decode_bench)
   search        search.json, pareto.png, panda.py, surefire.py            (archscale.search)
   report        report.md: the key numbers and every plot
 
@@ -105,22 +105,22 @@ def _sweep(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> No
 
 
 def _fit(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
-  from archscale import law as law_lib
+  from archscale import fitting
 
   finished = sum(r.get("status", "finished") == "finished"
                  for r in io.read_jsonl(config.fit.results))
   say(f"fit: {config.fit.form} law (L_opt: {config.fit.l_opt}) on {finished} finished runs")
-  law_lib.run_fit(config, workdir)
+  fitting.run_fit(config, workdir)
   fit = json.loads((workdir / "fit.json").read_text())
   say(f"fit: params {_fmt_params(fit.get('params', {}))}; optimum {fit.get('optimum')}")
 
 
 def _decode_bench(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
-  from archscale import decode
+  from archscale import decode_bench
 
   say(f"decode_bench: {config.bench.archs} at batch sizes {tuple(config.bench.batch_sizes)}, "
       f"{config.bench.input_len} prompt + {config.bench.output_len} generated tokens")
-  rows = decode.run_decode_bench(config, workdir)
+  rows = decode_bench.run_decode_bench(config, workdir)
   for r in rows:
     if r.get("error"):
       say(f"decode_bench: {r['arch']} batch {r['batch_size']}: {r['error']}")
@@ -199,38 +199,6 @@ def _arch_line(a: dict[str, Any]) -> str:
           f"predicted {a['predicted_loss']:.5g}, {speed}")
 
 
-def plot_sweep(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
-  """Loss against d_model/sqrt(N) and against r, one colour per scale (the U-curves)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import matplotlib.ticker
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-  scales = sorted({r["scale"] for r in rows})
-  for i, scale in enumerate(scales):
-    mine = [r for r in rows if r["scale"] == scale]
-    color = plt.cm.viridis(i / max(1, len(scales) - 1))
-    for ax, key in zip(axes, ("d_over_sqrt_n", "mlp_attn_ratio"), strict=True):
-      pts = sorted((r[key], r["loss"]) for r in mine)
-      ax.plot(*zip(*pts, strict=True), "o", color=color, label=f"N = {plots.human(scale)}")
-  axes[0].set_xlabel("d_model / sqrt(N)")
-  axes[1].set_xlabel("r = MLP / attention parameters")
-  axes[1].set_xscale("log")
-  axes[1].set_xticks([0.5, 1, 2, 3, 5])
-  axes[1].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-  axes[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  axes[0].set_ylabel(f"loss ({rows[0].get('loss_source', 'eval')})")
-  for ax in axes:
-    ax.grid(True, alpha=0.3)
-  axes[0].legend(fontsize=8)
-  fig.suptitle("sweep: loss by architecture")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
   def cell(v: Any) -> str:
     if isinstance(v, float):
@@ -239,6 +207,46 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
   lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def _search_support(s: dict[str, Any]) -> list[str]:
+  """report.md lines on where the search may trust the law: its support and each pick's
+  uncertainty (predicted losses whose differences are within it are not findings)."""
+  sup = s.get("support")
+  if sup:
+    out = [f"Searched within the fit rows' support: d_model/sqrt(N) in "
+           f"[{sup['d_over_sqrt_n'][0]:.3g}, {sup['d_over_sqrt_n'][1]:.3g}], r in "
+           f"[{sup['r'][0]:.3g}, {sup['r'][1]:.3g}] (margin {sup['margin']:g}"
+           + ("; extrapolating, outside candidates marked" if sup["extrapolate"] else "")
+           + ").", ""]
+  else:
+    out = ["The law carries no support (no fit rows), so candidates were not checked against "
+           "the data's range.", ""]
+  statements = (s.get("uncertainty") or {}).get("statements", [])
+  return out + [f"- {line}" for line in statements] + ([""] if statements else [])
+
+
+def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
+  """report.md lines on what the fit's rows support: optimum (or why none), standard errors,
+  identifiability, convergence, bootstrap, and every warning."""
+  opt, diag = fit.get("optimum") or {}, fit.get("diagnostics") or {}
+  out = []
+  if opt:
+    reasons = opt.get("reasons") or {}
+    show = lambda k: (f"{opt[k]:.4g}" if opt.get(k) is not None else
+                      f"none ({reasons.get(k) or 'the fitted curve has no minimum'})")
+    out += [f"Loss-optimal shape: d_model/sqrt(N) = {show('d_over_sqrt_n')}, r = {show('r')}.",
+            ""]
+  if fit.get("stderr"):
+    out += ["Standard errors (Jacobian): " + ", ".join(
+        f"{k} {v:.3g}" for k, v in fit["stderr"].items() if v is not None) + ".", ""]
+  if diag:
+    out += [f"Identified by the rows: {diag.get('identifiable')}; starts converged: "
+            f"{diag.get('converged_fraction', 0):.0%}; bootstrap replicates used: "
+            f"{diag.get('bootstrap_used')} of {diag.get('bootstrap_total')}.", ""]
+    out += [f"- **warning**: {w}" for w in diag.get("warnings", [])]
+    out += [""] if diag.get("warnings") else []
+  return out
 
 
 def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> pathlib.Path:
@@ -253,6 +261,17 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
     out += ["Step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
             + f" (total {sum(times.values()):.0f}s).", ""]
 
+  for part in (_report_sweep, _report_fit, _report_bench, _report_search):
+    out += part(workdir)
+  path = workdir / REPORT
+  io.write_text_atomic(path, "\n".join(out))
+  say(f"report: {path}")
+  return path
+
+
+def _report_sweep(workdir: pathlib.Path) -> list[str]:
+  """The sweep: finished and unfinished runs, the U-curves, the table."""
+  out: list[str] = []
   rows = [r for r in sweep.latest_rows(workdir / sweep.RESULTS).values()]
   done = sorted((r for r in rows if r.get("status") == "finished"),
                 key=lambda r: (r["scale"], r["d_over_sqrt_n"], r["mlp_attn_ratio"]))
@@ -261,30 +280,36 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
           f"{len(done)} runs finished, {len(failed)} not finished (`{sweep.RESULTS}`). "
           f"`loss` is the {done[0].get('loss_source', 'eval') if done else 'eval'} loss.", ""]
   if done:
-    plot_sweep(done, workdir / SWEEP_PNG)
+    plots.sweep_losses(done, workdir / SWEEP_PNG)
     out += [f"![sweep]({SWEEP_PNG})", "",
             _table(["run", "N", "tokens", "d_model", "d_ff", "heads", "x", "r", "loss"],
                    [[r["run_id"], r["params_nonembed"], r["tokens"], r["d_model"], r["d_ff"],
                      f"{r['n_heads']}/{r['n_kv_heads']}", r["d_over_sqrt_n"],
                      r["mlp_attn_ratio"], r["loss"]] for r in done]), ""]
+  return out
 
+
+def _report_fit(workdir: pathlib.Path) -> list[str]:
+  """The fit: form, parameters, diagnostics, in-sample metrics, plots."""
+  out: list[str] = []
   fit_path = workdir / "fit.json"
   if fit_path.exists():
     fit = json.loads(fit_path.read_text())
     out += ["## Fit", "", f"Form `{fit.get('form')}`, L_opt `{fit.get('l_opt')}`: "
             f"{_fmt_params(fit.get('params', {}))}.", ""]
-    opt = fit.get("optimum") or {}
-    if opt:
-      show = lambda v: "none (the fitted curve has no minimum)" if v is None else f"{v:.4g}"
-      out += [f"Loss-optimal shape: d_model/sqrt(N) = {show(opt.get('d_over_sqrt_n'))}, "
-              f"r = {show(opt.get('r'))}.", ""]
+    out += _fit_diagnostics(fit)
     metrics = (fit.get("metrics") or {}).get("in_sample")
     if metrics:
       out += ["In-sample: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in metrics.items()) + ".", ""]
     for png in sorted(workdir.glob("fit*.png")):
       out += [f"![{png.stem}]({png.name})", ""]
+  return out
 
+
+def _report_bench(workdir: pathlib.Path) -> list[str]:
+  """The decode benchmark rows of this machine."""
+  out: list[str] = []
   bench_path = workdir / "decode_bench.json"
   if bench_path.exists():
     bench = json.loads(bench_path.read_text())
@@ -295,7 +320,12 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
                      r.get("step_ms_median"), r.get("error")] for r in bench]), ""]
     if (workdir / "decode_bench.png").exists():
       out += ["![decode bench](decode_bench.png)", ""]
+  return out
 
+
+def _report_search(workdir: pathlib.Path) -> list[str]:
+  """The search: budget, target, the picks against the baseline, support."""
+  out: list[str] = []
   search_path = workdir / "search.json"
   if search_path.exists():
     s = json.loads(search_path.read_text())
@@ -325,7 +355,5 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
             "(`python -m archscale.main --config=WORKDIR/panda.py --mode=train`).", ""]
     if not math.isfinite(s["target"]):
       out += ["The target is not finite; check the law.", ""]
-  path = workdir / REPORT
-  io.write_text_atomic(path, "\n".join(out))
-  say(f"report: {path}")
-  return path
+    out += _search_support(s)
+  return out

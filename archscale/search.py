@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import math
 import pathlib
@@ -52,14 +51,12 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from archscale import arch, config_lib, costmodel, io, sweep
-from archscale.arch import ArchSpec
-from archscale.settings import BenchConfig, SearchConfig
+from archscale import arch, config_lib, io, plots, throughput
+from archscale.arch import FIXED_FIELDS, ArchSpec, steps_for_tokens
+from archscale.settings import SearchConfig
 
 SEARCH_JSON = "search.json"
 PARETO_PNG = "pareto.png"
-FIXED_FIELDS = sweep.FIXED_FIELDS  # ArchSpec fields every candidate shares with the baseline
-MEASURE_CACHE = "throughput_measured.jsonl"
 # Sections of a search config copied into panda.py / surefire.py when they differ from defaults.
 _CONFIG_SECTIONS = ("compute", "data", "train", "mesh", "distributed", "bench")
 _MAX_D_MODELS = 512
@@ -95,6 +92,18 @@ class Space:
   d_ff_multiple: int = 256
   r_range: tuple[float, float] = (0.5, 5.0)
   n_tolerance: float = 0.05
+  # The fit rows' (x, r) ranges, widened by search.support_margin (None: unknown, no limit), and
+  # whether candidates outside are kept (marked extrapolated) rather than dropped.
+  support: tuple[tuple[float, float], tuple[float, float]] | None = None
+  extrapolate: bool = False
+
+
+def in_support(space: Space, spec: ArchSpec) -> bool:
+  """Whether the spec's d_model/sqrt(N) and r lie within the law's (widened) support."""
+  if space.support is None:
+    return True
+  (x_lo, x_hi), (r_lo, r_hi) = space.support
+  return x_lo <= spec.d_over_sqrt_n <= x_hi and r_lo <= spec.mlp_attn_ratio <= r_hi
 
 
 def fill_d_ff(budget: Budget, space: Space, d_model: int, n_heads: int,
@@ -124,6 +133,8 @@ def make_spec(budget: Budget, space: Space, d_model: int, n_heads: int,
   lo, hi = space.r_range
   if not lo <= spec.mlp_attn_ratio <= hi:
     return None, "r outside search.r_range"
+  if not space.extrapolate and not in_support(space, spec):
+    return None, "outside the law's support (search.support_margin, search.extrapolate)"
   return spec, None
 
 
@@ -178,6 +189,7 @@ class Candidate:
   throughput: float | None = None
   fits: bool | None = None
   meets_target: bool = False
+  extrapolated: bool = False  # outside the law's support (kept under search.extrapolate)
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -186,6 +198,7 @@ class Candidate:
         "throughput": self.throughput,
         "fits": self.fits,
         "meets_target": self.meets_target,
+        "extrapolated": self.extrapolated,
         "origin": self.origin,
     }
 
@@ -211,8 +224,10 @@ class Evaluator:
   """Predicted loss and throughput of specs, each computed once."""
 
   def __init__(self, law: Any, tokens: float, target: float,
-               throughput: Callable[[ArchSpec], tuple[float | None, bool]]):
+               throughput: Callable[[ArchSpec], tuple[float | None, bool]],
+               space: Space | None = None):
     self.law, self.tokens, self.target, self._throughput = law, tokens, target, throughput
+    self.space = space or Space()
     self.cache: dict[ArchSpec, Candidate] = {}
     self.throughput_calls = 0
 
@@ -222,7 +237,8 @@ class Evaluator:
     for spec, loss in zip(new, predict_losses(self.law, new, self.tokens), strict=True):
       loss = float(loss)
       self.cache[spec] = Candidate(spec, loss, origin,
-                                   meets_target=bool(math.isfinite(loss) and loss <= self.target))
+                                   meets_target=bool(math.isfinite(loss) and loss <= self.target),
+                                   extrapolated=not in_support(self.space, spec))
     return [self.cache[s] for s in specs]
 
   def rate(self, cand: Candidate) -> Candidate:
@@ -336,7 +352,7 @@ def search(law: Any, budget: Budget, space: Space, target: float,
   say = progress or (lambda msg: logging.info("%s", msg))
   start_time = time.time()
   specs, dropped = enumerate_specs(budget, space, d_models, gqa)
-  ev = Evaluator(law, budget.tokens, target, throughput)
+  ev = Evaluator(law, budget.tokens, target, throughput, space)
   grid = ev.add(specs, "grid")
   meeting = [c for c in grid if c.meets_target]
   say(f"search: {len(grid)} feasible architectures over {len(d_models)} d_model values at GQA "
@@ -393,79 +409,6 @@ def search(law: Any, budget: Budget, space: Space, target: float,
   return SearchResult(cands, pareto_front(rated), panda, surefire, base, target, stats)
 
 
-# ------------------------------------------------------------------------------ throughput
-
-
-@dataclasses.dataclass(frozen=True)
-class Scenario:
-  """The serving workload throughput is measured or predicted for."""
-
-  batch_size: int
-  input_len: int
-  output_len: int
-  dtype_bytes: int = 2
-
-
-class ModelThroughput:
-  """The roofline cost model of one accelerator (calibrated when a calibration is given)."""
-
-  cheap = True
-
-  def __init__(self, accelerator: str, scenario: Scenario,
-               calibration: dict[str, Any] | None = None):
-    self.accelerator = costmodel.get_accelerator(accelerator).name
-    self.scenario, self.calibration = scenario, calibration
-    self.name = f"model:{self.accelerator}" + (" (calibrated)" if calibration else "")
-
-  def __call__(self, spec: ArchSpec) -> tuple[float | None, bool]:
-    s = self.scenario
-    out = costmodel.throughput(spec, self.accelerator, s.batch_size, s.input_len, s.output_len,
-                               s.dtype_bytes, calibration=self.calibration)
-    return out["output_tokens_per_s"], bool(out["fits"])
-
-
-class MeasuredThroughput:
-  """The decode harness on this machine (random weights), cached in a JSONL file by spec."""
-
-  cheap = False
-
-  def __init__(self, scenario: Scenario, dtype: str, repeats: int, cache_path: pathlib.Path,
-               seed: int = 0, attention: str = "auto", decode_attention: str = "auto"):
-    self.scenario, self.dtype, self.repeats = scenario, dtype, repeats
-    self.cache_path, self.seed = cache_path, seed
-    self.attention, self.decode_attention = attention, decode_attention
-    self.name = "measure"
-    self._cache = {r["key"]: r for r in io.read_jsonl(cache_path) if "key" in r}
-
-  def _key(self, spec: ArchSpec, device_kind: str) -> str:
-    blob = json.dumps([spec.to_dict(), dataclasses.asdict(self.scenario), self.dtype,
-                       self.repeats, device_kind, self.attention, self.decode_attention],
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-  def __call__(self, spec: ArchSpec) -> tuple[float | None, bool]:
-    import jax
-
-    from archscale import decode
-
-    key = self._key(spec, jax.devices()[0].device_kind)
-    if key not in self._cache:
-      s = self.scenario
-      rows = decode.run_sweep({"candidate": spec}, [s.batch_size], s.input_len, s.output_len,
-                              self.repeats, dtype=self.dtype, attention=self.attention,
-                              decode_attention=self.decode_attention, accelerator="",
-                              seed=self.seed)
-      row = rows[0]
-      if row.get("error") and not row["error"].startswith("out of memory"):
-        raise RuntimeError(f"measuring {spec.to_dict()} failed: {row['error']}")
-      entry = {"key": key, "arch": spec.to_dict(), "scenario": dataclasses.asdict(s),
-               "output_tokens_per_s": row.get("output_tokens_per_s"), "error": row.get("error")}
-      io.append_jsonl(self.cache_path, entry)
-      self._cache[key] = entry
-    entry = self._cache[key]
-    return entry["output_tokens_per_s"], not entry.get("error")
-
-
 # ------------------------------------------------------------------------------ the mode
 
 
@@ -494,6 +437,7 @@ def _baseline_spec(name: str) -> ArchSpec:
 
 def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
   """The law of `search.law`, or one fitted now from `search.results` / `fit.results`."""
+  from archscale import fitting
   from archscale import law as law_lib
 
   s = SearchConfig.from_config(config)
@@ -511,31 +455,9 @@ def load_or_fit_law(config: Any, workdir: pathlib.Path) -> tuple[Any, str]:
   cfg = config.copy_and_resolve_references()
   cfg.fit.results = results
   logging.info("search: fitting a %s law to %s", cfg.fit.form, cfg.fit.results)
-  law_lib.run_fit(cfg, workdir)
+  fitting.run_fit(cfg, workdir)
   path = pathlib.Path(workdir) / "fit.json"
   return law_lib.load_law(path), str(path)
-
-
-def _throughput_source(config: Any, workdir: pathlib.Path, scenario: Scenario) -> Any:
-  s = SearchConfig.from_config(config)
-  text = str(s.throughput).strip()
-  if text == "measure":
-    b = BenchConfig.from_config(config)
-    return MeasuredThroughput(scenario, b.dtype, b.repeats, pathlib.Path(workdir) / MEASURE_CACHE,
-                              int(config.seed), b.attention, b.decode_attention)
-  if not text.startswith("model:"):
-    raise ValueError(f"search.throughput={text!r} must be 'measure' or 'model:<accelerator>' "
-                     f"with an accelerator of {sorted(costmodel.ACCELERATORS)}")
-  name = text[len("model:"):].strip()
-  if name not in costmodel.ACCELERATORS:
-    raise ValueError(f"search.throughput={text!r}: unknown accelerator {name!r}; choose one of "
-                     f"{sorted(costmodel.ACCELERATORS)}")
-  calib_path = pathlib.Path(str(s.calibration).strip() or pathlib.Path(workdir) /
-                            "calibration.json").expanduser()
-  if str(s.calibration).strip() and not calib_path.exists():
-    raise ValueError(f"search.calibration={str(s.calibration)!r} does not exist")
-  calibration = costmodel.load_calibration(calib_path, name)
-  return ModelThroughput(name, scenario, calibration)
 
 
 def resolve(config: Any) -> dict[str, Any]:
@@ -549,18 +471,51 @@ def resolve(config: Any) -> dict[str, Any]:
                   int(s.d_head or ref.d_head), tuple((k, getattr(ref, k)) for k in FIXED_FIELDS))
   space = Space(s.d_model_multiple, s.d_ff_multiple, tuple(float(v) for v in s.r_range),
                 float(s.n_tolerance))
-  scenario = Scenario(s.batch_size, s.input_len, s.output_len, s.dtype_bytes)
+  scenario = throughput.Scenario(s.batch_size, s.input_len, s.output_len, s.dtype_bytes)
   return {"target_value": target_value, "baseline_name": baseline_name, "baseline": baseline,
           "budget": budget, "space": space, "scenario": scenario, "gqa": int(s.gqa or ref.gqa),
           "width_range": tuple(float(v) for v in s.width_range)}
 
 
-def _law_optimum(law: Any) -> float | None:
+def _with_support(law_path: str, space: Space, s: SearchConfig) -> tuple[dict[str, Any], Space]:
+  """The law's fit.json (form and params only when hand-written) and the space limited to its
+  rows' support, widened by search.support_margin (no limit when the law carries none)."""
+  from archscale import diagnostics
+
+  doc = json.loads(pathlib.Path(law_path).read_text(encoding="utf-8"))
+  support = diagnostics.widened_support(doc, s.support_margin)
+  if support is None:
+    logging.warning("search: the law %s carries no support (the rows it was fitted on): "
+                    "candidates are not checked against the data's range", law_path)
+    return doc, dataclasses.replace(space, extrapolate=s.extrapolate)
+  return doc, dataclasses.replace(space, support=(tuple(support["d_over_sqrt_n"]),
+                                                  tuple(support["r"])), extrapolate=s.extrapolate)
+
+
+def _uncertainty(law: Any, doc: dict[str, Any], result: SearchResult, budget: Budget,
+                 baseline: ArchSpec | None) -> tuple[dict[str, Any], list[str]]:
+  """Panda's and Surefire's predicted losses with intervals, and whether their difference from
+  the baseline (or the target) exceeds the fit's uncertainty."""
+  from archscale import diagnostics
+
+  shape = lambda spec, n: (n, budget.tokens, spec.d_over_sqrt_n, spec.mlp_attn_ratio)
+  picks = {name: shape(c.spec, c.spec.params_nonembed)
+           for name, c in (("panda", result.panda), ("surefire", result.surefire)) if c}
+  base = shape(baseline, budget.n_nonembed) if baseline is not None else None
+  return diagnostics.pick_statements(law, doc, picks, base, result.target,
+                                     float(doc.get("interval_level", 0.95)))
+
+
+def _law_optimum(law: Any, doc: dict[str, Any], key: str = "d_over_sqrt_n") -> float | None:
+  """The optimum a fit reported (null when the rows do not support one), else the law's own."""
+  if isinstance(doc.get("optimum"), dict):
+    value = doc["optimum"].get(key)
+    return float(value) if value is not None else None
   try:
-    x = float(law.optimum()["d_over_sqrt_n"])
+    value = float(law.optimum()[key])
   except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
     return None
-  return x if math.isfinite(x) and 0 < x < 10 else None
+  return value if math.isfinite(value) and (key == "r" or 0 < value < 10) else None
 
 
 def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
@@ -570,8 +525,9 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   inputs = resolve(config)
   budget, space, scenario = inputs["budget"], inputs["space"], inputs["scenario"]
   baseline = inputs["baseline"]
-  source = _throughput_source(config, workdir, scenario)
+  source = throughput.source(config, workdir, scenario)
   law, law_path = load_or_fit_law(config, workdir)
+  doc, space = _with_support(law_path, space, s)
   units = loss_units(law)
   if inputs["target_value"] is not None:
     target = inputs["target_value"]
@@ -586,10 +542,13 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   if not math.isfinite(target):
     raise ValueError(f"search.target: the law predicts a non-finite loss ({target}) for "
                      f"{s.target}; check search.law")
-  optimum = _law_optimum(law)
+  optimum = _law_optimum(law, doc)
   centers = [c for c in (optimum, baseline.d_over_sqrt_n if baseline else None) if c]
   if not centers:
     centers = [ArchSpec.from_config(config).d_over_sqrt_n]
+  if space.support and not space.extrapolate:  # the grid around what the rows support
+    lo, hi = space.support[0]
+    centers = [min(max(c, lo), hi) for c in centers]
   d_models = d_model_grid(budget.n_nonembed, centers, inputs["width_range"],
                           space.d_model_multiple)
   logging.info("search: N=%.4g D=%.4g L=%d d_head=%d, d_model %d..%d, target %.5g (%s), %s",
@@ -610,26 +569,25 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "target_spec": str(s.target),
       "law": {"path": law_path, "form": getattr(law, "form", None),
               "optimum": optimum and {"d_over_sqrt_n": optimum,
-                                      "r": _law_optimum_r(law)}},
+                                      "r": _law_optimum(law, doc, "r")}},
       "loss_units": units,
+      "support": space.support and {
+          "d_over_sqrt_n": list(space.support[0]), "r": list(space.support[1]),
+          "rows": doc.get("support"), "margin": s.support_margin, "extrapolate": s.extrapolate},
       "provenance": io.provenance(config),
   })
+  out["uncertainty"], statements = _uncertainty(law, doc, result, budget, baseline)
+  out["uncertainty"]["statements"] = statements
+  for line in statements:
+    logging.info("search: %s", line)
   workdir.mkdir(parents=True, exist_ok=True)
   io.write_json_atomic(workdir / SEARCH_JSON, out)
-  plot_pareto(result, workdir / PARETO_PNG, units, source.name)
+  plots.pareto(result, workdir / PARETO_PNG, units, source.name)
   for name, cand in (("panda", result.panda), ("surefire", result.surefire)):
     if cand is not None:
       write_arch_config(workdir / f"{name}.py", name, cand, config, budget, units, source.name)
   _log_summary(result, units)
   return out
-
-
-def _law_optimum_r(law: Any) -> float | None:
-  try:
-    r = float(law.optimum()["r"])
-  except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError):
-    return None
-  return r if math.isfinite(r) else None
 
 
 def _describe(c: Candidate | None) -> str:
@@ -652,39 +610,6 @@ def _log_summary(result: SearchResult, units: str) -> None:
 # ---------------------------------------------------------------------------------- outputs
 
 
-def plot_pareto(result: SearchResult, path: pathlib.Path, units: str, source: str) -> None:
-  """Predicted loss against throughput: candidates grey, the frontier, Panda/Surefire/baseline."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  pts = [(c.throughput, c.predicted_loss) for c in result.candidates if _speed(c) > 0]
-  if pts:
-    ax.scatter(*zip(*pts, strict=True), s=6, c="0.75", label="candidates", zorder=1)
-  if result.pareto:
-    ax.plot([c.throughput for c in result.pareto], [c.predicted_loss for c in result.pareto],
-            "-o", c="tab:green", ms=3, lw=1.2, label="Pareto frontier", zorder=2)
-  ax.axhline(result.target, ls="--", c="0.4", lw=1, label="target", zorder=1)
-  marks = (("baseline", result.baseline, "X", "black"), ("Panda", result.panda, "*", "tab:red"),
-           ("Surefire", result.surefire, "D", "tab:blue"))
-  for label, c, marker, color in marks:
-    if c is not None and c.throughput:
-      ax.scatter([c.throughput], [c.predicted_loss], marker=marker, s=110, c=color,
-                 edgecolors="white", label=label, zorder=3)
-  ax.set_xlabel(f"output tokens / s ({source})")
-  ax.set_ylabel({"loss": "predicted loss", "factor": "predicted L / L_opt",
-                 "offset": "predicted L - L_opt"}[units])
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  ax.set_title("architecture search: loss vs throughput")
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def _base_arch(config: Any) -> str:
   if config.name in config_lib.ARCHS:
     return config.name
@@ -697,49 +622,27 @@ def write_arch_config(path: pathlib.Path, name: str, cand: Candidate, config: An
                       budget: Budget, units: str, source: str) -> pathlib.Path:
   """A standalone config file for one found architecture, ready for --mode=train / decode_bench.
 
-  It starts from `config_lib.make_config(<the search's base architecture>)`, sets every model
-  field, the sections the search config changed, train.steps for D tokens at its batch and
-  sequence length, and bench.archs to itself.
+  It starts from `config_lib.make_config(<the search's base architecture>)` and sets every model
+  field, what the search config changed in the sections a run reads, train.steps for D tokens at
+  its batch and sequence length, and bench.archs to itself.
   """
   base_name = _base_arch(config)
-  base = config_lib.make_config(base_name)
-  spec = cand.spec
-  lines = [
-      f'"""{name}: found by archscale --mode=search in {path.parent.resolve()}.',
-      "",
-      f"Budget N={budget.n_nonembed:.6g} non-embedding parameters (this architecture: "
-      f"{spec.params_nonembed:,}), D={budget.tokens:.6g} tokens.",
-      f"d_model/sqrt(N)={spec.d_over_sqrt_n:.4f}, r={spec.mlp_attn_ratio:.3f}, GQA={spec.gqa}; "
-      f"predicted {units} {cand.predicted_loss:.5g}, "
-      f"throughput {cand.throughput or 0:,.0f} output tokens/s ({source}).",
-      '"""',
-      "",
-      "import pathlib",
-      "",
-      "from archscale import config_lib",
-      "",
-      "",
-      "def get_config():",
-      f"  c = config_lib.make_config({base_name!r})",
-      f"  c.name = {name!r}",
-      "  c.mode = 'train'",
-  ]
-  lines += [f"  c.model.{k} = {v!r}" for k, v in spec.to_dict().items()]
+  c = config_lib.make_config(base_name)
+  c.name, c.mode = name, "train"
   for section in _CONFIG_SECTIONS:
-    if section not in config or section not in base:
-      continue
-    for key, value in config[section].to_dict().items():
-      if section == "bench" and key == "archs":
-        continue
-      if section == "train" and key == "steps":
-        continue
-      if key not in base[section] or base[section][key] != value:
-        lines.append(f"  c.{section}.{key} = {value!r}")
-  per_step = int(config.train.global_batch_size) * int(config.data.seq_len)
-  steps = max(1, math.ceil(budget.tokens / per_step))
-  lines.append(f"  c.train.steps = {steps}  # D tokens at this batch size and sequence length")
-  lines.append("  c.bench.archs = str(pathlib.Path(__file__).resolve())")
-  lines.append("  return c")
-  text = "\n".join(lines) + "\n"
-  io.write_text_atomic(path, text)
-  return path
+    if section in config:
+      c[section] = config[section].copy_and_resolve_references()
+  c.model.update(cand.spec.to_dict())
+  c.train.steps = steps_for_tokens(
+      budget.tokens, int(config.train.global_batch_size) * int(config.data.seq_len))
+  spec = cand.spec
+  doc = (f"{name}: found by archscale --mode=search in {path.parent.resolve()}.\n\n"
+         f"Budget N={budget.n_nonembed:.6g} non-embedding parameters (this architecture: "
+         f"{spec.params_nonembed:,}), D={budget.tokens:.6g} tokens (train.steps at this batch "
+         f"size and sequence length).\nd_model/sqrt(N)={spec.d_over_sqrt_n:.4f}, "
+         f"r={spec.mlp_attn_ratio:.3f}, GQA={spec.gqa}; predicted {units} "
+         f"{cand.predicted_loss:.5g}, throughput {cand.throughput or 0:,.0f} output tokens/s "
+         f"({source}).\n")
+  return config_lib.write_config_py(
+      path, c, doc, base=base_name,
+      tail=["c.bench.archs = str(pathlib.Path(__file__).resolve())"])

@@ -143,6 +143,10 @@ class TrainConfig(Section):
   keep_checkpoints: int = bookkeeping(2)
   async_checkpoint: bool = bookkeeping(True)  # write checkpoints in the background
   tensorboard: bool = bookkeeping(False)
+  # A local HF LLaMA directory to start from (weights and model section; fresh optimiser state).
+  # Part of a run's identity through `train.run_recipe`, which records it only when set, so
+  # runs from scratch keep their ids.
+  init_from: str = bookkeeping("")
 
   def __post_init__(self):
     self._positive_ints("steps", "global_batch_size", "grad_accum", "log_every",
@@ -265,16 +269,23 @@ class SweepConfig(Section):
 # --------------------------------------------------------------------------------------- fit
 
 FIT_FORMS = ("multiplicative", "additive", "joint", "chinchilla")
+FIT_TERMS = ("both", "width", "ratio")
+FIT_L_OPTS = ("chinchilla", "empirical")
+FIT_LOSSES = ("huber", "squared")
+FIT_SPACES = ("log", "linear")
+FIT_SOLVERS = ("lm", "lbfgs")
+FIT_STARTS = ("grid", "random")
 
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig(Section):
-  """`fit.*`: the scaling-law fitter."""
+  """`fit.*`: the scaling-law fitter (archscale.fitting)."""
 
   SECTION: ClassVar[str] = "fit"
 
   results: str = ""            # results table, JSONL or CSV
   form: str = "multiplicative"  # multiplicative | additive | joint | chinchilla
+  terms: str = "both"          # both | width | ratio: which architecture terms to fit
   l_opt: str = "empirical"     # empirical (best loss per (N, D)) | chinchilla | a fit.json path
   r_range: Any = (0.5, 5.0)    # keep rows with lo <= mlp_attn_ratio <= hi; () keeps all
   loss: str = "huber"          # huber | squared, summed over rows
@@ -283,12 +294,43 @@ class FitConfig(Section):
   solver: str = "lm"           # lm (Levenberg-Marquardt) | lbfgs (optax)
   starts: str = "grid"         # grid (Hoffmann's for Chinchilla, around an anchor else) | random
   n_starts: int = 256          # random starts (the joint form always draws them)
-  max_iter: int = 200          # per start
+  max_iter: int = 200          # per start (a best start that stops there is iterated further)
+  tol: float = 1e-12           # a start converges when its step or objective drop is this small
   bootstrap: int = 200         # row resamples for percentile intervals; 0 = none
   level: float = 0.95          # interval coverage
 
   def __post_init__(self):
-    self._one_of("form", FIT_FORMS)
+    for name, choices in (("form", FIT_FORMS), ("terms", FIT_TERMS), ("loss", FIT_LOSSES),
+                          ("space", FIT_SPACES), ("solver", FIT_SOLVERS),
+                          ("starts", FIT_STARTS)):
+      value = getattr(self, name)
+      check(value in choices, f"fit.{name}={value!r} is not allowed; choose one of "
+            f"{list(choices)}")
+    check(self.form != "chinchilla" or self.terms == "both",
+          f"fit.terms={self.terms!r} selects architecture terms, which the chinchilla form does "
+          "not have; leave fit.terms='both'")
+    check(isinstance(self.l_opt, str) and bool(self.l_opt.strip()),
+          f"fit.l_opt must be one of {list(FIT_L_OPTS)} or the path of a fit.json with "
+          f"Chinchilla params, got {self.l_opt!r}")
+    for name, ok in (("delta", _is_number(self.delta) and self.delta > 0),
+                     ("tol", _is_number(self.tol) and self.tol > 0),
+                     ("n_starts", _is_int(self.n_starts) and self.n_starts >= 1),
+                     ("max_iter", _is_int(self.max_iter) and self.max_iter >= 1),
+                     ("bootstrap", _is_int(self.bootstrap) and self.bootstrap >= 0),
+                     ("level", _is_number(self.level) and 0 < self.level < 1)):
+      check(ok, f"fit.{name}={getattr(self, name)!r} is out of range (delta, tol > 0; "
+            "n_starts, max_iter >= 1; bootstrap >= 0; 0 < level < 1)")
+    _ = self.r_bounds  # checks r_range
+
+  @property
+  def r_bounds(self) -> tuple[float, float] | None:
+    """r_range as (lo, hi), or None when empty (keep every row)."""
+    if self.r_range is None or len(self.r_range) == 0:
+      return None
+    lo, hi = _pair(self.r_range, "fit.r_range")
+    check(0 < lo < hi, f"fit.r_range=({lo}, {hi}) needs 0 < lo < hi; the paper keeps "
+          "0.5 <= r <= 5")
+    return lo, hi
 
 
 # ------------------------------------------------------------------------------------ search
@@ -318,6 +360,9 @@ class SearchConfig(Section):
   width_range: Any = (0.5, 2.0)  # d_model/sqrt(N) from 0.5 x the lower to 2 x the upper of the
                                  # law's optimum and the baseline
   r_range: Any = (0.5, 5.0)    # r outside the law's fitted range is not extrapolated to
+  support_margin: float = 0.1  # candidates stay within the fit rows' x and r ranges, each
+                               # widened by this fraction of its width in log space
+  extrapolate: bool = False    # true: keep candidates outside that support, marked extrapolated
   n_tolerance: float = 0.05    # a candidate's N may differ from the budget by this fraction
   gqa: int = 0                 # GQA of the enumeration (0: the baseline's, else the model's)
   patience: int = 2            # GQA walk: stop after this many steps without a throughput gain
@@ -333,6 +378,9 @@ class SearchConfig(Section):
     self._positive_ints("batch_size", "input_len", "output_len", "dtype_bytes",
                         "d_model_multiple", "d_ff_multiple", "patience", "max_measure")
     self._positive_numbers("n_tolerance")
+    self._non_negative_numbers("support_margin")
+    check(isinstance(self.extrapolate, bool), f"search.extrapolate must be true or false, got "
+          f"{self.extrapolate!r}")
     check(self.d_head % 2 == 0, f"search.d_head must be even (rotary embeddings), got "
           f"{self.d_head}")
     r_lo, r_hi = _pair(self.r_range, "search.r_range")
@@ -361,17 +409,94 @@ class BenchConfig(Section):
   SECTION: ClassVar[str] = "bench"
 
   archs: str = ""              # comma-separated architecture names ("" = the config's name)
-  batch_sizes: Any = (1, 16, 64)
+  batch_sizes: Any = (1, 16, 64)  # a sequence or "1,16,64"; kept sorted and unique
   input_len: int = 4096
   output_len: int = 1024
   repeats: int = 5
   dtype: str = "bfloat16"
-  attention: str = "auto"      # prefill kernel: auto (cudnn on GPU in 16-bit) | xla | dpa | cudnn
-  decode_attention: str = "auto"  # decode-step kernel, same choices
-  accelerator: str = "auto"    # costmodel.ACCELERATORS key; auto = from the device kind
+  attention: str = "auto"      # prefill kernel: auto (cudnn on GPU in 16-bit, splash on TPU) |
+                               # xla | dpa | cudnn | splash
+  decode_attention: str = "auto"  # decode-step kernel: auto (xla) | xla | dpa | cudnn | pallas
+  accelerator: str = "auto"    # costmodel.ACCELERATORS key; auto = from the device kind; "" = none
 
   def __post_init__(self):
+    from archscale import model  # model.py builds its options on this module
+
+    object.__setattr__(self, "batch_sizes", _batch_sizes(self.batch_sizes))
     self._positive_ints("input_len", "output_len", "repeats")
+    check(self.output_len >= 2, f"bench.output_len must be >= 2 (per-step timing needs a decode "
+                                f"step), got {self.output_len}")
+    self._one_of("dtype", sorted(model.DTYPES))
+    self._one_of("attention", ("auto",) + model.ATTENTION_IMPLS)
+    self._one_of("decode_attention", ("auto",) + model.ATTENTION_IMPLS)
+
+  @property
+  def arch_names(self) -> list[str]:
+    return [n.strip() for n in str(self.archs).split(",") if n.strip()]
+
+
+def _batch_sizes(value: Any) -> tuple[int, ...]:
+  """bench.batch_sizes as a sorted tuple of positive ints (from a sequence or "1,16,64")."""
+  items = value.split(",") if isinstance(value, str) else list(value)
+  try:
+    sizes = [int(v) for v in items]
+  except (TypeError, ValueError):
+    raise ValueError(f"bench.batch_sizes must be positive integers, got {value!r}") from None
+  check(bool(sizes) and all(b > 0 for b in sizes),
+        f"bench.batch_sizes must be a non-empty list of positive integers, got {value!r}")
+  return tuple(sorted(set(sizes)))
+
+
+# ------------------------------------------------------------------ models leaving archscale
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+# The paper's zero-shot suite (lm-evaluation-harness task names).
+PAPER_TASKS = ("arc_easy", "arc_challenge", "lambada_openai", "hellaswag", "openbookqa", "piqa",
+               "sciq", "winogrande", "coqa")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(Section):
+  """`export.*`: the Hugging Face directory `--mode=export` writes (archscale.hf)."""
+
+  SECTION: ClassVar[str] = "export"
+
+  step: int = 0                # checkpoint step to export (0 = latest)
+  dtype: str = "float32"       # float32 | bfloat16 | float16
+  max_shard_mb: float = 5000.0  # larger weights are split into shards with an index
+
+  def __post_init__(self):
+    self._non_negative_ints("step", meaning="0 = latest")
+    self._one_of("dtype", EXPORT_DTYPES)
+    self._positive_numbers("max_shard_mb")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(Section):
+  """`eval.*`: zero-shot downstream tasks through lm-evaluation-harness (archscale.evaluate)."""
+
+  SECTION: ClassVar[str] = "eval"
+
+  model: str = ""              # HF directory ("" = WORKDIR/hf, exported first when missing)
+  tasks: str = ",".join(PAPER_TASKS)  # comma-separated lm-evaluation-harness task names
+  include_path: str = ""       # folder of extra task YAMLs (e.g. tasks over local data files)
+  num_fewshot: int = 0
+  limit: int = 0               # documents per task (0 = all)
+  batch_size: int = 8
+  device: str = "auto"         # auto (cuda when available) | cpu | cuda
+  dtype: str = "auto"          # auto (config.json's) | float32 | bfloat16 | float16
+  bootstrap_iters: int = 1000  # resamples for the metrics' standard errors (0 = none)
+
+  def __post_init__(self):
+    check(bool(self.task_names),
+          f"eval.tasks is empty: name lm-evaluation-harness tasks, e.g. {','.join(PAPER_TASKS)}")
+    self._non_negative_ints("num_fewshot", "limit", "bootstrap_iters")
+    self._positive_ints("batch_size")
+    self._one_of("dtype", ("auto", *EXPORT_DTYPES))
+
+  @property
+  def task_names(self) -> list[str]:
+    return [t.strip() for t in str(self.tasks).split(",") if t.strip()]
 
 
 def training_recipe(config: Any) -> dict[str, Any]:
@@ -388,4 +513,4 @@ def training_recipe(config: Any) -> dict[str, Any]:
 
 
 SECTIONS: tuple[type[Section], ...] = (TrainConfig, DataConfig, SweepConfig, FitConfig,
-                                       SearchConfig, BenchConfig)
+                                       SearchConfig, BenchConfig, ExportConfig, EvalConfig)

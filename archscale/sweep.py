@@ -24,7 +24,7 @@ Rows with status "finished" are final: rerunning the sweep skips their runs. Row
 run unless `sweep.retry_failed` is off. A run being trained by another process holds
 `runs/<run_id>/.sweep.lock` (and its trainer `runs/<run_id>/.lock`) and is skipped.
 
-Row fields (what `archscale.law` reads): `params_nonembed`, `tokens` (tokens actually trained),
+Row fields (what `archscale.table` reads): `params_nonembed`, `tokens` (tokens actually trained),
 `loss`, every ArchSpec field, `mlp_attn_ratio`, `d_over_sqrt_n`, `gqa`, plus `run_id`, `status`,
 `eval_loss`, `final_train_loss`, `loss_source`, `scale` (the requested N), `requested` (grid
 point), `steps`, `seq_len`, `global_batch_size`, `seed`, `tokens_requested`, `wall_s`, `error`
@@ -47,7 +47,6 @@ import json
 import math
 import os
 import pathlib
-import pprint
 import signal
 import socket
 import subprocess
@@ -60,8 +59,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from archscale import io, settings
-from archscale.arch import ArchSpec, steps_for_tokens
+from archscale import config_lib, io, settings
+from archscale.arch import FIXED_FIELDS, ArchSpec, steps_for_tokens
 from archscale.monitor import EXIT_BUSY, EXIT_PREEMPTED
 from archscale.settings import SweepConfig
 
@@ -71,9 +70,6 @@ LAUNCH_COMMANDS = "launch_commands.sh"
 RUNS_DIR = "runs"
 RUN_CONFIG = "run_config.py"
 SWEEP_CONFIG = "sweep_config.py"
-# ArchSpec fields a sweep takes from the config's model rather than from the grid.
-FIXED_FIELDS = ("vocab_size", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps",
-                "max_seq_len")
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 # trainer(run_config, run_dir) -> the train summary (dict with "status"); raises on failure.
@@ -235,7 +231,7 @@ def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
   s = SweepConfig.from_config(config)
   scales = parse_scales(s.scales, config.model)
   points = _grid_points(s)
-  fixed = {k: config.model[k] for k in FIXED_FIELDS}
+  fixed = {k: config.model[k] for k in FIXED_FIELDS}  # from the config's model, not the grid
   recipe = settings.training_recipe(config)
   runs: list[Run] = []
   dropped: list[dict[str, Any]] = []
@@ -347,20 +343,6 @@ def failed_row(run: Run, status: str, error: str, run_config: Any, wall_s: float
 # ------------------------------------------------------------------------------------ running
 
 
-def write_config_py(path: str | os.PathLike, config: Any, doc: str) -> pathlib.Path:
-  """Writes a standalone config file whose `get_config()` returns exactly `config`."""
-  path = pathlib.Path(path)
-  body = pprint.pformat(config.to_dict(), indent=1, width=96, sort_dicts=True)
-  text = (f'"""{doc}"""\n\nimport ml_collections\n\n\ndef get_config():\n'
-          f"  return ml_collections.ConfigDict(\n{_indent(body, 6)})\n")
-  io.write_text_atomic(path, text)
-  return path
-
-
-def _indent(text: str, n: int) -> str:
-  return "".join(" " * n + line + "\n" for line in text.splitlines())
-
-
 def run_config(config: Any, run: Run, data_path: str | os.PathLike) -> ml_collections.ConfigDict:
   """The training config of one run: the sweep's config with the run's model, steps and data."""
   c = config.copy_and_resolve_references()
@@ -403,7 +385,7 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -
   "preempted" when the trainer exited with `monitor.EXIT_PREEMPTED`).
   """
   run_dir.mkdir(parents=True, exist_ok=True)
-  config_path = write_config_py(run_dir / RUN_CONFIG, cfg,
+  config_path = config_lib.write_config_py(run_dir / RUN_CONFIG, cfg,
                                 f"Training config of sweep run {cfg.name}.")
   log_path = run_dir / "train.log"
   cmd = [sys.executable, "-m", "archscale.main", f"--config={config_path}", "--mode=train",
@@ -429,7 +411,7 @@ def train_in_process(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> d
   from archscale import train as train_lib
 
   run_dir.mkdir(parents=True, exist_ok=True)
-  write_config_py(run_dir / RUN_CONFIG, cfg, f"Training config of sweep run {cfg.name}.")
+  config_lib.write_config_py(run_dir / RUN_CONFIG, cfg, f"Training config of sweep run {cfg.name}.")
   return train_lib.train(cfg, run_dir)
 
 
@@ -500,7 +482,7 @@ def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
   frozen.sweep.launch = "local"
   frozen.sweep.only = ""
   frozen.data.path = str(data_path)
-  config_path = write_config_py(workdir / SWEEP_CONFIG, frozen,
+  config_path = config_lib.write_config_py(workdir / SWEEP_CONFIG, frozen,
                                 f"The configuration of the sweep in {workdir}.")
   lines = ["#!/bin/sh",
            f"# {len(runs)} sweep runs; each trains one architecture into "

@@ -24,13 +24,13 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from archscale import law
+from archscale import fitting, law, solver
 
 _DATA = flags.DEFINE_string("data", "../shared/data/chinchilla_fig4_points.csv",
                             "Epoch's svg_extracted_data.csv (Model Size, Training FLOP, loss).")
 _SCIPY_STARTS = flags.DEFINE_integer("scipy_starts", 450,
                                      "Grid starts scipy is timed on (random subset; 4500 = all).")
-_SOLVER = flags.DEFINE_enum("solver", "lm", list(law.SOLVERS), "JAX solver.")
+_SOLVER = flags.DEFINE_enum("solver", "lm", list(solver.SOLVERS), "JAX solver.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of scipy's subset.")
 
 # Epoch AI (Besiroglu et al. 2024), Approach 3 on the same points: estimate and standard error.
@@ -83,7 +83,7 @@ def main(argv):
   logging.info("%d points after Epoch's preprocessing", len(rows))
 
   t0 = time.perf_counter()
-  result = law.fit(rows, form="chinchilla", loss="huber", delta=DELTA, space="log",
+  result = fitting.fit(rows, form="chinchilla", loss="huber", delta=DELTA, space="log",
                    solver=_SOLVER.value, starts="grid")
   jax_seconds = time.perf_counter() - t0
   jax_out = dict({k: result.law.params[k] for k in law.CHINCHILLA_KEYS},
@@ -93,7 +93,7 @@ def main(argv):
         f"({result.timings['compile_seconds']:.1f} s compiling); {result.starts['converged']} "
         f"converged, {result.starts['at_best']} at the best objective {result.objective:.12g}")
 
-  grid = law.hoffmann_grid()
+  grid = solver.hoffmann_grid()
   n_timed = min(_SCIPY_STARTS.value, len(grid))
   subset = np.random.default_rng(_SEED.value).choice(len(grid), n_timed, replace=False)
   t0 = time.perf_counter()

@@ -220,7 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--repeats", type=int)
   parser.add_argument("--dtype", default=None, help="bfloat16 (default) or float32")
   parser.add_argument("--attention", default="auto", help="prefill kernel: auto|xla|dpa|cudnn")
-  parser.add_argument("--decode_attention", default="auto", help="decode kernel: auto|xla|cudnn")
+  parser.add_argument("--decode_attention", default="auto",
+                      help="decode kernel: auto|xla|cudnn|pallas")
   parser.add_argument("--accelerator", default="auto",
                       help="cost-model table entry; auto = from the device kind")
   parser.add_argument("--no_hf", action="store_true", help="skip the HF transformers peer")
@@ -253,16 +254,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from archscale import decode, io
+  from archscale import decode_bench, io, plots, settings
   from archscale.arch import ArchSpec
 
   specs = {n: ArchSpec.from_dict(table[n]) for n in names}
   partial = f"{args.out.removesuffix('.json')}.partial.json" if args.out else None
   save_partial = lambda rows: io.write_json_atomic(partial, {"hf": hf, "rows": rows})
   t0 = time.perf_counter()
-  rows = decode.run_sweep(specs, args.batch_sizes, args.input_len, args.output_len, args.repeats,
-                          args.dtype, args.attention, args.decode_attention, args.accelerator,
-                          on_rows=save_partial if partial else None)
+  bench = settings.BenchConfig(
+      archs=args.archs, batch_sizes=args.batch_sizes, input_len=args.input_len,
+      output_len=args.output_len, repeats=args.repeats, dtype=args.dtype,
+      attention=args.attention, decode_attention=args.decode_attention,
+      accelerator=args.accelerator)
+  rows = decode_bench.bench_archs(specs, bench, on_rows=save_partial if partial else None)
   accelerator = rows[0]["accelerator"] if rows else None
   result: dict[str, Any] = {
       "experiment": args.experiment, "quick": args.quick,
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         jnp.dtype(args.dtype).itemsize)
   result["provenance"] = io.provenance()
   if args.plot:
-    decode.plot_throughput(rows, args.plot)
+    plots.decode_throughput(rows, args.plot)
   text = json.dumps(result, indent=2, default=str)
   if args.out:
     io.write_text_atomic(args.out, text + "\n")

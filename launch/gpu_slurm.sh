@@ -9,7 +9,8 @@
 # instead, use --ntasks-per-node=<GPUs> --gpus-per-task=1. The mesh defaults to pure data
 # parallelism over all GPUs; set e.g. --config.mesh.fsdp=-1 --config.mesh.data=<nodes> to shard
 # parameters within a node. Rerunning the same command (or `scontrol requeue`) resumes from the
-# workdir's latest checkpoint; SLURM's SIGTERM before a preemption triggers a final checkpoint.
+# workdir's latest checkpoint. SLURM's SIGTERM before a preemption or the time limit triggers a
+# final checkpoint and exit status 75 ("resume me"), on which this script requeues the job.
 #SBATCH --job-name=archscale
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
@@ -25,5 +26,12 @@ shift 2
 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 # srun starts one task per node with SLURM_* set; --kill-on-bad-exit stops the job if one dies.
+set +e
 srun --kill-on-bad-exit=1 python -m archscale.main --mode=train --config="$config" \
   --workdir="$workdir" "$@"
+rc=$?
+if [ "$rc" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  echo "archscale: the run stopped early to be resumed; requeueing job $SLURM_JOB_ID" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

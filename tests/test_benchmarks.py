@@ -51,3 +51,42 @@ def test_prepare_data_benchmark_quick_run(tmp_path):
   assert len(tokens) == 1 and sorted(result["prepare"]) == ["1", "2"]
   ratio = result["reference"]["tokens_per_s"] / result["prepare"]["1"]["tokens_per_s"]
   assert abs(result["ratio_prepare_1_worker_vs_reference"] * ratio - 1) < 0.05
+
+
+def test_gpu_suite_cpu_smoke_runs_the_pallas_decode_harness(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, REPO / "benchmarks" / "gpu_suite.py", "--cpu_smoke",
+                         "--only=kernels", f"--out={tmp_path}"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_suite.json", "gpu_suite.log"]
+  result = json.loads((tmp_path / "gpu_suite.json").read_text())
+  child = result["children"]["kernels"]
+  assert "error" not in child and child["wall_s"] > 0
+  rows = child["result"]["rows"]
+  assert [r["batch_size"] for r in rows] == [1]
+  assert all(r["decode_attention"] == "pallas" and "error" not in r
+             and r["output_tokens_per_s"] > 0 for r in rows)
+  assert result["checks"]["kernels"][0]["archscale_output_tokens_per_s"] > 0
+  assert "===== kernels" in (tmp_path / "gpu_suite.log").read_text()
+
+
+def test_gpu_suite_checks_hold_measurements_against_the_targets():
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import gpu_suite
+
+  def decode(roofline, speedup):
+    return {"result": {"summary": {"per_batch": [
+        {"batch_size": b, "roofline_fraction": roofline, "speedup_vs_hf": speedup}
+        for b in (1, 16, 64)]}}}
+
+  children = {"train": {"result": {"archscale": {"mfu": 0.56}, "speedup_vs_hf": 1.3}},
+              "decode": decode(0.72, 4.1)}
+  checks = gpu_suite.checks(children)
+  assert checks["train_ok"] is True and checks["decode_ok"] is True
+  children["train"]["result"]["speedup_vs_hf"] = 1.2
+  children["decode"] = decode(0.69, 5.0)
+  checks = gpu_suite.checks(children)
+  assert checks["train_ok"] is False and checks["decode_ok"] is False
+  missing = gpu_suite.checks({"train": {"error": "timed out after 170 s"}})
+  assert missing["train_ok"] is None and missing["decode_ok"] is None and missing["ratio"] == []

@@ -1,214 +1,28 @@
-"""Tests of the scaling-law fitter: recovery of planted laws, bootstrap coverage, the progressive
-protocol, the public Law API, `--mode=fit` and every bad-input path."""
+"""Tests of the laws: hand-written laws, their predictions, optimum and gauge, and bad laws."""
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from archscale import config_lib, law
+from archscale import law
 
-# Epoch's Chinchilla estimate stands in for L_opt(N, D) of the synthetic tables.
+# Epoch's Chinchilla estimate, the paper's multiplicative coefficients (80M + 145M + 297M), and
+# an additive law with an optimum at the same place.
 CHINCHILLA = dict(E=1.817, A=482.0, B=2085.0, alpha=0.3478, beta=0.3658)
-# The paper's multiplicative coefficients (80M + 145M + 297M), and an additive law with an
-# optimum at the same place; both have their minimum inside the sampled ranges.
 PAPER_MULT = dict(a0=2.697, a1=0.0974, a2=0.0078, b0=0.3870, b1=0.0063, b2=0.0065)
 ADDITIVE = dict(a0=0.9, a1=0.25, a2=0.02, b1=0.06, b2=0.06)
-PLANTED = {"multiplicative": PAPER_MULT, "additive": ADDITIVE}
-SCALES = (80e6, 145e6, 297e6)
-SIGMA = 0.01  # Noise on the loss: MSE 1e-4, the paper's extrapolation error.
-
-
-def synthetic_rows(form, params, seed=0, sigma=SIGMA, scales=SCALES, n_x=8, n_r=8):
-  """A sweep over d_model/sqrt(N) and r at each scale, with losses drawn from a known law."""
-  rng = np.random.default_rng(seed)
-  truth = law.Law(form, dict(params, **CHINCHILLA))
-  rows = []
-  for n in scales:
-    for x in np.geomspace(0.03, 0.25, n_x):
-      for r in np.geomspace(0.5, 5.0, n_r):
-        loss = float(truth.predict(n, 20 * n, x, r)) + sigma * rng.standard_normal()
-        rows.append(dict(run_id=f"n{n:.0f}_x{x:.3f}_r{r:.2f}", params_nonembed=n, tokens=20 * n,
-                         loss=loss, d_model=x * np.sqrt(n), mlp_attn_ratio=r, gqa=4))
-  return rows
-
-
-def chinchilla_rows(seed=0, sigma=0.003):
-  """Losses from Epoch's Chinchilla law on a grid of (N, D), log-normal noise."""
-  rng = np.random.default_rng(seed)
-  truth = law.Law("chinchilla", CHINCHILLA)
-  rows = []
-  for n in np.geomspace(5e7, 1e10, 8):
-    for tpp in np.geomspace(5, 200, 6):
-      loss = float(truth.predict(n, tpp * n)) * np.exp(sigma * rng.standard_normal())
-      rows.append(dict(params_nonembed=n, tokens=tpp * n, loss=loss))
-  return rows
-
-
-def gauge_fixed(form, params):
-  """The planted parameters as the fitter reports them (multiplicative: b0 = 1)."""
-  theta = law._params_to_theta(form, params)
-  return {k: float(v) for k, v in law._theta_to_params(form, theta).items()}
-
-
-@pytest.mark.parametrize("form", ["multiplicative", "additive"])
-def test_conditional_forms_recover_planted_parameters_and_optimum(form):
-  result = law.fit(synthetic_rows(form, PLANTED[form]), form=form, l_opt=CHINCHILLA)
-  planted = gauge_fixed(form, PLANTED[form])
-  for k in ("a0", "a1", "a2", "b1", "b2"):
-    tol = 0.02 if k == "a0" else 0.15
-    assert result.law.params[k] == pytest.approx(planted[k], rel=tol), k
-  want = law.Law(form, PLANTED[form]).optimum()
-  assert result.optimum["d_over_sqrt_n"] == pytest.approx(want["d_over_sqrt_n"], rel=0.05)
-  assert result.optimum["r"] == pytest.approx(want["r"], rel=0.05)
-  assert result.optimum["closed_form"] and result.optimum["interior"]
-  assert result.metrics["in_sample"]["mse"] == pytest.approx(SIGMA**2, rel=0.3)
-  assert result.starts["at_best"] >= 1
-  assert sum(result.starts["status"].values()) == result.starts["total"]
-  per_start = result.per_start
-  assert len(per_start["objective"]) == result.starts["total"]
-  assert np.nanmin(per_start["objective"]) == result.objective
-  assert np.sum(per_start["status"] == law.STATUS.index("converged")) == result.starts["converged"]
-  # The law carries L_opt's Chinchilla params, so it predicts absolute loss.
-  assert result.law.output == "loss"
 
 
 def test_multiplicative_scale_is_fixed_by_b0():
   """u and v are only defined up to c u, v / c: a hand law with any b0 predicts the same."""
   paper = law.Law("multiplicative", PAPER_MULT)
-  fixed = law.Law("multiplicative", gauge_fixed("multiplicative", PAPER_MULT))
+  theta = law.params_to_theta("multiplicative", PAPER_MULT)
+  fixed = law.Law("multiplicative", {k: float(v) for k, v in
+                                     law.theta_to_params("multiplicative", theta).items()})
   x, r = np.geomspace(0.03, 0.3, 5), np.geomspace(0.5, 5, 5)
   np.testing.assert_allclose(paper.calibration(x, r), fixed.calibration(x, r), rtol=1e-12)
   assert fixed.params["b0"] == 1.0
-
-
-def test_bootstrap_intervals_cover_planted_values_at_nominal_rate():
-  """Over repeated synthetic draws, 90% percentile intervals cover the truth about 90% of the
-  time (checked over the optimum and the four shape parameters)."""
-  planted = gauge_fixed("multiplicative", PAPER_MULT)
-  opt = law.Law("multiplicative", PAPER_MULT).optimum()
-  truth = dict(planted, d_over_sqrt_n=opt["d_over_sqrt_n"], r=opt["r"])
-  names = ("a1", "a2", "b1", "b2", "d_over_sqrt_n", "r")
-  hits = []
-  for seed in range(40):
-    rows = synthetic_rows("multiplicative", PAPER_MULT, seed=100 + seed, n_x=5, n_r=5)
-    result = law.fit(rows, form="multiplicative", l_opt=CHINCHILLA, loss="squared",
-                     space="linear", starts="random", n_starts=4, bootstrap=100, level=0.9,
-                     seed=seed)
-    hits.append([result.intervals[k][0] <= truth[k] <= result.intervals[k][1] for k in names])
-  coverage = np.mean(hits, axis=0)
-  assert 0.75 <= coverage.mean() <= 0.97, dict(zip(names, coverage, strict=True))
-  assert coverage.min() >= 0.6, dict(zip(names, coverage, strict=True))
-
-
-def test_chinchilla_fit_recovers_planted_law():
-  result = law.fit(chinchilla_rows(), form="chinchilla", starts="random", n_starts=64, seed=1)
-  p = result.law.params
-  assert p["E"] == pytest.approx(CHINCHILLA["E"], rel=0.05)
-  assert p["alpha"] == pytest.approx(CHINCHILLA["alpha"], rel=0.1)
-  assert p["beta"] == pytest.approx(CHINCHILLA["beta"], rel=0.1)
-  assert result.optimum is None
-  assert result.law.output == "loss"
-  assert result.starts["total"] == 64 and result.starts["at_best"] >= 2
-
-
-def test_hoffmann_grid_is_the_published_one():
-  grid = law.hoffmann_grid()
-  assert grid.shape == (4500, 5)
-  assert set(np.unique(grid[:, 3])) == {0.0, 0.5, 1.0, 1.5, 2.0}  # alpha
-  assert set(np.unique(grid[:, 0])) == {0.0, 5.0, 10.0, 15.0, 20.0, 25.0}  # a
-  assert set(np.unique(grid[:, 2])) == {-1.0, -0.5, 0.0, 0.5, 1.0}  # e
-
-
-def test_lbfgs_and_lm_reach_the_same_optimum():
-  rows = synthetic_rows("additive", ADDITIVE, n_x=5, n_r=5)
-  kw = dict(form="additive", l_opt=CHINCHILLA, starts="random", n_starts=8)
-  lm = law.fit(rows, solver="lm", **kw)
-  lbfgs = law.fit(rows, solver="lbfgs", **kw)
-  assert lbfgs.objective == pytest.approx(lm.objective, rel=1e-6)
-  for k in ("a1", "a2", "b1", "b2"):
-    assert lbfgs.law.params[k] == pytest.approx(lm.law.params[k], rel=1e-3)
-
-
-def test_empirical_l_opt_is_the_best_loss_of_each_budget():
-  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=5, n_r=5)
-  result = law.fit(rows, form="multiplicative", l_opt="empirical", starts="random", n_starts=8)
-  assert result.l_opt == "empirical" and not result.law.has_chinchilla
-  assert result.law.output == "factor"
-  assert len(result.l_opt_groups) == len(SCALES)
-  for n, group in zip(SCALES, result.l_opt_groups, strict=True):
-    assert group["l_opt"] == min(r["loss"] for r in rows if r["params_nonembed"] == n)
-  # The optimum does not depend on where L_opt comes from.
-  want = law.Law("multiplicative", PAPER_MULT).optimum()
-  assert result.optimum["d_over_sqrt_n"] == pytest.approx(want["d_over_sqrt_n"], rel=0.1)
-
-
-def test_empirical_l_opt_reports_and_warns_about_realised_n_spread(caplog):
-  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=4, n_r=4)
-  result = law.fit(rows, form="multiplicative", l_opt="empirical", starts="random", n_starts=4)
-  assert all(g["n_spread"] == 0 for g in result.l_opt_groups)
-  assert "realised N varies" not in caplog.text
-  jitter = np.random.default_rng(1).uniform(-0.03, 0.03, len(rows))
-  for row, j in zip(rows, jitter, strict=True):  # the sweep's rounding moves N by a few percent
-    row.update(scale=row["params_nonembed"], params_nonembed=row["params_nonembed"] * (1 + j))
-  result = law.fit(rows, form="multiplicative", l_opt="empirical", starts="random", n_starts=4)
-  assert 0.03 < max(g["n_spread"] for g in result.l_opt_groups) < 0.065
-  assert "realised N varies by up to" in caplog.text and "fit.l_opt=chinchilla" in caplog.text
-
-
-def test_joint_form_is_the_bilinear_generalisation():
-  """The multiplicative law is the rank-one case of the joint one: a noiseless table is fitted
-  exactly, and the numeric optimum matches the closed form."""
-  rows = synthetic_rows("multiplicative", PAPER_MULT, sigma=0.0, n_x=5, n_r=5)
-  result = law.fit(rows, form="joint", l_opt=CHINCHILLA, loss="squared", space="linear",
-                   n_starts=4)
-  assert result.metrics["in_sample"]["mse"] < 1e-16
-  want = law.Law("multiplicative", PAPER_MULT).optimum()
-  assert not result.optimum["closed_form"]
-  assert result.optimum["d_over_sqrt_n"] == pytest.approx(want["d_over_sqrt_n"], rel=0.02)
-  assert result.optimum["r"] == pytest.approx(want["r"], rel=0.02)
-
-
-def test_prediction_metrics_hand_checked():
-  m = law.prediction_metrics([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 5.0])
-  assert m["n"] == 4
-  assert m["mse"] == pytest.approx(0.75)  # (0 + 1 + 1 + 1) / 4
-  assert m["r2"] == pytest.approx(1 - 3 / 8.75)  # SS_tot around the mean 2.75 is 8.75
-  assert m["spearman"] == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
-  ties = law.prediction_metrics([1.0, 1.0, 2.0], [1.0, 2.0, 3.0])  # average ranks 1.5, 1.5, 3
-  assert ties["spearman"] == pytest.approx(np.corrcoef([1.5, 1.5, 3], [1, 2, 3])[0, 1])
-
-
-def test_progressive_protocol_fits_smaller_scales_and_scores_the_next():
-  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=5, n_r=5)
-  steps = law.evaluate_progressive(rows, form="multiplicative", l_opt=CHINCHILLA,
-                                   starts="random", n_starts=8)
-  assert [s["test_scale"] for s in steps] == [145e6, 297e6]
-  assert [s["train_scales"] for s in steps] == [[80e6], [80e6, 145e6]]
-  assert [s["n_train"] for s in steps] == [25, 50] and [s["n_test"] for s in steps] == [25, 25]
-  for step in steps:
-    test = [r for r in rows if r["params_nonembed"] == step["test_scale"]]
-    fitted = law.Law("multiplicative", step["params"])
-    pred = fitted.predict([r["params_nonembed"] for r in test], [r["tokens"] for r in test],
-                          [r["d_model"] / np.sqrt(r["params_nonembed"]) for r in test],
-                          [r["mlp_attn_ratio"] for r in test])
-    want = law.prediction_metrics(pred, [r["loss"] for r in test])
-    for k in ("mse", "r2", "spearman"):
-      assert step[k] == pytest.approx(want[k], rel=1e-12)
-    assert step["mse"] < 3 * SIGMA**2  # The planted law extrapolates.
-
-
-def test_progressive_with_empirical_l_opt_uses_the_held_out_best_loss():
-  """A noiseless table: the calibration is exact, so the held-out predictions are too."""
-  rows = synthetic_rows("multiplicative", PAPER_MULT, sigma=0.0, n_x=5, n_r=5)
-  for row in rows:  # L_opt is constant per budget, so it cancels out of the calibration.
-    row["loss"] = float(law.Law("multiplicative", PAPER_MULT).calibration(
-        row["d_model"] / np.sqrt(row["params_nonembed"]), row["mlp_attn_ratio"])) * 3.0
-  steps = law.evaluate_progressive(rows, form="multiplicative", l_opt="empirical",
-                                   loss="squared", space="linear", starts="random", n_starts=4)
-  for step in steps:
-    assert step["mse"] < 1e-12 and step["spearman"] == pytest.approx(1.0)
 
 
 def test_hand_written_paper_law_predicts_calibration_and_optimum(tmp_path):
@@ -234,139 +48,7 @@ def test_hand_written_paper_law_predicts_calibration_and_optimum(tmp_path):
       0.9 + 0.1 + 0.25 * np.log(0.1) + 0.2 + 0.06)
 
 
-def test_fit_uses_float64_without_leaking_it():
-  rows = synthetic_rows("additive", ADDITIVE, n_x=5, n_r=5)
-  law.fit(rows, form="additive", l_opt=CHINCHILLA, starts="random", n_starts=8)
-  assert jnp.ones(2).dtype == jnp.float32
-
-
-def test_run_fit_writes_fit_json_and_plots(tmp_path):
-  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=5, n_r=5)
-  rows.append(dict(rows[0], run_id="wide", mlp_attn_ratio=8.0))  # Outside the paper's r range.
-  rows.append(dict(run_id="crashed", status="failed", error="out of memory"))
-  results = tmp_path / "results.jsonl"
-  results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  config = config_lib.load_config_file(config_lib.CONFIG_DIR / "fit.py")
-  config.fit.results = str(results)
-  config.fit.bootstrap = 20
-  config.fit.starts = "random"
-  config.fit.n_starts = 8
-  law.run_fit(config, tmp_path / "out")
-  doc = json.loads((tmp_path / "out" / "fit.json").read_text())
-  assert doc["form"] == "multiplicative" and doc["l_opt"] == "empirical"
-  assert set(doc["params"]) == {"a0", "a1", "a2", "b0", "b1", "b2"}
-  assert set(doc["optimum"]) >= {"d_over_sqrt_n", "r"}
-  for k in ("a1", "a2", "b1", "b2", "d_over_sqrt_n", "r"):
-    lo, hi = doc["intervals"][k]
-    assert lo <= hi
-  assert doc["intervals"]["d_over_sqrt_n"][0] <= doc["optimum"]["d_over_sqrt_n"] \
-      <= doc["intervals"]["d_over_sqrt_n"][1]
-  assert isinstance(doc["objective"], float)
-  assert len(doc["rows_used"]) == 75
-  assert {r["run_id"] for r in doc["rows_excluded"]} == {"wide", "crashed"}
-  assert len(doc["metrics"]["progressive"]) == 2 and "mse" in doc["metrics"]["in_sample"]
-  for name in doc["plots"]:
-    assert (tmp_path / "out" / name).stat().st_size > 0
-  assert "fit_loss_vs_d_over_sqrt_n.png" in doc["plots"]
-  loaded = law.load_law(tmp_path / "out" / "fit.json")
-  assert loaded.params == pytest.approx(doc["params"])
-  assert loaded.optimum()["r"] == pytest.approx(doc["optimum"]["r"])
-
-
-def test_predict_interval_brackets_the_prediction():
-  rows = synthetic_rows("additive", ADDITIVE, n_x=5, n_r=5)
-  result = law.fit(rows, form="additive", l_opt=CHINCHILLA, starts="random", n_starts=8,
-                   bootstrap=50)
-  n, d, x, r = np.full(3, 297e6), np.full(3, 20 * 297e6), np.array([0.05, 0.08, 0.12]), np.ones(3)
-  lo, hi = result.predict_interval(n, d, x, r)
-  mid = result.law.predict(n, d, x, r)
-  assert np.all(lo < mid) and np.all(mid < hi)
-  assert np.all(hi - lo < 0.05)
-
-
-def test_csv_tables_load_like_jsonl(tmp_path):
-  path = tmp_path / "results.csv"
-  path.write_text("run_id,params_nonembed,tokens,loss,d_model,mlp_attn_ratio,gqa\n"
-                  "a,80000000,1.6e9,3.1,2048,1.5,4\nb,80000000,1.6e9,,2048,1.5,4\n")
-  rows = law.load_rows(path)
-  assert rows[0] == dict(run_id="a", params_nonembed=80000000, tokens=1.6e9, loss=3.1,
-                         d_model=2048, mlp_attn_ratio=1.5, gqa=4)
-  assert rows[1]["loss"] is None
-
-
-# --- bad inputs: each is refused before any solving, with the reason ----------------------------
-
-
-def _rows():
-  return synthetic_rows("multiplicative", PAPER_MULT, n_x=3, n_r=3)
-
-
-@pytest.mark.parametrize("mutate, match", [
-    (lambda rows: rows[4].pop("tokens"), r"row 4 \(run_id=.*\): tokens=None"),
-    (lambda rows: rows[2].update(loss="n/a"), r"row 2 .*loss='n/a'"),
-    (lambda rows: rows[7].update(loss=float("nan")), r"row 7 .*loss=nan"),
-    (lambda rows: rows[1].update(d_model=-5), r"row 1 .*d_model=-5"),
-    (lambda rows: rows[3].update(mlp_attn_ratio=True), r"row 3 .*mlp_attn_ratio=True"),
-    (lambda rows: [r.update(loss_source="eval" if i else "train") for i, r in enumerate(rows)],
-     r"different sources \['eval', 'train'\] \(field loss_source\)"),
-])
-def test_malformed_rows_are_named(mutate, match):
-  rows = _rows()
-  mutate(rows)
-  with pytest.raises(ValueError, match=match):
-    law.fit(rows, form="multiplicative", l_opt=CHINCHILLA)
-
-
-def test_too_few_rows_for_the_form():
-  rows = _rows()[:5]
-  with pytest.raises(ValueError, match=r"5 free parameters but only 5 rows"):
-    law.fit(rows, form="additive", l_opt=CHINCHILLA)
-  with pytest.raises(ValueError, match=r"9 free parameters"):
-    law.fit(_rows()[:9], form="joint", l_opt=CHINCHILLA)
-
-
-def test_r_filter_can_leave_too_few_rows():
-  rows = _rows()
-  with pytest.raises(ValueError, match=r"only 0 rows remain after the r filter \(27 excluded\)"):
-    law.fit(rows, form="multiplicative", l_opt=CHINCHILLA, r_range=(0.9, 1.2))
-  with pytest.raises(ValueError, match=r"r_range=\(5.0, 0.5\) needs 0 < lo < hi"):
-    law.fit(rows, form="multiplicative", l_opt=CHINCHILLA, r_range=(5.0, 0.5))
-
-
-def test_degenerate_data_is_refused():
-  one_scale = [r for r in chinchilla_rows() if r["params_nonembed"] == 5e7]
-  with pytest.raises(ValueError, match=r"two distinct params_nonembed.*one scale only"):
-    law.fit(one_scale, form="chinchilla")
-  one_r = [dict(r, mlp_attn_ratio=1.0) for r in _rows()]
-  with pytest.raises(ValueError, match=r"three distinct values of mlp_attn_ratio"):
-    law.fit(one_r, form="multiplicative", l_opt=CHINCHILLA)
-  with pytest.raises(ValueError, match=r"3 budget\(s\).*l_opt='empirical'"):
-    law.fit(_rows(), form="multiplicative", l_opt="chinchilla")
-  with pytest.raises(ValueError, match=r"at least two scales"):
-    law.evaluate_progressive([r for r in _rows() if r["params_nonembed"] == 80e6],
-                             form="multiplicative", l_opt=CHINCHILLA)
-  with pytest.raises(ValueError, match=r"empty"):
-    law.fit([], form="chinchilla")
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(form="quadratic"), r"form='quadratic' is not allowed"),
-    (dict(loss="l1"), r"loss='l1'"),
-    (dict(space="sqrt"), r"space='sqrt'"),
-    (dict(solver="adam"), r"solver='adam'"),
-    (dict(starts="sobol"), r"starts='sobol'"),
-    (dict(delta=0.0), r"delta=0.0 is out of range"),
-    (dict(bootstrap=-1), r"bootstrap=-1"),
-    (dict(level=1.5), r"level=1.5"),
-    (dict(l_opt="optimal"), r"l_opt='optimal' must be one of \['chinchilla', 'empirical'\]"),
-    (dict(l_opt={"E": 1.0}), r"missing params"),
-])
-def test_bad_settings_are_refused(kwargs, match):
-  with pytest.raises(ValueError, match=match):
-    law.fit(_rows(), **dict(dict(form="multiplicative", l_opt=CHINCHILLA), **kwargs))
-
-
-def test_bad_laws_and_tables_are_refused(tmp_path):
+def test_bad_laws_are_refused():
   with pytest.raises(ValueError, match=r"missing params \['a2'\]"):
     law.Law("multiplicative", {"a0": 1, "a1": 1, "b1": 1, "b2": 1})
   with pytest.raises(ValueError, match=r"give all of"):
@@ -375,14 +57,3 @@ def test_bad_laws_and_tables_are_refused(tmp_path):
     law.Law("additive", ADDITIVE).l_opt(1e9, 1e11)
   with pytest.raises(ValueError, match=r"needs `form` and `params`"):
     law.load_law({"params": PAPER_MULT})
-  with pytest.raises(ValueError, match=r"does not exist"):
-    law.load_rows(tmp_path / "missing.jsonl")
-  (tmp_path / "t.parquet").write_text("x")
-  with pytest.raises(ValueError, match=r"must end in .jsonl or .csv"):
-    law.load_rows(tmp_path / "t.parquet")
-  (tmp_path / "empty.jsonl").write_text("\n")
-  with pytest.raises(ValueError, match=r"has no rows"):
-    law.load_rows(tmp_path / "empty.jsonl")
-  config = config_lib.make_config("demo")
-  with pytest.raises(ValueError, match=r"config.fit.results is empty"):
-    law.run_fit(config, tmp_path)

@@ -103,11 +103,11 @@ def test_decode_reads_the_cache():
   tokens_BT = jax.random.randint(jax.random.key(2), (2, 6), 0, spec.vocab_size)
   _, cache = prefill(model, params, tokens_BT, max_len=8)
   logits_BV, _ = decode_step(model, params, cache, tokens_BT[:, -1])
-  corrupted = cache._replace(v_BSKH=tuple(v.at[:, 2].add(1.0) for v in cache.v_BSKH))
+  corrupted = cache._replace(v_BKSH=tuple(v.at[:, :, 2].add(1.0) for v in cache.v_BKSH))
   logits2_BV, _ = decode_step(model, params, corrupted, tokens_BT[:, -1])
   assert float(jnp.abs(logits_BV - logits2_BV).max()) > 1e-4
   # Positions past `end` are masked: garbage there changes nothing.
-  padded = cache._replace(k_BSKH=tuple(k.at[:, 7].set(50.0) for k in cache.k_BSKH))
+  padded = cache._replace(k_BKSH=tuple(k.at[:, :, 7].set(50.0) for k in cache.k_BKSH))
   logits3_BV, _ = decode_step(model, params, padded, tokens_BT[:, -1])
   np.testing.assert_allclose(logits_BV, logits3_BV, atol=1e-6)
 

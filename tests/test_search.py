@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from archscale import config_lib, law, search, train
+from archscale import config_lib, law, search, throughput, train
 from archscale.arch import ArchSpec
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -225,30 +225,30 @@ def test_numeric_target_and_absolute_law(tmp_path):
 
 def test_measured_throughput_times_once_and_caches(tmp_path):
   spec = ArchSpec.from_dict(config_lib.ARCHS["demo"])
-  source = search.MeasuredThroughput(search.Scenario(2, 16, 8), "float32", 1,
-                                     tmp_path / search.MEASURE_CACHE)
+  source = throughput.MeasuredThroughput(throughput.Scenario(2, 16, 8), "float32", 1,
+                                     tmp_path / throughput.MEASURE_CACHE)
   speed, fits = source(spec)
   assert fits and speed > 0
-  again = search.MeasuredThroughput(search.Scenario(2, 16, 8), "float32", 1,
-                                    tmp_path / search.MEASURE_CACHE)
+  again = throughput.MeasuredThroughput(throughput.Scenario(2, 16, 8), "float32", 1,
+                                    tmp_path / throughput.MEASURE_CACHE)
   assert again(spec) == (speed, True)  # read back from the cache, not re-measured
-  assert len((tmp_path / search.MEASURE_CACHE).read_text().splitlines()) == 1
+  assert len((tmp_path / throughput.MEASURE_CACHE).read_text().splitlines()) == 1
 
 
 def test_a_measurement_that_fails_other_than_out_of_memory_stops_the_search(tmp_path,
                                                                              monkeypatch):
-  from archscale import decode
+  from archscale import decode_bench
 
   spec = ArchSpec.from_dict(config_lib.ARCHS["demo"])
-  source = search.MeasuredThroughput(search.Scenario(2, 16, 8), "float32", 1,
-                                     tmp_path / search.MEASURE_CACHE)
+  source = throughput.MeasuredThroughput(throughput.Scenario(2, 16, 8), "float32", 1,
+                                     tmp_path / throughput.MEASURE_CACHE)
   rows = {"oom": [{"error": "out of memory: 3 GB"}], "bug": [{"error": "TypeError: bad"}]}
-  monkeypatch.setattr(decode, "run_sweep", lambda *a, **k: rows["oom"])
+  monkeypatch.setattr(decode_bench, "bench_archs", lambda *a, **k: rows["oom"])
   assert source(spec) == (None, False)  # does not fit: a result, cached
-  monkeypatch.setattr(decode, "run_sweep", lambda *a, **k: rows["bug"])
+  monkeypatch.setattr(decode_bench, "bench_archs", lambda *a, **k: rows["bug"])
   with pytest.raises(RuntimeError, match="TypeError: bad"):
     source(spec.replace(n_kv_heads=1))
-  assert len((tmp_path / search.MEASURE_CACHE).read_text().splitlines()) == 1
+  assert len((tmp_path / throughput.MEASURE_CACHE).read_text().splitlines()) == 1
 
 
 def test_measure_refuses_to_time_too_many_candidates(tmp_path):
@@ -260,7 +260,7 @@ def test_measure_refuses_to_time_too_many_candidates(tmp_path):
   c.search.max_measure = 5
   with pytest.raises(ValueError, match="search.max_measure"):
     search.run_search(c, tmp_path)
-  assert not (tmp_path / search.MEASURE_CACHE).exists()
+  assert not (tmp_path / throughput.MEASURE_CACHE).exists()
 
 
 def test_a_measured_source_times_only_candidates_that_can_be_chosen():
@@ -289,3 +289,56 @@ def test_a_measured_source_times_only_candidates_that_can_be_chosen():
 def result_of(result):
   by_spec = {c.spec: c for c in result.candidates}
   return lambda spec: by_spec[spec]
+
+
+def _fit_json(tmp_path, **extra):
+  path = tmp_path / "fit.json"
+  path.write_text(json.dumps({"form": "multiplicative", "params": PAPER, **extra}))
+  c = config_lib.load_config_file(CONFIGS / "search.py")
+  c.search.law = str(path)
+  return c
+
+
+def test_picks_stay_within_the_support_unless_extrapolating(tmp_path):
+  """The paper's optimum (x 0.080, r 1.03) lies outside these rows' support: without
+  search.extrapolate no candidate leaves it; with it, Panda moves there and is marked."""
+  support = {"d_over_sqrt_n": [0.1, 0.2], "r": [1.5, 3.0]}
+  c = _fit_json(tmp_path, support=support)
+  c.search.support_margin = 0.0
+  out = search.run_search(c, tmp_path / "inside")
+  assert out["support"]["d_over_sqrt_n"] == pytest.approx([0.1, 0.2])
+  assert out["support"]["rows"] == support and out["support"]["extrapolate"] is False
+  for cand in out["candidates"] + [out["panda"], out["surefire"]]:
+    assert 0.1 <= cand["d_over_sqrt_n"] <= 0.2 and 1.5 <= cand["mlp_attn_ratio"] <= 3.0
+    assert cand["extrapolated"] is False
+  assert any(k.startswith("outside the law's support") for k in out["stats"]["dropped"])
+  c.search.extrapolate = True
+  wide = search.run_search(c, tmp_path / "wide")
+  assert wide["panda"]["extrapolated"] is True
+  assert abs(wide["panda"]["d_over_sqrt_n"] / 0.080 - 1) < 0.05
+  for cand in wide["candidates"]:
+    outside = not (0.1 <= cand["d_over_sqrt_n"] <= 0.2 and 1.5 <= cand["mlp_attn_ratio"] <= 3.0)
+    assert cand["extrapolated"] is outside
+  margin = _fit_json(tmp_path, support=support)
+  margin.search.support_margin = 0.5  # log-width of [0.1, 0.2] is ln 2: +-0.5 ln 2 each side
+  assert search.run_search(margin, tmp_path / "margin")["support"]["d_over_sqrt_n"] == \
+      pytest.approx([0.1 / 2**0.5, 0.2 * 2**0.5])
+
+
+def test_picks_say_whether_their_advantage_exceeds_the_fit_uncertainty(tmp_path):
+  keys = ["a0", "a1", "a2", "b1", "b2"]
+  for scale, within in ((1e-14, False), (1e-2, True)):
+    cov = {"params": keys, "matrix": (scale * np.eye(5)).tolist()}
+    c = _fit_json(tmp_path, covariance=cov, interval_level=0.9)
+    out = search.run_search(c, tmp_path / f"cov{scale}")
+    unc = out["uncertainty"]
+    lo, hi = unc["panda"]["interval"]
+    assert lo <= out["panda"]["predicted_loss"] <= hi and unc["panda"]["level"] == 0.9
+    assert unc["panda"]["difference"] == pytest.approx(
+        out["panda"]["predicted_loss"] - out["baseline"]["predicted_loss"], rel=1e-6)
+    assert unc["panda"]["within_uncertainty"] is within
+    line = [s for s in unc["statements"] if s.startswith("panda:")][0]
+    assert ("cannot tell it from the baseline" in line) is within
+  hand = search.run_search(_fit_json(tmp_path), tmp_path / "hand")
+  assert hand["support"] is None and "panda" not in hand["uncertainty"]
+  assert any("no covariance" in s for s in hand["uncertainty"]["statements"])

@@ -6,37 +6,9 @@ import os
 import pathlib
 
 import pytest
+from helpers import make_config
 
-from archscale import config_lib, io, prepare, sweep
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  """A tiny prepared byte-level corpus (the fake trainers never read it; the real one does)."""
-  root = tmp_path_factory.mktemp("corpus")
-  text = root / "corpus.txt"
-  text.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" * 3
-                            for i in range(400)))
-  info = prepare.prepare(str(text), root / "prepared", "byte", eval_fraction=0.1,
-                         text_docs="line")
-  return info["path"]
-
-
-def make_config(dataset, **sweep_fields):
-  c = config_lib.make_config("demo")
-  c.data.path = str(dataset)
-  c.sweep.scales = "50k:2:16,100k:2:16"
-  c.sweep.tokens = 4096
-  c.sweep.d_over_sqrt_n = (0.12, 0.32)
-  c.sweep.r = (0.5, 4.0)
-  c.sweep.gqa = (2,)
-  c.sweep.d_model_multiple = 8
-  c.sweep.d_ff_multiple = 16
-  c.sweep.n_tolerance = 0.1
-  c.sweep.r_tolerance = 0.3
-  for k, v in sweep_fields.items():
-    c.sweep[k] = v
-  return c
+from archscale import config_lib, io, sweep
 
 
 class FakeTrainer:

@@ -19,103 +19,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import (
+  STEPS,
+  flat,
+  metrics,
+  params_of,
+  run_script,
+  subprocess_env,
+  tiny_config,
+  untimed,
+)
 
-from archscale import checkpoint, config_lib, io, monitor, prepare, train
+from archscale import checkpoint, monitor, train
 from archscale import data as data_lib
 from archscale import model as model_lib
+from archscale import step as step_lib
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-STEPS = 30
 KILL_AT = 15  # the killed run dies after step 15; its last checkpoint is step 10
 
 
 # ---------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """A compilation cache for this module's in-process runs and its subprocesses."""
-  path = tmp_path_factory.mktemp("jax_cache")
-  previous = {k: getattr(jax.config, k) for k in (
-      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_min_entry_size_bytes")}
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield path
-  for k, v in previous.items():
-    jax.config.update(k, v)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A byte-tokenised toy corpus: sentences over a small vocabulary of words."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  words = ["the", "lord", "said", "unto", "moses", "and", "he", "went", "up", "into", "mountain"]
-  text = "\n\n".join(" ".join(rng.choice(words, size=40)) + "." for _ in range(300))
-  (root / "corpus.txt").write_text(text)
-  prepare.prepare(str(root / "corpus.txt"), root / "data", tokenizer="byte",
-                  text_docs="paragraph", eval_fraction=0.05)
-  return root / "data"
-
-
-def tiny_config(data_path, **train_overrides) -> ml_collections.ConfigDict:
-  c = config_lib.make_config("demo")
-  c.model.update(d_model=32, d_ff=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8,
-                 max_seq_len=64)
-  c.data.path = str(data_path)
-  c.data.seq_len = 32
-  c.train.update(steps=STEPS, global_batch_size=8, lr=1e-2, warmup_steps=5, log_every=1,
-                 eval_every=10, eval_batches=2, checkpoint_every=10, keep_checkpoints=2)
-  c.train.update(train_overrides)
-  return c
-
-
-def metrics(workdir) -> list[dict]:
-  return list(io.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl"))
-
-
-def untimed(row: dict) -> dict:
-  """A metrics row without its wall-clock fields (which differ between any two runs)."""
-  return {k: v for k, v in row.items()
-          if k not in ("tokens_per_sec", "step_time_s", "mfu", "elapsed_s")}
-
-
-def params_of(workdir, config) -> dict:
-  state = train.load_checkpoint(workdir, config)
-  return jax.tree.map(np.asarray, state["params"])
-
-
-def flat(tree) -> dict[str, np.ndarray]:
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def subprocess_env(cache_dir, devices: int = 1) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.pop("XLA_FLAGS", None)
-  if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
-
-
-def run_script(script: str, env: dict, *args: str, timeout: int = 300):
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, cache_dir, tmp_path_factory):
-  """One uninterrupted single-device run that other tests compare against."""
-  workdir = tmp_path_factory.mktemp("reference")
-  config = tiny_config(corpus)
-  summary = train.train(config, workdir)
-  return dict(workdir=workdir, config=config, summary=summary, metrics=metrics(workdir),
-              params=params_of(workdir, config))
 
 
 # ------------------------------------------------------------------------------ unit pieces
@@ -142,7 +65,7 @@ def test_peak_flops_table():
 def test_learning_rate_schedules(schedule):
   t = ml_collections.ConfigDict(dict(lr=1.0, min_lr_ratio=0.1, steps=100, warmup_steps=10,
                                      schedule=schedule, decay_fraction=0.2))
-  lr = [float(train.learning_rate(t)(s)) for s in range(100)]
+  lr = [float(step_lib.learning_rate(t)(s)) for s in range(100)]
   assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warm-up
   assert max(lr) == pytest.approx(1.0)
   if schedule == "constant":
@@ -157,7 +80,7 @@ def test_learning_rate_schedules(schedule):
 def test_weight_decay_skips_norm_scales():
   params = {"embedding": np.ones((4, 2)), "final_norm": {"scale": np.ones(2)},
             "layers": {"attn_norm": {"scale": np.ones((2, 2))}, "mlp": {"up": np.ones((2, 2))}}}
-  mask = train.decay_mask(params)
+  mask = step_lib.decay_mask(params)
   assert mask["embedding"] and mask["layers"]["mlp"]["up"]
   assert not mask["final_norm"]["scale"] and not mask["layers"]["attn_norm"]["scale"]
 
@@ -543,7 +466,7 @@ def test_z_loss_is_added_to_the_objective(corpus):
   setup = train.build(config)
   params = model_lib.init_params(setup.model, jax.random.key(0))
   tokens = jnp.asarray(data_lib.Batches(corpus, "train", 32, 8, 0)(0))
-  loss = jax.jit(lambda p, x, z: train.loss_fn(setup.model, p, x, z), static_argnums=2)
+  loss = jax.jit(lambda p, x, z: step_lib.loss_fn(setup.model, p, x, z), static_argnums=2)
   total, (ce, z) = loss(params, tokens, 1e-2)
   total0, (ce0, z0) = loss(params, tokens, 0.0)
   assert float(z0) == 0.0 and float(ce0) == float(total0) == pytest.approx(float(ce))
