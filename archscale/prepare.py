@@ -32,7 +32,7 @@ import pathlib
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -294,22 +294,26 @@ def _worker_tokenizer(s: Tokenization) -> tok_lib.Tokenizer:
 
 
 def tokenize_unit(s: Tokenization, unit: sources.Unit) -> dict[str, Any]:
-  """Tokenizes one unit into its shards and record; returns the record."""
+  """Tokenizes one unit into its shards and record; returns the record.
+
+  A thread encodes each batch while this one reads the next and writes the previous (the
+  tokenizers library releases the interpreter lock while it encodes).
+  """
   start = time.time()
   tok = _worker_tokenizer(s)
   writers = {split: _ShardWriter(_shard_path(s.out_dir, unit.key, split), np.dtype(s.dtype),
                                  tok.eos_id) for split in data.SPLITS}
-  pending: dict[str, list[str]] = {split: [] for split in data.SPLITS}
-  last_split, pending_chars = None, 0
+  last_split = None
   try:
-    for key, text in sources.unit_documents(unit, s.text_field, s.text_docs):
-      last_split = "eval" if sources.is_held_out(s.seed, key, s.eval_fraction) else "train"
-      pending[last_split].append(text)
-      pending_chars += len(text)
-      if pending_chars >= _CHUNK_CHARS:
-        _flush(tok, pending, writers)
-        pending_chars = 0
-    _flush(tok, pending, writers)
+    with concurrent.futures.ThreadPoolExecutor(1) as encoder:
+      encoding = None
+      for texts, last in _batches(s, unit):
+        following = encoder.submit(_encode, tok, texts)
+        if encoding is not None:
+          _write(encoding.result(), writers)
+        encoding, last_split = following, last or last_split
+      if encoding is not None:
+        _write(encoding.result(), writers)
     sha = {split: w.commit() for split, w in writers.items()}
   finally:
     for w in writers.values():
@@ -324,12 +328,29 @@ def tokenize_unit(s: Tokenization, unit: sources.Unit) -> dict[str, Any]:
   return record
 
 
-def _flush(tok: tok_lib.Tokenizer, pending: dict[str, list[str]],
-           writers: dict[str, _ShardWriter]) -> None:
-  for split, texts in pending.items():
-    if texts:
-      writers[split].write(tok.encode_batch(texts))
-      texts.clear()
+def _batches(s: Tokenization,
+             unit: sources.Unit) -> Iterator[tuple[dict[str, list[str]], str | None]]:
+  """The unit's documents by split in batches of about `_CHUNK_CHARS` characters, each with the
+  split of its last document."""
+  texts: dict[str, list[str]] = {split: [] for split in data.SPLITS}
+  last, chars = None, 0
+  for key, text in sources.unit_documents(unit, s.text_field, s.text_docs):
+    last = "eval" if sources.is_held_out(s.seed, key, s.eval_fraction) else "train"
+    texts[last].append(text)
+    chars += len(text)
+    if chars >= _CHUNK_CHARS:
+      yield texts, last
+      texts, last, chars = {split: [] for split in data.SPLITS}, None, 0
+  yield texts, last
+
+
+def _encode(tok: tok_lib.Tokenizer, texts: dict[str, list[str]]) -> dict[str, list[np.ndarray]]:
+  return {split: tok.encode_batch(batch) if batch else [] for split, batch in texts.items()}
+
+
+def _write(ids: dict[str, list[np.ndarray]], writers: dict[str, _ShardWriter]) -> None:
+  for split, batch in ids.items():
+    writers[split].write(batch)
 
 
 def _prepare_share(s: Tokenization, recipe: dict, plan: Sequence[sources.Unit],

@@ -7,6 +7,7 @@ Three kinds share one interface: `byte` (UTF-8 bytes, no dependency), a Hugging 
 
 from __future__ import annotations
 
+import array
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -104,7 +105,8 @@ class HFTokenizer(Tokenizer):
     # encode_batch_fast skips character offsets, which only slow tokenization down here.
     encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
     encodings = encode(list(texts), add_special_tokens=False)
-    return [np.asarray(e.ids, np.int64) for e in encodings]
+    # Through array.array: twice as fast as numpy at turning a list of ints into a buffer.
+    return [np.frombuffer(array.array("I", e.ids), np.uint32) for e in encodings]
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
