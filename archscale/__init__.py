@@ -1,0 +1,16 @@
+"""archscale: scaling laws that see the architecture, for inference-efficient LLMs.
+
+Array names carry their shapes as suffixes, with one legend for the whole package (`x_BTD` is
+[batch, positions, d_model]; a lone suffix such as `y_R` is one axis):
+
+  model     B batch rows        T query positions     S cached (key) positions
+            D d_model           F d_ff                V vocabulary          L layers
+            N query heads       K KV heads            G query heads per KV head
+            H d_head            C positions of one chunk (a loss chunk or an attention block)
+            O generated (output) positions
+            M batch shards (the devices a batch is split over)
+  fitter    R results-table rows                      P law parameters
+            I starting points of a fit                E bootstrap replicates
+            J fit jobs (start x replicate)            W solver lanes
+            Q points of a grid over (x, r)            A architectures compared
+"""

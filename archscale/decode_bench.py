@@ -6,12 +6,12 @@ generation program of `archscale.generate`:
   compile_s            ahead-of-time compile of the generation program
   prefill_s            generate(n_new=0) at the same shapes: prefill + sampling the first token
   total_s              generate(n_new=output_len) with end-of-sequence ignored (the protocol),
-                       after an untimed warm-up prefill and a pass of chunked decode steps
+                       after an untimed warm-up prefill and a pass of decode bursts
   output_tokens_per_s  batch * output_len / total_s (mean of `repeats` runs, as the paper does)
-  step_ms_median/p90   decode steps timed in chunks of k steps: a jitted `fori_loop` of k
-                       `decode_step` calls per dispatch, one host sync per chunk, so dispatch
-                       latency is spread over k steps and the GPU runs the chunk back to back;
-                       per-step time = chunk time / k, pooled over the generation and the repeats
+  step_ms_median/p90   decode steps timed in bursts of k steps: a jitted `fori_loop` of k
+                       `decode_step` calls per dispatch, one host sync per burst, so dispatch
+                       latency is spread over k steps and the GPU runs the burst back to back;
+                       per-step time = burst time / k, pooled over the generation and the repeats
   step_ms_mean         (total_s - prefill_s) / (output_len - 1), from the end-to-end runs
   hbm_gbps             (weight bytes + KV bytes of the mean context) / step_ms_median
   roofline_fraction    cost model floor of the mean step / step_ms_median (None off the table)
@@ -38,7 +38,7 @@ from archscale import model as model_lib
 from archscale.arch import ArchSpec
 
 
-def _decode_chunk(params, cache, tokens_B, *, spec, options, n_steps):
+def _decode_burst(params, cache, tokens_B, *, spec, options, n_steps):
   """`n_steps` greedy decode steps in one program (the harness's per-step timing unit)."""
   decode_model = model_lib.Transformer(spec, options)
 
@@ -50,7 +50,7 @@ def _decode_chunk(params, cache, tokens_B, *, spec, options, n_steps):
   return jax.lax.fori_loop(0, n_steps, body, (cache, tokens_B))
 
 
-_decode_chunk_jit = jax.jit(_decode_chunk, static_argnames=("spec", "options", "n_steps"),
+_decode_burst_jit = jax.jit(_decode_burst, static_argnames=("spec", "options", "n_steps"),
                             donate_argnames=("cache",))
 
 
@@ -60,11 +60,9 @@ def resolve_attention(attention: str, decode_attention: str, platform: str,
   splash on TPU, else XLA; decode steps run XLA.
 
   Prefill at long prompts needs a fused kernel (XLA's reference path materialises B*N*T*T
-  scores). For decode steps cuDNN measured as fast as XLA's einsum at batch 1 and 7-20% faster
-  at batch 16-64 on an H100 while the cache was stored [B, S, K, H], which made XLA copy it
-  transposed every step. The cache is now heads-major: XLA reads it in place and cuDNN (which
-  takes [B, S, K, H]) gets the transposed copy instead. "pallas" reads only the filled part.
-  cuDNN needs 16-bit inputs.
+  scores). Decode steps read the heads-major cache in place with XLA, while cuDNN (which takes
+  [B, S, K, H]) would need a transposed copy each step; "pallas" reads only the filled part.
+  cuDNN needs 16-bit inputs. The README keeps the kernel timings measured so far.
   """
   fused_ok = platform == "gpu" and dtype in ("bfloat16", "float16")
   auto_prefill = "cudnn" if fused_ok else "splash" if platform == "tpu" else "xla"
@@ -85,8 +83,8 @@ def _timed(fn, *args):
   return out, time.perf_counter() - t0
 
 
-def _chunk_steps(output_len: int) -> int:
-  """Decode steps per timed chunk: up to 16, with at least 8 chunks when the output allows."""
+def _burst_steps(output_len: int) -> int:
+  """Decode steps per timed burst: up to 16, with at least 8 bursts when the output allows."""
   return max(1, min(16, (output_len - 1) // 8))
 
 
@@ -114,8 +112,8 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
   decode_options = generate_lib.decode_model_options(options, decode_attention)
   model = model_lib.Transformer(spec, prefill_options)  # unrolled: one copy of the weights
   params = jax.jit(lambda rng: model_lib.init_params(model, rng))(jax.random.key(seed))
-  chunk = _chunk_steps(output_len)
-  n_chunks = (output_len - 1) // chunk
+  burst = _burst_steps(output_len)
+  n_bursts = (output_len - 1) // burst
   contexts = costmodel.decode_contexts(input_len, output_len)
   mean_context = float(contexts.mean())
   weight_bytes = costmodel.weight_bytes_per_step(spec, dtype_bytes)
@@ -142,7 +140,7 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
       continue
     try:
       row.update(_bench_batch(spec, params, prefill_options, decode_options, sampler, batch,
-                              input_len, output_len, repeats, chunk, n_chunks, seed))
+                              input_len, output_len, repeats, burst, n_bursts, seed))
     except Exception as err:  # One failed point must not cost the rows measured before it.
       first_line = (str(err).splitlines() or [""])[0][:300]
       if isinstance(err, jax.errors.JaxRuntimeError) and _is_oom(err):
@@ -188,7 +186,7 @@ def prefill_attention_chunk(spec: ArchSpec, batch: int, prompt_len: int) -> int:
 
 
 def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, input_len,
-                 output_len, repeats, chunk, n_chunks, seed) -> dict[str, Any]:
+                 output_len, repeats, burst, n_bursts, seed) -> dict[str, Any]:
   """Compiles and times one (architecture, batch) point; see the module doc for the method."""
   if prefill_options.attention == "xla":
     prefill_options = dataclasses.replace(
@@ -214,22 +212,22 @@ def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, 
   run = lambda n_new: _timed(program, params, prompt_BT, new_cache(), keys[1], jnp.int32(n_new))
 
   # Warm-up that also runs one iteration of the decode loop, so that no first-execution cost
-  # lands in a timed generation; it leaves a cache to compile the chunked steps with.
-  (tokens_BN, _, cache), _ = run(2)
-  chunk_fn = _decode_chunk_jit.lower(params, cache, tokens_BN[:, 0], spec=spec,
-                                     options=decode_options, n_steps=chunk).compile()
-  del tokens_BN, cache
+  # lands in a timed generation; it leaves a cache to compile the bursts with.
+  (tokens_BO, _, cache), _ = run(2)
+  burst_fn = _decode_burst_jit.lower(params, cache, tokens_BO[:, 0], spec=spec,
+                                     options=decode_options, n_steps=burst).compile()
+  del tokens_BO, cache
 
   prefill_s, total_s, step_s = [], [], []
   for repeat in range(repeats):
-    (tokens_BN, _, cache), t = run(0)
+    (tokens_BO, _, cache), t = run(0)
     prefill_s.append(t)
-    tok_B = tokens_BN[:, 0]
-    for i in range(n_chunks):  # The first chunk ever run is a warm-up, not a sample.
-      (cache, tok_B), t = _timed(chunk_fn, params, cache, tok_B)
-      if repeat or i or n_chunks == 1:
-        step_s.append(t / chunk)
-    del tokens_BN, cache, tok_B
+    tok_B = tokens_BO[:, 0]
+    for i in range(n_bursts):  # The first burst ever run is a warm-up, not a sample.
+      (cache, tok_B), t = _timed(burst_fn, params, cache, tok_B)
+      if repeat or i or n_bursts == 1:
+        step_s.append(t / burst)
+    del tokens_BO, cache, tok_B
     total_s.append(run(output_len)[1])
 
   _, peak = _device_memory()
@@ -243,7 +241,7 @@ def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, 
       "step_ms_median": float(np.median(step_s)) * 1e3,
       "step_ms_p90": float(np.percentile(step_s, 90)) * 1e3,
       "step_ms_mean": (total_mean - prefill_median) / (output_len - 1) * 1e3,
-      "step_timing_chunk": chunk,
+      "step_timing_burst": burst,
       "output_tokens_per_s": batch * output_len / total_mean,
       "total_tokens_per_s": batch * max_len / total_mean,
       "peak_memory_bytes": compiled_bytes,

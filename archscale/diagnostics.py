@@ -176,22 +176,22 @@ def _closed_forms(law: law_lib.Law, box: dict[str, tuple[float, float]]) -> dict
     if math.isfinite(value):
       out[name] = value
   if law.form == "multiplicative":
-    x_G, r_G = (np.geomspace(*box[k], 64) for k in law_lib.REGRESSORS)
-    u = p["a0"] + p["a1"] * np.log(x_G) + p["a2"] / x_G
-    v = p.get("b0", 1.0) + p["b1"] * np.log(r_G) + p["b2"] / r_G
+    x_Q, r_Q = (np.geomspace(*box[k], 64) for k in law_lib.REGRESSORS)
+    u = p["a0"] + p["a1"] * np.log(x_Q) + p["a2"] / x_Q
+    v = p.get("b0", 1.0) + p["b1"] * np.log(r_Q) + p["b2"] / r_Q
     if not (np.all(u > 0) and np.all(v > 0)):
       return {}
   return out
 
 
-def optimum_samples(form: str, theta_BP: np.ndarray,
+def optimum_samples(form: str, theta_EP: np.ndarray,
                      box: tuple[tuple[float, float], tuple[float, float]] | None) -> np.ndarray:
   """(B, 2) optimum (x*, r*) of each parameter row; NaN where there is no interior minimum."""
-  p = law_lib.theta_to_params(form, theta_BP)
+  p = law_lib.theta_to_params(form, theta_EP)
   if form != "joint":
     return np.stack([law_lib.closed_form_optimum(p["a1"], p["a2"]),
                      law_lib.closed_form_optimum(p["b1"], p["b2"])], axis=-1)
-  x, r, interior = law_lib.grid_optimum(form, theta_BP, box[0], box[1])
+  x, r, interior = law_lib.grid_optimum(form, theta_EP, box[0], box[1])
   return np.where(interior[:, None], np.stack([x, r], axis=-1), np.nan)
 
 
@@ -302,13 +302,13 @@ def compare(law: law_lib.Law, doc: Mapping[str, Any], a: Sequence[float],
   shapes = [a] + ([b] if b is not None else [])
   n, d, x, r = (np.array([float(s[i]) for s in shapes]) for i in range(4))
   l_opt = law.l_opt(n, d) if law.has_chinchilla else None
-  g_KP = _gradients(law, cov["params"], x, r, l_opt)
+  g_AP = _gradients(law, cov["params"], x, r, l_opt)
   pred = np.asarray(law.predict(n, d, x, r), np.float64)
-  half = z * math.sqrt(max(float(g_KP[0] @ matrix @ g_KP[0]), 0.0))
+  half = z * math.sqrt(max(float(g_AP[0] @ matrix @ g_AP[0]), 0.0))
   out = dict(predicted=float(pred[0]), interval=[float(pred[0] - half), float(pred[0] + half)],
              level=level)
   if b is not None:
-    g = g_KP[0] - g_KP[1]
+    g = g_AP[0] - g_AP[1]
     half_diff = z * math.sqrt(max(float(g @ matrix @ g), 0.0))
     out.update(difference=float(pred[0] - pred[1]), difference_half_width=half_diff)
   return out

@@ -217,35 +217,35 @@ def _fit_arrays(cfg: settings.FitConfig, f: _Feats, loss: np.ndarray,
   form = cfg.form
   spec = solver_lib.Spec(_model(cfg), cfg.loss, cfg.delta, cfg.solver, cfg.max_iter, cfg.tol)
   y = np.log(loss) if cfg.space == "log" else loss
-  theta0_SP = _starting_points(cfg, f, loss, rng)
-  logging.info("fit: %s, %d rows, %d starts, solver %s", form, len(loss), len(theta0_SP),
+  theta0_IP = _starting_points(cfg, f, loss, rng)
+  logging.info("fit: %s, %d rows, %d starts, solver %s", form, len(loss), len(theta0_IP),
                cfg.solver)
   t0 = time.perf_counter()
-  (theta_BSP, obj_BS, status_BS, iters_BS), compile_s, _ = solver_lib.solve(
-      spec, theta0_SP[None], np.ones((1, len(loss))), f, y)
-  theta_SP, obj_S, status_S, iters_S = theta_BSP[0], obj_BS[0], status_BS[0], iters_BS[0]
-  finite = np.isfinite(obj_S)
+  (theta_EIP, obj_EI, status_EI, iters_EI), compile_s, _ = solver_lib.solve(
+      spec, theta0_IP[None], np.ones((1, len(loss))), f, y)
+  theta_IP, obj_I, status_I, iters_I = theta_EIP[0], obj_EI[0], status_EI[0], iters_EI[0]
+  finite = np.isfinite(obj_I)
   if not finite.any():
     raise ValueError(f"no start of the {form} fit reached a finite objective: check that the "
                      "losses and architecture fields are on the scales the law expects")
-  best = int(np.argmin(np.where(finite, obj_S, np.inf)))
-  objective = float(obj_S[best])
-  at_best = finite & (np.abs(obj_S - objective) <= AT_BEST_RTOL * abs(objective) + 1e-300)
+  best = int(np.argmin(np.where(finite, obj_I, np.inf)))
+  objective = float(obj_I[best])
+  at_best = finite & (np.abs(obj_I - objective) <= AT_BEST_RTOL * abs(objective) + 1e-300)
   status_names = solver_lib.STATUS
-  converged = int(np.sum(status_S == status_names.index("converged")))
-  starts = dict(total=len(obj_S), converged=converged,
+  converged = int(np.sum(status_I == status_names.index("converged")))
+  starts = dict(total=len(obj_I), converged=converged,
                 at_best=int(at_best.sum()), at_best_rtol=AT_BEST_RTOL,
-                status={s: int(np.sum(status_S == i)) for i, s in enumerate(status_names) if i},
-                iterations_of_best=int(iters_S[best]))
-  theta, objective = _converge_best(spec, form, theta_SP[best], objective, int(status_S[best]),
+                status={s: int(np.sum(status_I == i)) for i, s in enumerate(status_names) if i},
+                iterations_of_best=int(iters_I[best]))
+  theta, objective = _converge_best(spec, form, theta_IP[best], objective, int(status_I[best]),
                                     starts, f, y)
   timings = dict(compile_seconds=compile_s, seconds=time.perf_counter() - t0)
   logging.info("fit: objective %.6g; %d/%d starts converged, %d at the best (%.1f s)", objective,
                starts["converged"], starts["total"], starts["at_best"], timings["seconds"])
-  samples = np.zeros((0, len(theta0_SP[0])))
+  samples = np.zeros((0, len(theta0_IP[0])))
   if cfg.bootstrap:
     samples = _bootstrap(spec, theta, cfg.bootstrap, f, y, rng, starts, timings)
-  per_start = dict(objective=obj_S, status=status_S, iterations=iters_S)
+  per_start = dict(objective=obj_I, status=status_I, iterations=iters_I)
   return _Solution(theta, objective, starts, samples, timings, per_start, cfg.bootstrap)
 
 
@@ -259,12 +259,12 @@ def _converge_best(spec: solver_lib.Spec, form: str, theta_P: np.ndarray, object
   extra, budget = 0, spec.max_iter
   for _ in range(EXTEND_ROUNDS):
     budget *= 2
-    (theta_BSP, obj_BS, status_BS, iters_BS), _, _ = solver_lib.solve(
+    (theta_EIP, obj_EI, status_EI, iters_EI), _, _ = solver_lib.solve(
         spec._replace(max_iter=budget), theta_P[None, None], np.ones((1, len(y))), f, y)
-    extra += int(iters_BS[0, 0])
-    if obj_BS[0, 0] <= objective:
-      theta_P, objective = theta_BSP[0, 0], float(obj_BS[0, 0])
-    status = int(status_BS[0, 0])
+    extra += int(iters_EI[0, 0])
+    if obj_EI[0, 0] <= objective:
+      theta_P, objective = theta_EIP[0, 0], float(obj_EI[0, 0])
+    status = int(status_EI[0, 0])
     if status in _CONVERGED:
       starts["remedy"] = (f"the best start stopped at fit.max_iter={spec.max_iter}; {extra} "
                           "further iterations converged it")
@@ -282,10 +282,10 @@ def _bootstrap(spec: solver_lib.Spec, theta_P: np.ndarray, n_boot: int, f: _Feat
   """Refits on `n_boot` multinomial row resamples, each warm-started at theta_P; the replicates
   that converged (B, P)."""
   n_rows = len(y)
-  w_BR = rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=n_boot).astype(np.float64)
+  w_ER = rng.multinomial(n_rows, np.full(n_rows, 1.0 / n_rows), size=n_boot).astype(np.float64)
   t1 = time.perf_counter()
   (theta_B1P, obj_B1, status_B1, _), boot_compile_s, _ = solver_lib.solve(
-      spec, np.broadcast_to(theta_P, (n_boot, 1, len(theta_P))), w_BR, f, y)
+      spec, np.broadcast_to(theta_P, (n_boot, 1, len(theta_P))), w_ER, f, y)
   used = np.isfinite(obj_B1[:, 0]) & np.isin(status_B1[:, 0], _CONVERGED)
   timings.update(bootstrap_seconds=time.perf_counter() - t1,
                  compile_seconds=timings["compile_seconds"] + boot_compile_s)
@@ -397,21 +397,21 @@ class FitResult:
     level = self.settings["level"] if level is None else level
     params = {k: self.samples.get(k, v) for k, v in self.law.params.items()
               if k in law_lib.PARAM_KEYS[form]}
-    theta_BP = law_lib.params_to_theta(form, params)
+    theta_EP = law_lib.params_to_theta(form, params)
     if form == "chinchilla":
       n, d = np.broadcast_arrays(np.asarray(n, np.float64), np.asarray(d, np.float64))
-      pred_BR = np.exp(law_lib.chinchilla_log(theta_BP, np.log(n.ravel()), np.log(d.ravel()), np))
+      pred_ER = np.exp(law_lib.chinchilla_log(theta_EP, np.log(n.ravel()), np.log(d.ravel()), np))
       shape = n.shape
     else:
       x, r = np.broadcast_arrays(np.asarray(x, np.float64), np.asarray(r, np.float64))
-      pred_BR = law_lib.calibrate(form, theta_BP, x.ravel(), r.ravel(), np)
+      pred_ER = law_lib.calibrate(form, theta_EP, x.ravel(), r.ravel(), np)
       shape = x.shape
       if l_opt is None and self.law.has_chinchilla:
         l_opt = self.law.l_opt(n, d)
       if l_opt is not None:
-        pred_BR = law_lib.combine(form, np.broadcast_to(l_opt, shape).ravel(), pred_BR)
+        pred_ER = law_lib.combine(form, np.broadcast_to(l_opt, shape).ravel(), pred_ER)
     q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
-    return np.nanpercentile(pred_BR, q, axis=0).reshape((2,) + shape)
+    return np.nanpercentile(pred_ER, q, axis=0).reshape((2,) + shape)
 
   def to_json(self) -> dict[str, Any]:
     """The fit.json document (without provenance)."""
@@ -573,12 +573,12 @@ def _bootstrap_samples(form: str, terms: str, sol: _Solution,
     return {}, (f"only {used} of {total} bootstrap replicates converged; no intervals are "
                 f"reported from fewer than {need}. Raise fit.max_iter (or fit.bootstrap), or "
                 "check the fit's other diagnostics")
-  theta_BP = _full_theta(form, terms, sol.theta_samples)
+  theta_EP = _full_theta(form, terms, sol.theta_samples)
   fitted = set(law_lib.free_keys(form, terms)) if form != "chinchilla" else None
-  samples = {k: np.asarray(v) for k, v in law_lib.theta_to_params(form, theta_BP).items()
+  samples = {k: np.asarray(v) for k, v in law_lib.theta_to_params(form, theta_EP).items()
              if fitted is None or k in fitted}  # b0 = 1 and unfitted terms are fixed
   if form != "chinchilla":
-    opt_B2 = diagnostics_lib.optimum_samples(form, theta_BP, box)
+    opt_B2 = diagnostics_lib.optimum_samples(form, theta_EP, box)
     samples["d_over_sqrt_n"], samples["r"] = opt_B2[:, 0], opt_B2[:, 1]
   return samples, None
 

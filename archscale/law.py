@@ -120,9 +120,9 @@ def combine(form: str, l_opt: Any, calibration: Any) -> Any:
 # Laws as objects: what fit() returns and what the search module loads.
 
 
-def theta_to_params(form: str, theta_BP: np.ndarray) -> dict[str, np.ndarray]:
+def theta_to_params(form: str, theta_EP: np.ndarray) -> dict[str, np.ndarray]:
   """Solver parameters (last axis) to the reported ones: E, A, B from logs; b0 = 1 when fixed."""
-  t = {k: theta_BP[..., i] for i, k in enumerate(THETA_KEYS[form])}
+  t = {k: theta_EP[..., i] for i, k in enumerate(THETA_KEYS[form])}
   if form == "chinchilla":
     return dict(E=np.exp(t["e"]), A=np.exp(t["a"]), B=np.exp(t["b"]), alpha=t["alpha"],
                 beta=t["beta"])
@@ -154,25 +154,25 @@ def closed_form_optimum(c1: Any, c2: Any) -> Any:
     return np.where((c1 > 0) & (c2 > 0), c2 / c1, np.nan)
 
 
-def grid_optimum(form: str, theta_BP: np.ndarray, x_range: Sequence[float],
+def grid_optimum(form: str, theta_EP: np.ndarray, x_range: Sequence[float],
                  r_range: Sequence[float], size: int = 161) -> tuple[np.ndarray, ...]:
   """Numeric argmin of the calibration over a log grid: (x*, r*, interior) per parameter row."""
-  x, r, x_inside, r_inside = grid_argmin(form, theta_BP, x_range, r_range, size)
+  x, r, x_inside, r_inside = grid_argmin(form, theta_EP, x_range, r_range, size)
   return x, r, x_inside & r_inside
 
 
-def grid_argmin(form: str, theta_BP: np.ndarray, x_range: Sequence[float],
+def grid_argmin(form: str, theta_EP: np.ndarray, x_range: Sequence[float],
                 r_range: Sequence[float], size: int = 161) -> tuple[np.ndarray, ...]:
   """Argmin of the calibration over a log grid of the box, per parameter row: (x*, r*, whether
   x* is off the x edges, whether r* is off the r edges)."""
-  x_G = np.geomspace(x_range[0], x_range[1], size)
-  r_G = np.geomspace(r_range[0], r_range[1], size)
-  xx, rr = (a.ravel() for a in np.meshgrid(x_G, r_G, indexing="ij"))
-  theta_BP = np.atleast_2d(theta_BP)
-  cal_BG = calibrate(form, theta_BP, xx, rr, np)
-  best = np.argmin(np.where(np.isfinite(cal_BG), cal_BG, np.inf), axis=-1)
+  x_Q = np.geomspace(x_range[0], x_range[1], size)
+  r_Q = np.geomspace(r_range[0], r_range[1], size)
+  xx, rr = (a.ravel() for a in np.meshgrid(x_Q, r_Q, indexing="ij"))
+  theta_EP = np.atleast_2d(theta_EP)
+  cal_EQ = calibrate(form, theta_EP, xx, rr, np)
+  best = np.argmin(np.where(np.isfinite(cal_EQ), cal_EQ, np.inf), axis=-1)
   i, j = np.unravel_index(best, (size, size))
-  return x_G[i], r_G[j], (i > 0) & (i < size - 1), (j > 0) & (j < size - 1)
+  return x_Q[i], r_Q[j], (i > 0) & (i < size - 1), (j > 0) & (j < size - 1)
 
 
 @dataclasses.dataclass(frozen=True)

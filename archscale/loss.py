@@ -60,7 +60,7 @@ def chunked_cross_entropy(x_BTD: jax.Array, head_DV: jax.Array, targets_BT: jax.
 
 
 def _chunks(a, chunk, shards):
-  """[B, T, ...] -> [T / chunk, S, B / S, chunk, ...]: the scan's axis first, then batch shards."""
+  """[B, T, ...] -> [T / chunk, M, B / M, chunk, ...]: the scan's axis first, then batch shards."""
   b, t = a.shape[:2]
   a = a.reshape(shards, b // shards, t // chunk, chunk, *a.shape[2:])
   return jnp.moveaxis(a, 2, 0)
@@ -71,12 +71,12 @@ def _unchunk(a):
   return jnp.moveaxis(a, 0, 2).reshape(s * b, n * c, *a.shape[4:])
 
 
-def _chunk_stats(x_SBCD, head_DV, targets_SBC):
+def _chunk_stats(x_MBCD, head_DV, targets_MBC):
   """Float32 logits of one chunk, their logsumexp and the target logit."""
-  logits_SBCV = jnp.einsum("sbcd,dv->sbcv", x_SBCD, head_DV).astype(jnp.float32)
-  lse_SBC = jax.nn.logsumexp(logits_SBCV, axis=-1)
-  target_SBC = jnp.take_along_axis(logits_SBCV, targets_SBC[..., None], axis=-1)[..., 0]
-  return logits_SBCV, lse_SBC, target_SBC
+  logits_MBCV = jnp.einsum("mbcd,dv->mbcv", x_MBCD, head_DV).astype(jnp.float32)
+  lse_MBC = jax.nn.logsumexp(logits_MBCV, axis=-1)
+  target_MBC = jnp.take_along_axis(logits_MBCV, targets_MBC[..., None], axis=-1)[..., 0]
+  return logits_MBCV, lse_MBC, target_MBC
 
 
 def _sums(lse, target, weight, z_coef, n_tokens):
@@ -88,9 +88,9 @@ def _sums(lse, target, weight, z_coef, n_tokens):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _fused(x_BTD, head_DV, targets_BT, weight_BT, z_coef, chunk, n_tokens, shards):
   def body(_, xs):
-    x_SBCD, targets_SBC = xs
-    _, lse_SBC, target_SBC = _chunk_stats(x_SBCD, head_DV, targets_SBC)
-    return None, (lse_SBC, target_SBC)
+    x_MBCD, targets_MBC = xs
+    _, lse_MBC, target_MBC = _chunk_stats(x_MBCD, head_DV, targets_MBC)
+    return None, (lse_MBC, target_MBC)
 
   xs = (_chunks(x_BTD, chunk, shards), _chunks(targets_BT, chunk, shards))
   _, (lse, target) = jax.lax.scan(body, None, xs)
@@ -100,25 +100,25 @@ def _fused(x_BTD, head_DV, targets_BT, weight_BT, z_coef, chunk, n_tokens, shard
 def _fused_fwd(x_BTD, head_DV, targets_BT, weight_BT, z_coef, chunk, n_tokens, shards):
   v = head_DV.shape[1]
 
-  def body(dhead_SDV, xs):
-    x_SBCD, targets_SBC, weight_SBC = xs
-    logits_SBCV, lse_SBC, target_SBC = _chunk_stats(x_SBCD, head_DV, targets_SBC)
+  def body(dhead_MDV, xs):
+    x_MBCD, targets_MBC, weight_MBC = xs
+    logits_MBCV, lse_MBC, target_MBC = _chunk_stats(x_MBCD, head_DV, targets_MBC)
     # d(loss)/d(logits) = w / n * (softmax - onehot + 2 z_coef lse softmax)
-    probs_SBCV = jnp.exp(logits_SBCV - lse_SBC[..., None])
-    scale_SBC = weight_SBC / n_tokens
-    dlogits_SBCV = probs_SBCV * (scale_SBC * (1 + 2 * z_coef * lse_SBC))[..., None]
-    dlogits_SBCV -= jax.nn.one_hot(targets_SBC, v, dtype=jnp.float32) * scale_SBC[..., None]
-    dlogits_SBCV = dlogits_SBCV.astype(x_SBCD.dtype)
-    dx_SBCD = jnp.einsum("sbcv,dv->sbcd", dlogits_SBCV, head_DV)
-    dhead_SDV += jnp.einsum("sbcd,sbcv->sdv", x_SBCD, dlogits_SBCV,
+    probs_MBCV = jnp.exp(logits_MBCV - lse_MBC[..., None])
+    scale_MBC = weight_MBC / n_tokens
+    dlogits_MBCV = probs_MBCV * (scale_MBC * (1 + 2 * z_coef * lse_MBC))[..., None]
+    dlogits_MBCV -= jax.nn.one_hot(targets_MBC, v, dtype=jnp.float32) * scale_MBC[..., None]
+    dlogits_MBCV = dlogits_MBCV.astype(x_MBCD.dtype)
+    dx_MBCD = jnp.einsum("mbcv,dv->mbcd", dlogits_MBCV, head_DV)
+    dhead_MDV += jnp.einsum("mbcd,mbcv->mdv", x_MBCD, dlogits_MBCV,
                             preferred_element_type=jnp.float32)
-    return dhead_SDV, (lse_SBC, target_SBC, dx_SBCD)
+    return dhead_MDV, (lse_MBC, target_MBC, dx_MBCD)
 
   xs = tuple(_chunks(a, chunk, shards) for a in (x_BTD, targets_BT, weight_BT))
-  dhead_SDV = jnp.zeros((shards, *head_DV.shape), jnp.float32)
-  dhead_SDV, (lse, target, dx) = jax.lax.scan(body, dhead_SDV, xs)
+  dhead_MDV = jnp.zeros((shards, *head_DV.shape), jnp.float32)
+  dhead_MDV, (lse, target, dx) = jax.lax.scan(body, dhead_MDV, xs)
   out = _sums(lse, target, xs[2], z_coef, n_tokens)
-  return out, (_unchunk(dx), jnp.sum(dhead_SDV, axis=0).astype(head_DV.dtype))
+  return out, (_unchunk(dx), jnp.sum(dhead_MDV, axis=0).astype(head_DV.dtype))
 
 
 def _fused_bwd(z_coef, chunk, n_tokens, shards, residuals, cotangents):

@@ -17,8 +17,7 @@ The cache is stored heads-major, [B, K, S, H], so that attention contracts it wi
 KV heads as its leading dimensions and reads it in place (a [B, S, K, H] cache is transposed into
 a copy by XLA on every decode step).
 
-Shape suffixes: B batch, T query positions, S cached (key) positions, D d_model, N query heads,
-K KV heads, G query heads per KV head, H d_head, F d_ff, V vocab, L layers.
+Shape suffixes follow the package legend (`archscale/__init__.py`).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ gradients and Gauss-Newton matrices come from forward-mode autodiff.
 
 Public API:
   Spec(model, loss, delta, solver, max_iter, tol)   everything static about one solve
-  solve(spec, theta0_BSP, w_BR, feats, y_R) -> ((theta_BSP, objective_BS, status_BS,
-      iterations_BS), compile_seconds, solve_seconds)
+  solve(spec, theta0_EIP, w_ER, feats, y_R) -> ((theta_EIP, objective_EI, status_EI,
+      iterations_EI), compile_seconds, solve_seconds)
   STATUS                          names of the per-start status codes
   hoffmann_grid() -> np.ndarray   the 4500 Chinchilla starts (a, b, e, alpha, beta)
   hoffmann_box(n_starts, rng)     random starts in the box that grid spans
@@ -198,13 +198,13 @@ LANES = 512
 ROUND = 10
 
 
-def _advance(spec: Spec, state: dict[str, Any], fresh_C: Any, theta0_CP: Any, rep_C: Any,
-             w_BR: Any, f: Any, y_R: Any) -> dict[str, Any]:
+def _advance(spec: Spec, state: dict[str, Any], fresh_W: Any, theta0_WP: Any, rep_W: Any,
+             w_ER: Any, f: Any, y_R: Any) -> dict[str, Any]:
   """Restarts the `fresh` lanes from theta0, then runs up to ROUND iterations on every lane."""
   init, step = _SOLVERS[spec.solver]
-  restarted = jax.vmap(init)(theta0_CP)
+  restarted = jax.vmap(init)(theta0_WP)
   state = jax.tree.map(
-      lambda new, old: jnp.where(fresh_C.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
+      lambda new, old: jnp.where(fresh_W.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
       restarted, state)
 
   def run(c, w_R):
@@ -213,7 +213,7 @@ def _advance(spec: Spec, state: dict[str, Any], fresh_C: Any, theta0_CP: Any, re
       return step(spec, c, w_R, f, y_R), k + 1
     return jax.lax.while_loop(lambda ck: (ck[0]["status"] == 0) & (ck[1] < ROUND), body, (c, 0))[0]
 
-  return jax.vmap(run)(state, w_BR[rep_C])
+  return jax.vmap(run)(state, w_ER[rep_W])
 
 
 _COMPILED: dict[tuple, Any] = {}
@@ -224,68 +224,68 @@ def _bucket(n: int, least: int = 1) -> int:
   return max(least, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
-def solve(spec: Spec, theta0_BSP: np.ndarray, w_BR: np.ndarray, f: Any,
+def solve(spec: Spec, theta0_EIP: np.ndarray, w_ER: np.ndarray, f: Any,
            y_R: np.ndarray) -> tuple[tuple[np.ndarray, ...], float, float]:
-  """Solves every start of every replicate (replicate b weights the rows by w_BR[b]).
+  """Solves every start of every replicate (replicate b weights the rows by w_ER[b]).
 
   Rows, replicates and lanes are padded to powers of two (padded rows weigh nothing), so fits of
-  similar size share one compiled program. Returns ((theta_BSP, objective_BS, status_BS,
-  iterations_BS), compile seconds, solve seconds).
+  similar size share one compiled program. Returns ((theta_EIP, objective_EI, status_EI,
+  iterations_EI), compile seconds, solve seconds).
   """
-  n_b, n_s, n_p = theta0_BSP.shape
-  theta0_LP = theta0_BSP.reshape(n_b * n_s, n_p)
-  rep_L = np.repeat(np.arange(n_b), n_s)
-  n_lanes = min(LANES, _bucket(len(theta0_LP)))
+  n_b, n_s, n_p = theta0_EIP.shape
+  theta0_JP = theta0_EIP.reshape(n_b * n_s, n_p)
+  rep_J = np.repeat(np.arange(n_b), n_s)
+  n_lanes = min(LANES, _bucket(len(theta0_JP)))
   pad_r = _bucket(len(y_R), 32) - len(y_R)
-  w_BR = np.pad(w_BR, ((0, _bucket(n_b) - n_b), (0, pad_r)))
+  w_ER = np.pad(w_ER, ((0, _bucket(n_b) - n_b), (0, pad_r)))
   f = type(f)(*(np.pad(a, (0, pad_r), mode="edge") for a in f))
   y_R = np.pad(y_R, (0, pad_r), mode="edge")
   with float64():
-    args = (jnp.asarray(w_BR, jnp.float64), type(f)(*(jnp.asarray(a, jnp.float64) for a in f)),
+    args = (jnp.asarray(w_ER, jnp.float64), type(f)(*(jnp.asarray(a, jnp.float64) for a in f)),
             jnp.asarray(y_R, jnp.float64))
     init = _SOLVERS[spec.solver][0]
-    lane_job = np.where(np.arange(n_lanes) < len(theta0_LP), np.arange(n_lanes), -1)
-    theta0_CP = theta0_LP[np.maximum(lane_job, 0) % len(theta0_LP)].copy()
-    rep_C = rep_L[np.maximum(lane_job, 0) % len(theta0_LP)].copy()
-    state = jax.vmap(init)(jnp.asarray(theta0_CP))
+    lane_job = np.where(np.arange(n_lanes) < len(theta0_JP), np.arange(n_lanes), -1)
+    theta0_WP = theta0_JP[np.maximum(lane_job, 0) % len(theta0_JP)].copy()
+    rep_W = rep_J[np.maximum(lane_job, 0) % len(theta0_JP)].copy()
+    state = jax.vmap(init)(jnp.asarray(theta0_WP))
     state["status"] = jnp.where(jnp.asarray(lane_job) >= 0, state["status"],  # idle lanes
                                 STATUS.index("nonfinite"))
     fresh = np.zeros(n_lanes, bool)
-    key = (spec, n_lanes, n_p, w_BR.shape)
+    key = (spec, n_lanes, n_p, w_ER.shape)
     compile_s = 0.0
     if key not in _COMPILED:
       t0 = time.perf_counter()
       _COMPILED[key] = jax.jit(functools.partial(_advance, spec)).lower(
-          state, fresh, theta0_CP, rep_C, *args).compile()
+          state, fresh, theta0_WP, rep_W, *args).compile()
       compile_s = time.perf_counter() - t0
     advance = _COMPILED[key]
     t0 = time.perf_counter()
-    theta_LP = np.full_like(theta0_LP, np.nan)
-    obj_L = np.full(len(theta0_LP), np.inf)
-    status_L = np.zeros(len(theta0_LP), int)
-    iters_L = np.zeros(len(theta0_LP), int)
+    theta_JP = np.full_like(theta0_JP, np.nan)
+    obj_J = np.full(len(theta0_JP), np.inf)
+    status_J = np.zeros(len(theta0_JP), int)
+    iters_J = np.zeros(len(theta0_JP), int)
     queue = n_lanes  # the next start to hand to a free lane; lane_job is -1 on idle lanes
     while (lane_job >= 0).any():
-      state = advance(state, fresh, theta0_CP, rep_C, *args)
+      state = advance(state, fresh, theta0_WP, rep_W, *args)
       status = np.asarray(state["status"])
       done = (status != 0) & (lane_job >= 0)
       if done.any():
         jobs = lane_job[done]
-        theta_LP[jobs] = np.asarray(state["theta"])[done]
-        obj_L[jobs] = np.asarray(state["obj"])[done]
-        status_L[jobs], iters_L[jobs] = status[done], np.asarray(state["it"])[done]
+        theta_JP[jobs] = np.asarray(state["theta"])[done]
+        obj_J[jobs] = np.asarray(state["obj"])[done]
+        status_J[jobs], iters_J[jobs] = status[done], np.asarray(state["it"])[done]
       fresh = np.zeros(n_lanes, bool)
       for lane in np.flatnonzero(done):
-        if queue < len(theta0_LP):
+        if queue < len(theta0_JP):
           lane_job[lane], fresh[lane] = queue, True
-          theta0_CP[lane], rep_C[lane] = theta0_LP[queue], rep_L[queue]
+          theta0_WP[lane], rep_W[lane] = theta0_JP[queue], rep_J[queue]
           queue += 1
         else:
           lane_job[lane] = -1
     solve_s = time.perf_counter() - t0
   shape = (n_b, n_s)
-  return ((theta_LP.reshape(n_b, n_s, n_p), obj_L.reshape(shape), status_L.reshape(shape),
-           iters_L.reshape(shape)), compile_s, solve_s)
+  return ((theta_JP.reshape(n_b, n_s, n_p), obj_J.reshape(shape), status_J.reshape(shape),
+           iters_J.reshape(shape)), compile_s, solve_s)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def epoch_rows(path: pathlib.Path) -> list[dict[str, float]]:
   return rows[:-5]
 
 
-def scipy_fit(rows: list[dict[str, float]], starts_SP: np.ndarray) -> tuple[np.ndarray, float]:
+def scipy_fit(rows: list[dict[str, float]], starts_IP: np.ndarray) -> tuple[np.ndarray, float]:
   """Epoch's loop: L-BFGS-B (numerical gradients) from each start; the best result."""
   from scipy.optimize import minimize
 
@@ -65,7 +65,7 @@ def scipy_fit(rows: list[dict[str, float]], starts_SP: np.ndarray) -> tuple[np.n
     return np.sum(np.where(resid <= DELTA, 0.5 * resid**2, DELTA * (resid - 0.5 * DELTA)))
 
   best_x, best_f = None, np.inf
-  for start in starts_SP:
+  for start in starts_IP:
     res = minimize(objective, start, method="L-BFGS-B")
     if res.fun < best_f:
       best_x, best_f = res.x, float(res.fun)

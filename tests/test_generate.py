@@ -49,7 +49,7 @@ def test_greedy_generate_equals_full_forward_loop(setup):
   out = G.generate(params, SPEC, prompt_BT, N_NEW)
   expected = naive_greedy(model, params, prompt_BT, N_NEW)
   assert len(np.unique(expected)) > N_NEW  # the check can tell positions apart
-  np.testing.assert_array_equal(np.asarray(out.tokens_BN), expected)
+  np.testing.assert_array_equal(np.asarray(out.tokens_BO), expected)
   np.testing.assert_array_equal(np.asarray(out.lengths_B), [N_NEW] * 3)
   assert int(out.cache.end) == out.cache.max_len == prompt_BT.shape[1] + N_NEW - 1
 
@@ -59,7 +59,7 @@ def test_generation_may_fill_the_context_exactly(setup):
   prompt_BT = jax.random.randint(jax.random.key(2), (1, SPEC.max_seq_len - N_NEW + 1), 0,
                                  SPEC.vocab_size)
   out = G.generate(params, SPEC, prompt_BT, N_NEW)  # feeds positions up to max_seq_len - 1
-  np.testing.assert_array_equal(np.asarray(out.tokens_BN),
+  np.testing.assert_array_equal(np.asarray(out.tokens_BO),
                                 naive_greedy(model, params, prompt_BT, N_NEW))
   with pytest.raises(ValueError, match="max_seq_len"):
     G.generate(params, SPEC, prompt_BT, N_NEW + 1)
@@ -72,7 +72,7 @@ def test_unrolled_model_generates_the_same(setup):
   assert "layers" not in flat and "layers_1" in flat
   out = G.generate(flat, SPEC, prompt_BT, N_NEW, options=options)
   ref = G.generate(params, SPEC, prompt_BT, N_NEW)
-  np.testing.assert_array_equal(np.asarray(out.tokens_BN), np.asarray(ref.tokens_BN))
+  np.testing.assert_array_equal(np.asarray(out.tokens_BO), np.asarray(ref.tokens_BO))
 
 
 def test_generation_makes_no_copy_of_the_kv_cache(setup):
@@ -94,7 +94,7 @@ def test_chunked_prefill_attention_generates_the_same(setup):
   _, params, prompt_BT = setup
   out = G.generate(params, SPEC, prompt_BT, N_NEW, options=M.ModelOptions(attention_chunk=3))
   ref = G.generate(params, SPEC, prompt_BT, N_NEW)
-  np.testing.assert_array_equal(np.asarray(out.tokens_BN), np.asarray(ref.tokens_BN))
+  np.testing.assert_array_equal(np.asarray(out.tokens_BO), np.asarray(ref.tokens_BO))
 
 
 def test_one_program_per_shape(setup):
@@ -105,15 +105,15 @@ def test_one_program_per_shape(setup):
   G.generate(params, SPEC, prompt_BT, N_NEW, rng=jax.random.key(3))
   assert G.generate_program._cache_size() == before
   empty = G.generate(params, SPEC, prompt_BT, 0)
-  assert empty.tokens_BN.shape == (3, 0) and int(empty.cache.end) == prompt_BT.shape[1]
+  assert empty.tokens_BO.shape == (3, 0) and int(empty.cache.end) == prompt_BT.shape[1]
 
 
 def test_eos_stops_rows_unless_ignored(setup):
   _, params, prompt_BT = setup
-  greedy = np.asarray(G.generate(params, SPEC, prompt_BT, N_NEW).tokens_BN)
+  greedy = np.asarray(G.generate(params, SPEC, prompt_BT, N_NEW).tokens_BO)
   eos = int(greedy[0, 4])
   out = G.generate(params, SPEC, prompt_BT, N_NEW, G.Sampler(eos_id=eos))
-  tokens, lengths = np.asarray(out.tokens_BN), np.asarray(out.lengths_B)
+  tokens, lengths = np.asarray(out.tokens_BO), np.asarray(out.lengths_B)
   for row in range(3):
     hits = np.flatnonzero(greedy[row] == eos)
     length = hits[0] + 1 if hits.size else N_NEW
@@ -122,20 +122,20 @@ def test_eos_stops_rows_unless_ignored(setup):
     assert (tokens[row, length:] == eos).all()
   assert lengths[0] == np.flatnonzero(greedy[0] == eos)[0] + 1 <= 5
   ignored = G.generate(params, SPEC, prompt_BT, N_NEW, G.Sampler(eos_id=eos, ignore_eos=True))
-  np.testing.assert_array_equal(np.asarray(ignored.tokens_BN), greedy)
+  np.testing.assert_array_equal(np.asarray(ignored.tokens_BO), greedy)
   np.testing.assert_array_equal(np.asarray(ignored.lengths_B), [N_NEW] * 3)
 
 
 def test_sampling_respects_temperature_top_k_and_top_p(setup):
   _, params, prompt_BT = setup
-  greedy = G.generate(params, SPEC, prompt_BT, N_NEW).tokens_BN
+  greedy = G.generate(params, SPEC, prompt_BT, N_NEW).tokens_BO
   top1 = G.generate(params, SPEC, prompt_BT, N_NEW, G.Sampler(temperature=1.0, top_k=1),
                     rng=jax.random.key(7))
-  np.testing.assert_array_equal(np.asarray(top1.tokens_BN), np.asarray(greedy))
+  np.testing.assert_array_equal(np.asarray(top1.tokens_BO), np.asarray(greedy))
   hot = G.Sampler(temperature=2.0)
-  a = G.generate(params, SPEC, prompt_BT, N_NEW, hot, rng=jax.random.key(7)).tokens_BN
-  b = G.generate(params, SPEC, prompt_BT, N_NEW, hot, rng=jax.random.key(7)).tokens_BN
-  c = G.generate(params, SPEC, prompt_BT, N_NEW, hot, rng=jax.random.key(8)).tokens_BN
+  a = G.generate(params, SPEC, prompt_BT, N_NEW, hot, rng=jax.random.key(7)).tokens_BO
+  b = G.generate(params, SPEC, prompt_BT, N_NEW, hot, rng=jax.random.key(7)).tokens_BO
+  c = G.generate(params, SPEC, prompt_BT, N_NEW, hot, rng=jax.random.key(8)).tokens_BO
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(a), np.asarray(c))
 

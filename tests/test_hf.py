@@ -87,7 +87,7 @@ def test_export_matches_transformers_logits_and_greedy_generation(tmp_path, name
   with torch.no_grad():
     hf_gen = model.generate(torch.from_numpy(tokens_BT[:, :8]), max_new_tokens=12,
                             do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=12)
-  np.testing.assert_array_equal(np.asarray(gen.tokens_BN), hf_gen[:, 8:].numpy())
+  np.testing.assert_array_equal(np.asarray(gen.tokens_BO), hf_gen[:, 8:].numpy())
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
