@@ -14,7 +14,10 @@
 
 Data: `train()` reads the prepared dataset at `data.path` and refuses to start without one (a sweep
 shares one dataset); `--mode=train` with `data.path` empty and `data.source` set first prepares
-it into DIR/data. SIGTERM (preemption) checkpoints at the next step boundary and stops cleanly.
+it into DIR/data. SIGTERM (preemption) checkpoints at the next step boundary and stops;
+`--mode=train` then exits with status 75 (`monitor.EXIT_PREEMPTED`, "resume me"). The trainer
+holds DIR/.lock for its whole life (`io.WorkdirLock`), and a rerun whose recipe differs from the
+checkpoint's or summary's is refused, naming the changed fields.
 
 Rerunning with the same DIR resumes from the latest checkpoint. Batches are a pure function of
 (data seed, step) (`archscale.data.Batches`), so the step stored in the train state is the whole
