@@ -249,6 +249,42 @@ def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
   return out
 
 
+def verdict(workdir: pathlib.Path) -> list[str]:
+  """The report's first lines: whether the fit and the search support a recommendation, and if
+  not, why (so no pick or speedup below reads as a finding)."""
+  fit_path, search_path = workdir / "fit.json", workdir / "search.json"
+  if not fit_path.exists() and not search_path.exists():
+    return []
+  reasons = []
+  if fit_path.exists():
+    fit = json.loads(fit_path.read_text())
+    diag = fit.get("diagnostics") or {}
+    reasons += [f"the rows do not identify the {k} term" for k, ok in
+                (diag.get("identifiable") or {}).items() if not ok]
+    if diag.get("warnings"):
+      reasons.append(f"the fit has {len(diag['warnings'])} warning(s), listed below")
+    r2 = ((fit.get("metrics") or {}).get("in_sample") or {}).get("r2")
+    if r2 is not None and r2 < 0.5:
+      reasons.append(f"the law explains little of the loss (in-sample R^2 {r2:.2f})")
+  if search_path.exists():
+    s = json.loads(search_path.read_text())
+    tested = (s.get("uncertainty") or {})
+    for name in ("panda", "surefire"):
+      if not s.get(name):
+        continue
+      if name not in tested:
+        reasons.append(f"whether {name}'s predicted difference is real is untested")
+      elif tested[name].get("within_uncertainty"):
+        reasons.append(f"{name}'s predicted difference is within the fit's uncertainty")
+      if s[name].get("extrapolated"):
+        reasons.append(f"{name} lies outside the rows' support (extrapolated)")
+  if reasons:
+    return ["**The data of this run do not support a recommendation**: " + "; ".join(reasons)
+            + ". The picks and speedups below are what the fitted law says, not findings.", ""]
+  return ["The fit identifies its terms and the picks' predicted differences exceed its "
+          "uncertainty.", ""]
+
+
 def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> pathlib.Path:
   """report.md: what each step produced, with the plots inline (relative paths)."""
   out = [f"# archscale pipeline report: {config.name}", ""]
@@ -263,6 +299,7 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
 
   for part in (_report_sweep, _report_fit, _report_bench, _report_search):
     out += part(workdir)
+  out[2:2] = verdict(workdir)
   path = workdir / REPORT
   io.write_text_atomic(path, "\n".join(out))
   say(f"report: {path}")

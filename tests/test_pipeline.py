@@ -157,3 +157,30 @@ def test_pipeline_rejects_an_emitting_sweep_before_training(corpus, tmp_path):
   with pytest.raises(ValueError, match="sweep.launch"):
     pipeline.run_pipeline(c, tmp_path)
   assert not (tmp_path / sweep.RESULTS).exists()
+
+
+def test_the_report_opens_with_whether_the_data_support_a_recommendation(tmp_path):
+  fit = {"diagnostics": {"identifiable": {"d_over_sqrt_n": True, "r": False},
+                         "warnings": ["the rows do not identify r"]},
+         "metrics": {"in_sample": {"r2": 0.31}}}
+  search = {"panda": {"extrapolated": True}, "surefire": {"extrapolated": False},
+            "uncertainty": {"panda": {"within_uncertainty": False},
+                            "surefire": {"within_uncertainty": True}}}
+  (tmp_path / "fit.json").write_text(json.dumps(fit))
+  (tmp_path / "search.json").write_text(json.dumps(search))
+  (first, _) = pipeline.verdict(tmp_path)
+  assert first.startswith("**The data of this run do not support a recommendation**")
+  for reason in ("do not identify the r term", "1 warning(s)", "R^2 0.31",
+                 "panda lies outside the rows' support",
+                 "surefire's predicted difference is within the fit's uncertainty"):
+    assert reason in first
+  assert "d_over_sqrt_n term" not in first and "panda's predicted difference" not in first
+
+  fit = {"diagnostics": {"identifiable": {"d_over_sqrt_n": True, "r": True}, "warnings": []},
+         "metrics": {"in_sample": {"r2": 0.93}}}
+  search["panda"]["extrapolated"] = False
+  search["uncertainty"]["surefire"]["within_uncertainty"] = False
+  (tmp_path / "fit.json").write_text(json.dumps(fit))
+  (tmp_path / "search.json").write_text(json.dumps(search))
+  assert "do not support" not in pipeline.verdict(tmp_path)[0]
+  assert pipeline.verdict(tmp_path / "empty") == []
