@@ -32,7 +32,7 @@ import pathlib
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -296,8 +296,8 @@ def _worker_tokenizer(s: Tokenization) -> tok_lib.Tokenizer:
 def tokenize_unit(s: Tokenization, unit: sources.Unit) -> dict[str, Any]:
   """Tokenizes one unit into its shards and record; returns the record.
 
-  A thread encodes each batch while this one reads the next and writes the previous (the
-  tokenizers library releases the interpreter lock while it encodes).
+  A thread encodes each batch while this one reads the next and turns the previous into ids
+  and writes them (the tokenizers library releases the interpreter lock while it encodes).
   """
   start = time.time()
   tok = _worker_tokenizer(s)
@@ -344,13 +344,17 @@ def _batches(s: Tokenization,
   yield texts, last
 
 
-def _encode(tok: tok_lib.Tokenizer, texts: dict[str, list[str]]) -> dict[str, list[np.ndarray]]:
-  return {split: tok.encode_batch(batch) if batch else [] for split, batch in texts.items()}
+def _encode(tok: tok_lib.Tokenizer,
+            texts: dict[str, list[str]]) -> dict[str, Callable[[], list[np.ndarray]]]:
+  """Encodes a batch; the ids come from the returned functions, which need the interpreter lock
+  and so run in the writing thread, beside the next batch's encoding."""
+  return {split: tok.encode_batch_deferred(batch) for split, batch in texts.items() if batch}
 
 
-def _write(ids: dict[str, list[np.ndarray]], writers: dict[str, _ShardWriter]) -> None:
+def _write(ids: dict[str, Callable[[], list[np.ndarray]]],
+           writers: dict[str, _ShardWriter]) -> None:
   for split, batch in ids.items():
-    writers[split].write(batch)
+    writers[split].write(batch())
 
 
 def _prepare_share(s: Tokenization, recipe: dict, plan: Sequence[sources.Unit],

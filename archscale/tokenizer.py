@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import array
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,15 @@ class Tokenizer:
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     """Ids of many texts at once (the fast path `prepare` uses)."""
     return [np.asarray(self.encode(t), np.int64) for t in texts]
+
+  def encode_batch_deferred(self, texts: Sequence[str]) -> Callable[[], list[np.ndarray]]:
+    """`encode_batch` in two steps: this call encodes, the returned function gives the ids.
+
+    Where encoding runs without the interpreter lock (Hugging Face tokenizers), the function
+    holds the part that needs it, so a pipeline can run it while the next batch encodes.
+    """
+    ids = self.encode_batch(texts)
+    return lambda: ids
 
 
 class ByteTokenizer(Tokenizer):
@@ -102,11 +111,14 @@ class HFTokenizer(Tokenizer):
     return self.hf.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return self.encode_batch_deferred(texts)()
+
+  def encode_batch_deferred(self, texts: Sequence[str]) -> Callable[[], list[np.ndarray]]:
     # encode_batch_fast skips character offsets, which only slow tokenization down here.
     encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
     encodings = encode(list(texts), add_special_tokens=False)
     # Through array.array: twice as fast as numpy at turning a list of ints into a buffer.
-    return [np.frombuffer(array.array("I", e.ids), np.uint32) for e in encodings]
+    return lambda: [np.frombuffer(array.array("I", e.ids), np.uint32) for e in encodings]
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
