@@ -54,6 +54,10 @@ def test_bpe_trains_saves_and_reloads(tmp_path):
   assert tok.eos_id not in tok.encode("before <|endoftext|> after")
   assert sorted(corpora.split_docs(out, "train") + corpora.split_docs(out, "eval")) == sorted(texts)
   assert len(tok.encode(texts[0])) < 0.75 * len(texts[0].encode())  # Merges were learned.
+  # The batch paths give each text's ids, in order, whether the ids are taken at once or later.
+  later = tok.encode_batch_deferred(texts[:3])
+  for ids in (tok.encode_batch(texts[:3]), later()):
+    assert [a.tolist() for a in ids] == [tok.encode(t) for t in texts[:3]]
 
   # The saved tokenizer.json is an ordinary HF tokenizer: reusable by path, same tokens.
   again = prepare.prepare(str(src), tmp_path / "hf", str(out / "tokenizer.json"), eval_fraction=0.1)
