@@ -47,6 +47,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import signal
 import socket
 import subprocess
@@ -471,27 +472,44 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
   return row
 
 
+def frozen_config(config: Any, data_path: str | os.PathLike, only: str = "",
+                  launch: str = "local") -> ml_collections.ConfigDict:
+  """The sweep's config with the prepared data path fixed, for jobs that must not prepare again."""
+  frozen = config.copy_and_resolve_references()
+  frozen.sweep.launch = launch
+  frozen.sweep.only = only
+  frozen.data.path = str(data_path)
+  return frozen
+
+
+def run_command(config_path: os.PathLike | str, workdir: os.PathLike | str) -> list[str]:
+  """The argv that trains the run(s) its sweep config selects and writes their result rows."""
+  return [sys.executable, "-m", "archscale.main", f"--config={config_path}", "--mode=sweep",
+          f"--workdir={workdir}"]
+
+
 def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
                   data_path: pathlib.Path) -> pathlib.Path:
-  """Writes `launch_commands.sh`: one self-contained command per run (config frozen to a file).
+  """Writes `launch_commands.sh`: one shell-quoted command per run, each with its own config.
 
-  The frozen config points at the prepared `data_path`, so no job tokenises the corpus again.
+  Every run gets `runs/<run_id>/sweep_config.py` (the sweep's config with `sweep.only` set to
+  that run and the prepared `data_path` fixed, so no job tokenises the corpus again); its command
+  uses the interpreter that ran the sweep, so the commands work from any directory and shell.
   """
   workdir = workdir.resolve()
-  frozen = config.copy_and_resolve_references()
-  frozen.sweep.launch = "local"
-  frozen.sweep.only = ""
-  frozen.data.path = str(data_path)
-  config_path = config_lib.write_config_py(workdir / SWEEP_CONFIG, frozen,
-                                f"The configuration of the sweep in {workdir}.")
+  config_lib.write_config_py(workdir / SWEEP_CONFIG, frozen_config(config, data_path),
+                             f"The configuration of the sweep in {workdir}.")
   lines = ["#!/bin/sh",
            f"# {len(runs)} sweep runs; each trains one architecture into "
            f"{workdir / RUNS_DIR}/<run_id>/",
-           f"# and appends its row to {workdir / RESULTS}. Run them in any order or concurrently;",
-           "# rerunning a finished one does nothing, an interrupted one resumes."]
+           "# and writes its row there (results.jsonl is rebuilt from them). Run them in any order",
+           "# or concurrently; rerunning a finished one does nothing, an interrupted one resumes."]
   for run in runs:
-    lines.append(f"python -m archscale.main --config={config_path} --mode=sweep "
-                 f"--workdir={workdir} --config.sweep.only={run.run_id}")
+    config_path = config_lib.write_config_py(
+        workdir / RUNS_DIR / run.run_id / SWEEP_CONFIG,
+        frozen_config(config, data_path, only=run.run_id),
+        f"Sweep run {run.run_id} of the sweep in {workdir}.")
+    lines.append(shlex.join(run_command(config_path, workdir)))
   path = workdir / LAUNCH_COMMANDS
   io.write_text_atomic(path, "\n".join(lines) + "\n")
   path.chmod(0o755)
