@@ -558,9 +558,13 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   by another process). `trainer` replaces the training call (tests); `progress` receives one line
   per event (the pipeline prints them).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = io.local_only(workdir, "--workdir", "a sweep trains its runs into it, and training "
+                          "writes through local file APIs")
   say = progress or (lambda msg: logging.info("%s", msg))
   s = SweepConfig.from_config(config)
+  from archscale import data as data_lib
+
+  data_lib.data_path(config, workdir)  # A data path that cannot be read here fails now.
   runs, dropped = plan(config)
   if not runs:
     reasons = sorted({d["reason"].split(":")[0] for d in dropped})
