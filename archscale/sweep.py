@@ -9,19 +9,22 @@ Each planned run has a stable id derived from (ArchSpec, tokens, seed) and train
 `WORKDIR/runs/<run_id>/` from a standalone config file written there (`run_config.py`), so a run
 can be repeated by hand and an interrupted one resumes from its checkpoint. With
 `sweep.launch="local"` the runs train here one after another; with "emit" the sweep writes
-`launch_commands.sh`, one command per run, each of which trains that single run (`sweep.only`)
-and appends its row, so a cluster can run them in any order and concurrently.
+`launch_commands.sh`, one shell-quoted command per run (its own config file in
+`runs/<run_id>/sweep_config.py`, the interpreter that ran the sweep), each of which trains that
+single run (`sweep.only`) and records its row, so a cluster can run them in any order and
+concurrently; with "slurm" the runs are submitted as SLURM jobs (`archscale.slurm`).
 
 `sweep.isolation="process"` (the default) trains each run in a fresh `python -m archscale.main
 --mode=train` process: a crash, a hang killed by the user's scheduler or an out-of-memory in one run
 cannot take the sweep down or leak device memory into the next run. "none" trains in-process
 (faster to start; a Python exception is still caught and recorded).
 
-Every attempt appends one row to `WORKDIR/results.jsonl` (`io.append_jsonl`: one locked write per
-row, torn lines skipped by readers), so concurrent sweeps and crashes never corrupt the table.
+Every attempt writes its row to its own file, `runs/<run_id>/attempts/<time>-<host>-<pid>.json`
+(atomically, no lock: shared file systems such as gcsfuse have none), and `WORKDIR/results.jsonl`
+is rebuilt from those files, oldest first, after every run (`materialise`); the fit reads it.
 Rows with status "finished" are final: rerunning the sweep skips their runs. Rows with status
 "failed" (an exception or a non-zero exit, with the error) or "preempted" are retried on the next
-run unless `sweep.retry_failed` is off. A run being trained by another process holds
+run unless `sweep.retry_failed` is off. A run being trained by another local sweep holds
 `runs/<run_id>/.sweep.lock` (and its trainer `runs/<run_id>/.lock`) and is skipped.
 
 Row fields (what `archscale.table` reads): `params_nonembed`, `tokens` (tokens actually trained),
@@ -54,7 +57,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -70,6 +73,7 @@ PLAN = "sweep_plan.json"
 LAUNCH_COMMANDS = "launch_commands.sh"
 RUNS_DIR = "runs"
 RUN_CONFIG = "run_config.py"
+ATTEMPTS_DIR = "attempts"
 SWEEP_CONFIG = "sweep_config.py"
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
@@ -263,8 +267,12 @@ def results_path(workdir: str | os.PathLike) -> pathlib.Path:
 
 def latest_rows(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
   """The latest row of every run id in a results table (a finished row always wins)."""
+  return _latest(io.read_jsonl(path))
+
+
+def _latest(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   out: dict[str, dict[str, Any]] = {}
-  for row in io.read_jsonl(path):
+  for row in rows:
     rid = row.get("run_id")
     if rid is None:
       continue
@@ -277,6 +285,58 @@ def latest_rows(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 def finished_ids(path: str | os.PathLike) -> set[str]:
   """Run ids with a finished row."""
   return {rid for rid, row in latest_rows(path).items() if row.get("status") == "finished"}
+
+
+def record_attempt(workdir: pathlib.Path, row: dict[str, Any]) -> pathlib.Path:
+  """Writes one attempt's row as its own file, `runs/<id>/attempts/<time>-<pid>.json`.
+
+  The write is atomic (a temporary file renamed into place) and no two attempts share a file, so
+  concurrent runs need no lock, which shared file systems such as gcsfuse do not provide.
+  """
+  name = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}.json"
+  path = workdir / RUNS_DIR / row["run_id"] / ATTEMPTS_DIR / name
+  io.write_json_atomic(path, row, indent=None)
+  return path
+
+
+def run_rows(workdir: pathlib.Path, run_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+  """Every attempt row recorded under `workdir/runs` (of `run_ids` only, if given), oldest first."""
+  runs = workdir / RUNS_DIR
+  dirs = ([runs / rid for rid in run_ids] if run_ids is not None
+          else sorted(runs.iterdir()) if runs.is_dir() else [])
+  files = [f for d in dirs if (d / ATTEMPTS_DIR).is_dir()
+           for f in (d / ATTEMPTS_DIR).iterdir() if f.suffix == ".json"]
+  rows = []
+  for f in sorted(files, key=lambda f: (f.name, f.parent.parent.name)):
+    try:
+      row = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):  # Removed or unreadable meanwhile: not a result.
+      continue
+    if isinstance(row, dict) and row.get("run_id"):
+      rows.append(row)
+  return rows
+
+
+def run_states(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """The latest attempt row of every run with one (a finished row always wins)."""
+  return _latest(run_rows(workdir))
+
+
+def materialise(workdir: pathlib.Path) -> pathlib.Path:
+  """Rebuilds `results.jsonl` from the runs' attempt files (oldest first) and returns its path.
+
+  The table is a derived view: it is replaced atomically, and rebuilt again if more attempts
+  landed while it was written, so every rebuild ends with every row recorded before it began.
+  """
+  path = results_path(workdir)
+  rows = run_rows(workdir)
+  for _ in range(5):
+    io.write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    again = run_rows(workdir)
+    if len(again) == len(rows):
+      break
+    rows = again
+  return path
 
 
 def _spec_fields(run: Run) -> dict[str, Any]:
@@ -443,13 +503,13 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
             trainer: Trainer) -> dict[str, Any] | None:
   """Trains one run and appends its row; None when another process holds the run."""
   run_dir = workdir / RUNS_DIR / run.run_id
-  table = results_path(workdir)
   cfg = run_config(config, run, data_path)
   with run_lock(run_dir) as mine:
     if not mine:
       logging.info("sweep: %s is being trained by another process; skipping", run.run_id)
       return None
-    if run.run_id in finished_ids(table):  # Finished elsewhere since the sweep read the table.
+    prior = run_rows(workdir, [run.run_id])
+    if any(r.get("status") == "finished" for r in prior):  # Finished elsewhere meanwhile.
       return None
     start = time.time()
     try:
@@ -468,7 +528,8 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
         row = failed_row(run, str(summary.get("status", "failed")),
                          "training stopped before the last step; rerun the sweep to resume",
                          cfg, time.time() - start)
-    io.append_jsonl(table, row)
+    row["attempt"] = len(prior) + 1
+    record_attempt(workdir, row)
   return row
 
 
@@ -588,13 +649,11 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   selected = _selected(runs, s.only)
   if trainer is None:
     trainer = train_in_subprocess if s.isolation == "process" else train_in_process
-  table = results_path(workdir)
   counts = {"planned": len(runs), "dropped": len(dropped), "finished": 0, "failed": 0,
             "skipped": 0}
   start = time.time()
   for i, run in enumerate(selected, 1):
-    rows = latest_rows(table)
-    prior = rows.get(run.run_id, {})
+    prior = _latest(run_rows(workdir, [run.run_id])).get(run.run_id, {})
     if prior.get("status") == "finished":
       counts["finished"] += 1
       continue
@@ -607,6 +666,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
         f"x={run.spec.d_over_sqrt_n:.3f}, r={run.spec.mlp_attn_ratio:.2f}, gqa={run.spec.gqa}, "
         f"{run.tokens:,} tokens)")
     row = execute(run, config, workdir, data_path, trainer)
+    materialise(workdir)
     if row is None:
       counts["skipped"] += 1
       say(f"sweep: [{i}/{len(selected)}] {run.run_id} is held by another process; skipped")
@@ -619,6 +679,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
       first = row["error"].strip().splitlines()[0] if row["error"].strip() else ""
       say(f"sweep: [{i}/{len(selected)}] {run.run_id} {row['status']}: {first[:200]} "
           "(recorded; continuing)")
+  table = materialise(workdir)
   say(f"sweep: {counts['finished']}/{len(selected)} runs finished, {counts['failed']} failed, "
       f"{counts['skipped']} held elsewhere; table {table}")
   return counts

@@ -174,7 +174,8 @@ def test_a_torn_append_never_corrupts_the_table(dataset, tmp_path):
   assert rows[:len(good)] == good and len(rows) == len(good) + 1
   assert rows[-1]["status"] == "finished"
   lines = table.read_text().splitlines()
-  assert lines[-2] == torn and json.loads(lines[-1])["run_id"] == runs[-1].run_id
+  # The table is rebuilt from the runs' own row files: the torn line is gone, no row is lost.
+  assert torn not in lines and json.loads(lines[-1])["run_id"] == runs[-1].run_id
 
 
 def _append_many(path, worker, n):
@@ -287,3 +288,23 @@ def test_emitted_commands_run_from_a_workdir_with_spaces(dataset, tmp_path):
   assert row["status"] == "finished" and row["loss"] > 0
   assert (workdir / sweep.RUNS_DIR / row["run_id"] / "summary.json").exists()
   assert not list(elsewhere.iterdir())  # nothing written relative to the current directory
+
+
+def test_each_run_keeps_its_own_rows_and_the_table_is_derived_from_them(dataset, tmp_path):
+  c = make_config(dataset)
+  runs, _ = sweep.plan(c)
+  victim = runs[0].run_id
+  sweep.run_sweep(c, tmp_path, trainer=FakeTrainer(crash={victim}))
+  sweep.run_sweep(c, tmp_path, trainer=FakeTrainer())
+  attempts = sorted((tmp_path / sweep.RUNS_DIR / victim / sweep.ATTEMPTS_DIR).iterdir())
+  assert [json.loads(f.read_text())["status"] for f in attempts] == ["failed", "finished"]
+  assert [json.loads(f.read_text())["attempt"] for f in attempts] == [1, 2]
+  table = tmp_path / sweep.RESULTS
+  full = table.read_bytes()
+  assert len(full.splitlines()) == len(runs) + 1
+  table.unlink()  # A lost or stale table is rebuilt from the runs' files, training nothing.
+  trainer = FakeTrainer()
+  counts = sweep.run_sweep(c, tmp_path, trainer=trainer)
+  assert trainer.calls == [] and counts["finished"] == len(runs)
+  assert table.read_bytes() == full
+  assert sweep.run_states(tmp_path)[victim]["status"] == "finished"
