@@ -73,7 +73,9 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.bench = ml_collections.ConfigDict(dict(settings.BenchConfig.defaults(), archs=arch))
   c.fit = ml_collections.ConfigDict(settings.FitConfig.defaults())
   c.search = ml_collections.ConfigDict(settings.SearchConfig.defaults())
-  c.sweep = ml_collections.ConfigDict(settings.SweepConfig.defaults())
+  c.sweep = ml_collections.ConfigDict(dict(
+      settings.SweepConfig.defaults(),
+      slurm=dict(settings.SlurmConfig.defaults(), extra={})))
   c.export = ml_collections.ConfigDict(settings.ExportConfig.defaults())
   c.eval = ml_collections.ConfigDict(settings.EvalConfig.defaults())
   return c

@@ -438,25 +438,32 @@ def _die_with_parent() -> None:
     pass
 
 
-def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict[str, Any]:
+def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
+                        log_name: str = "train.log",
+                        on_start: Callable[[subprocess.Popen], None] | None = None
+                        ) -> dict[str, Any]:
   """Trains one run in a fresh `python -m archscale.main --mode=train` process.
 
-  Output goes to `run_dir/train.log`. Raises RuntimeError (with the log's tail) when the process
-  fails and io.WorkdirBusy when another trainer holds the run; returns the summary (status
-  "preempted" when the trainer exited with `monitor.EXIT_PREEMPTED`).
+  Output goes to `run_dir/<log_name>`; `on_start` receives the child (to forward signals).
+  Raises RuntimeError (with the log's tail) when the process fails and io.WorkdirBusy when
+  another trainer holds the run; returns the summary (status "preempted" when the trainer exited
+  with `monitor.EXIT_PREEMPTED`).
   """
   run_dir.mkdir(parents=True, exist_ok=True)
   config_path = config_lib.write_config_py(run_dir / RUN_CONFIG, cfg,
                                 f"Training config of sweep run {cfg.name}.")
-  log_path = run_dir / "train.log"
+  log_path = run_dir / log_name
   cmd = [sys.executable, "-m", "archscale.main", f"--config={config_path}", "--mode=train",
          f"--workdir={run_dir}"]
   with open(log_path, "ab") as log:
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
     log.flush()
-    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                        preexec_fn=_die_with_parent).returncode
+    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             preexec_fn=_die_with_parent)
+    if on_start is not None:
+      on_start(child)
+    rc = child.wait()
   if rc == EXIT_PREEMPTED:
     return {"status": "preempted"}
   if rc == EXIT_BUSY:
@@ -647,6 +654,11 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
     return {"planned": len(runs), "dropped": len(dropped), "emitted": len(runs)}
 
   selected = _selected(runs, s.only)
+  if s.launch == "slurm":
+    from archscale import slurm
+
+    return {"dropped": len(dropped),
+            **slurm.submit_sweep(config, workdir, selected, data_path, say)}
   if trainer is None:
     trainer = train_in_subprocess if s.isolation == "process" else train_in_process
   counts = {"planned": len(runs), "dropped": len(dropped), "finished": 0, "failed": 0,
