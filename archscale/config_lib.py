@@ -12,6 +12,7 @@ overridden from the command line as `--config.section.field=value`. Sections:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import pprint
@@ -75,7 +76,7 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.search = ml_collections.ConfigDict(settings.SearchConfig.defaults())
   c.sweep = ml_collections.ConfigDict(dict(
       settings.SweepConfig.defaults(),
-      slurm=dict(settings.SlurmConfig.defaults(), extra={})))
+      slurm=dataclasses.asdict(settings.SlurmConfig())))
   c.export = ml_collections.ConfigDict(settings.ExportConfig.defaults())
   c.eval = ml_collections.ConfigDict(settings.EvalConfig.defaults())
   return c

@@ -268,7 +268,7 @@ class SlurmConfig(Section):
     check(self.signal_s < 60 * self.time_min,
           f"sweep.slurm.signal_s={self.signal_s} must be shorter than sweep.slurm.time_min="
           f"{self.time_min} minutes")
-    self.sbatch_extra()
+    object.__setattr__(self, "extra", self.sbatch_extra())
 
   def sbatch_extra(self) -> dict[str, Any]:
     """`extra` as a dict of sbatch options (without leading dashes)."""
@@ -319,7 +319,7 @@ class SweepConfig(Section):
   max_attempts: int = bookkeeping(3)  # slurm: submissions per run before it counts as failed
   wait: bool = bookkeeping(False)  # slurm: wait for the jobs (resubmitting failures) or return
   poll_s: float = bookkeeping(10.0)  # slurm: seconds between scheduler polls while waiting
-  slurm: Any = bookkeeping(None)  # slurm: job resources (a SlurmConfig; defaults in make_config)
+  slurm: Any = bookkeeping(SlurmConfig())  # slurm: the jobs' resources (a dict in the config)
 
   def __post_init__(self):
     self._one_of("launch", LAUNCHES)
@@ -328,7 +328,7 @@ class SweepConfig(Section):
     self._positive_numbers("poll_s")
     slurm = self.slurm
     if not isinstance(slurm, SlurmConfig):
-      slurm = SlurmConfig.from_config({"sweep": {"slurm": slurm or {}}})
+      slurm = SlurmConfig.from_config({"sweep": {"slurm": slurm}})
       object.__setattr__(self, "slurm", slurm)
     self._one_of("design", DESIGNS)
     self._one_of("loss", LOSS_SOURCES)
