@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from archscale import config_lib, io, sweep
+from archscale.monitor import EXIT_PREEMPTED
 from archscale.settings import SlurmConfig, SweepConfig
 
 JOBS = "jobs.json"
@@ -64,35 +65,11 @@ class SlurmRun:
     """Trains the run (resuming its checkpoint); task 0 records the row. Returns the status."""
     config = config_lib.load_config_file(self.config_path)
     (run,) = [r for r in sweep.plan(config)[0] if r.run_id == self.run_id]
-    workdir = pathlib.Path(self.workdir)
-    rank = int(os.environ.get("SLURM_PROCID", "0"))
-    cfg = sweep.run_config(config, run, config.data.path)
-    run_dir = workdir / sweep.RUNS_DIR / run.run_id
-    start = time.time()
-    try:
-      summary = sweep.train_in_subprocess(
-          cfg, run_dir, "train.log" if rank == 0 else f"train.task{rank}.log",
-          on_start=lambda child: setattr(self, "_child", child))
-    except Exception as e:  # noqa: BLE001 - recorded as the run's failed attempt.
-      summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-    if summary.get("status") == "preempted":
-      _requeue_if_running()
-      return "preempted"
-    if rank != 0:
-      return str(summary.get("status"))
-    sweep_cfg = SweepConfig.from_config(config)
-    wall_s = time.time() - start
-    if summary.get("status") == "finished":
-      row = sweep.finished_row(run, summary, cfg, sweep_cfg.loss, wall_s)
-    else:
-      row = sweep.failed_row(run, "failed", summary.get("error", "training failed"), cfg, wall_s)
-    row["attempt"] = len(sweep.run_rows(workdir, [run.run_id])) + 1
-    row["slurm_job_id"] = _job_id()
-    sweep.record_attempt(workdir, row)
-    sweep.materialise(workdir)
-    if row["status"] != "finished":
-      raise RuntimeError(f"sweep run {run.run_id} failed: {row['error'][-2000:]}")
-    return "finished"
+    status = train_as_task(config, run, pathlib.Path(self.workdir),
+                           on_start=lambda child: setattr(self, "_child", child))
+    if status == "failed":
+      raise RuntimeError(f"sweep run {run.run_id} failed; see its train.log")
+    return status
 
   def checkpoint(self) -> Any:
     """On SIGUSR2 before the time limit: the child checkpoints and stops; submitit requeues."""
@@ -106,6 +83,64 @@ class SlurmRun:
       except subprocess.TimeoutExpired:
         child.kill()
     return submitit.helpers.DelayedSubmission(self)
+
+
+def task_rank() -> int:
+  """This process's index among the tasks of a multi-process launch (0 when alone)."""
+  for var in ("SLURM_PROCID", "TPU_WORKER_ID", "OMPI_COMM_WORLD_RANK"):
+    if os.environ.get(var, "").isdigit():
+      return int(os.environ[var])
+  return 0
+
+
+def train_as_task(config: Any, run: sweep.Run, workdir: pathlib.Path,
+                  on_start: Callable[[subprocess.Popen], None] | None = None) -> str:
+  """One task's part of a run: every task trains (one `jax.distributed` process each), task 0
+  records the row. No lock: the scheduler runs each run once. Returns the run's status."""
+  rank = task_rank()
+  cfg = sweep.run_config(config, run, config.data.path)
+  run_dir = workdir / sweep.RUNS_DIR / run.run_id
+  start = time.time()
+  try:
+    summary = sweep.train_in_subprocess(
+        cfg, run_dir, "train.log" if rank == 0 else f"train.task{rank}.log", on_start=on_start)
+  except Exception as e:  # noqa: BLE001 - recorded as the run's failed attempt.
+    summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+  if summary.get("status") == "preempted":
+    _requeue_if_running()
+    return "preempted"
+  if rank != 0:
+    return str(summary.get("status"))
+  wall_s = time.time() - start
+  if summary.get("status") == "finished":
+    row = sweep.finished_row(run, summary, cfg, SweepConfig.from_config(config).loss, wall_s)
+  else:
+    row = sweep.failed_row(run, "failed", summary.get("error", "training failed"), cfg, wall_s)
+  row["attempt"] = len(sweep.run_rows(workdir, [run.run_id])) + 1
+  row["slurm_job_id"] = _job_id()
+  sweep.record_attempt(workdir, row)
+  sweep.materialise(workdir)
+  return row["status"]
+
+
+def train_tasks(config: Any, workdir: pathlib.Path, runs: Sequence[sweep.Run],
+                say: Callable[[str], None]) -> dict[str, Any]:
+  """`--mode=sweep` started on every task of a multi-process launch (an emitted command under
+  `launch/gpu_slurm.sh` or `launch/tpu_pod.sh`): the selected runs, each by all tasks together.
+
+  Exits with `monitor.EXIT_PREEMPTED` when a run was stopped to be resumed, so the launcher
+  requeues the job.
+  """
+  done = {rid for rid, row in sweep.run_states(workdir).items() if row.get("status") == "finished"}
+  counts = {"planned": len(runs), "finished": 0, "failed": 0}
+  for run in runs:
+    status = "finished" if run.run_id in done else train_as_task(config, run, workdir)
+    if status == "preempted":
+      say(f"sweep: {run.run_id} stopped to be resumed; exiting {EXIT_PREEMPTED}")
+      raise SystemExit(EXIT_PREEMPTED)
+    counts["finished" if status == "finished" else "failed"] += 1
+    say(f"sweep: task {task_rank()}: {run.run_id} {status}")
+  return counts
 
 
 def _job_id() -> str:

@@ -599,6 +599,13 @@ def _data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
   return path.resolve()
 
 
+def _launched_as_tasks() -> bool:
+  """Whether this sweep process is one of several tasks of a launcher (srun -n 2, a TPU pod)."""
+  from archscale import sharding
+
+  return sharding.detect_cluster() is not None
+
+
 def _selected(runs: list[Run], only: str) -> list[Run]:
   ids = [i.strip() for i in str(only).split(",") if i.strip()]
   if not ids:
@@ -659,6 +666,10 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
 
     return {"dropped": len(dropped),
             **slurm.submit_sweep(config, workdir, selected, data_path, say)}
+  if _launched_as_tasks():  # An emitted command on every task of a multi-process job.
+    from archscale import slurm
+
+    return {"dropped": len(dropped), **slurm.train_tasks(config, workdir, selected, say)}
   if trainer is None:
     trainer = train_in_subprocess if s.isolation == "process" else train_in_process
   counts = {"planned": len(runs), "dropped": len(dropped), "finished": 0, "failed": 0,

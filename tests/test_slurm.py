@@ -19,7 +19,7 @@ from archscale import io, slurm, sweep
 
 SCRIPTS = REPO / "tests" / "slurm"
 DEADLINE_S = 420
-STEPS = 3000  # the requeued run: long enough to be stopped between checkpoints
+STEPS = 400  # the requeued run: long enough to be stopped between checkpoints
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +121,7 @@ def _steps(run_dir):
 
 def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, dataset, tmp_path):
   c = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), tokens=16 * 128 * STEPS)
-  c.train.update(checkpoint_every=50, log_every=10)
+  c.train.update(checkpoint_every=20, log_every=10)
   (run,) = sweep.plan(c)[0]
   counts = sweep.run_sweep(c, tmp_path)
   (job,) = counts["job_ids"]
@@ -158,6 +158,20 @@ def test_a_two_task_run_matches_the_one_process_run(cluster, dataset, tmp_path):
   assert (run_dir / "train.task1.log").exists()
   assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], rel=1e-4)
   assert a["steps"] == b["steps"]
+
+  # An emitted command under a two-task srun (what launch/gpu_slurm.sh does): one run, two
+  # jax.distributed processes, one row.
+  emit = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,))
+  emit.sweep.launch = "emit"
+  sweep.run_sweep(emit, tmp_path / "emit")
+  (line,) = [x for x in (tmp_path / "emit" / sweep.LAUNCH_COMMANDS).read_text().splitlines()
+             if not x.startswith("#")]
+  proc = subprocess.run(["sh", "-c", f"srun --ntasks=2 --cpus-per-task=1 {line}"],
+                        capture_output=True, text=True, timeout=DEADLINE_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (e,) = _finished_rows(tmp_path / "emit")
+  assert e["run_id"] == a["run_id"] and e["provenance"]["process_count"] == 2
+  assert e["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
 
 
 def test_bad_slurm_fields_fail_before_submitting(dataset, tmp_path):
