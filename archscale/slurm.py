@@ -76,13 +76,24 @@ class SlurmRun:
     import submitit
 
     child = self._child
-    if child is not None and child.poll() is None:
+    if child is not None and child.returncode is None:
       child.send_signal(signal.SIGTERM)
-      try:
-        child.wait(timeout=600)
-      except subprocess.TimeoutExpired:
-        child.kill()
+      # Not child.wait(): this handler interrupted a wait on the same child, which holds its lock.
+      _wait_until_exited(child.pid, timeout_s=600)
     return submitit.helpers.DelayedSubmission(self)
+
+
+def _wait_until_exited(pid: int, timeout_s: float) -> None:
+  """Waits until process `pid` has exited (a zombie or gone), without reaping it (Linux)."""
+  end = time.time() + timeout_s
+  while time.time() < end:
+    try:
+      state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+      return
+    if state in ("Z", "X"):
+      return
+    time.sleep(0.2)
 
 
 def task_rank() -> int:

@@ -436,6 +436,9 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
   except (OSError, AttributeError):  # Not Linux: no such call; the lock still guards reruns.
     pass
+  # SLURM's warning before the time limit (SIGUSR2, sent to every process of the job) is for the
+  # parent, which then stops the child with SIGTERM (a checkpoint); by default it would kill it.
+  signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,

@@ -119,7 +119,7 @@ def _steps(run_dir):
   return [r["step"] for r in io.read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
 
 
-def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, dataset, tmp_path):
+def _interrupted_run_resumes(dataset, tmp_path, interrupt):
   c = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), tokens=16 * 128 * STEPS)
   c.train.update(checkpoint_every=20, log_every=10)
   (run,) = sweep.plan(c)[0]
@@ -129,12 +129,11 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, dataset, tmp_path
   ckpts = run_dir / "checkpoints"
   _wait_for("a checkpoint", lambda: ckpts.is_dir() and any(
       p.name.isdigit() and int(p.name) > 0 for p in ckpts.iterdir()))
-  before = max(_steps(run_dir))
-  assert before < STEPS
-  subprocess.run(["scontrol", "requeue", job], check=True)
+  assert max(_steps(run_dir)) < STEPS
+  interrupt(job)
   c.sweep.wait = True
   final = sweep.run_sweep(c, tmp_path)
-  assert final["finished"] == 1 and final["submitted"] == 0, "the scheduler requeued it"
+  assert final["finished"] == 1 and final["submitted"] == 0, "the job itself was requeued"
   log = (run_dir / "train.log").read_text()
   assert "resumed from the checkpoint at step" in log
   steps = _steps(run_dir)
@@ -142,6 +141,19 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, dataset, tmp_path
   assert max(steps) == STEPS
   (row,) = _finished_rows(tmp_path)
   assert row["steps"] == STEPS and row["slurm_job_id"] == job
+  return log
+
+
+def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, dataset, tmp_path):
+  _interrupted_run_resumes(
+      dataset, tmp_path, lambda job: subprocess.run(["scontrol", "requeue", job], check=True))
+
+
+def test_the_time_limit_warning_checkpoints_and_requeues(cluster, dataset, tmp_path):
+  # What SLURM sends sweep.slurm.signal_s before the time limit: SIGUSR2 to the job's processes.
+  log = _interrupted_run_resumes(dataset, tmp_path, lambda job: subprocess.run(
+      ["scancel", "--signal=USR2", job], check=True))
+  assert "preempted; checkpointed at step" in log  # The child stopped cleanly, not killed.
 
 
 def test_a_two_task_run_matches_the_one_process_run(cluster, dataset, tmp_path):
