@@ -96,6 +96,13 @@ def _wait_until_exited(pid: int, timeout_s: float) -> None:
     time.sleep(0.2)
 
 
+def launched_as_tasks() -> bool:
+  """Whether this process is one of several tasks of a launcher (srun -n 2, a TPU pod)."""
+  from archscale import sharding
+
+  return sharding.detect_cluster() is not None
+
+
 def task_rank() -> int:
   """This process's index among the tasks of a multi-process launch (0 when alone)."""
   for var in ("SLURM_PROCID", "TPU_WORKER_ID", "OMPI_COMM_WORLD_RANK"):

@@ -288,11 +288,7 @@ def finished_ids(path: str | os.PathLike) -> set[str]:
 
 
 def record_attempt(workdir: pathlib.Path, row: dict[str, Any]) -> pathlib.Path:
-  """Writes one attempt's row as its own file, `runs/<id>/attempts/<time>-<pid>.json`.
-
-  The write is atomic (a temporary file renamed into place) and no two attempts share a file, so
-  concurrent runs need no lock, which shared file systems such as gcsfuse do not provide.
-  """
+  """Writes one attempt's row as its own file, atomically: runs need no lock to record rows."""
   name = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}.json"
   path = workdir / RUNS_DIR / row["run_id"] / ATTEMPTS_DIR / name
   io.write_json_atomic(path, row, indent=None)
@@ -325,8 +321,7 @@ def run_states(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
 def materialise(workdir: pathlib.Path) -> pathlib.Path:
   """Rebuilds `results.jsonl` from the runs' attempt files (oldest first) and returns its path.
 
-  The table is a derived view: it is replaced atomically, and rebuilt again if more attempts
-  landed while it was written, so every rebuild ends with every row recorded before it began.
+  Replaced atomically, and rebuilt again if attempts landed meanwhile (no row is left out).
   """
   path = results_path(workdir)
   rows = run_rows(workdir)
@@ -602,13 +597,6 @@ def _data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
   return path.resolve()
 
 
-def _launched_as_tasks() -> bool:
-  """Whether this sweep process is one of several tasks of a launcher (srun -n 2, a TPU pod)."""
-  from archscale import sharding
-
-  return sharding.detect_cluster() is not None
-
-
 def _selected(runs: list[Run], only: str) -> list[Run]:
   ids = [i.strip() for i in str(only).split(",") if i.strip()]
   if not ids:
@@ -664,14 +652,12 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
     return {"planned": len(runs), "dropped": len(dropped), "emitted": len(runs)}
 
   selected = _selected(runs, s.only)
-  if s.launch == "slurm":
-    from archscale import slurm
+  from archscale import slurm
 
+  if s.launch == "slurm":
     return {"dropped": len(dropped),
             **slurm.submit_sweep(config, workdir, selected, data_path, say)}
-  if _launched_as_tasks():  # An emitted command on every task of a multi-process job.
-    from archscale import slurm
-
+  if slurm.launched_as_tasks():  # An emitted command on every task of a multi-process job.
     return {"dropped": len(dropped), **slurm.train_tasks(config, workdir, selected, say)}
   if trainer is None:
     trainer = train_in_subprocess if s.isolation == "process" else train_in_process
