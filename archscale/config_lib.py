@@ -12,6 +12,7 @@ overridden from the command line as `--config.section.field=value`. Sections:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import pprint
@@ -73,7 +74,9 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.bench = ml_collections.ConfigDict(dict(settings.BenchConfig.defaults(), archs=arch))
   c.fit = ml_collections.ConfigDict(settings.FitConfig.defaults())
   c.search = ml_collections.ConfigDict(settings.SearchConfig.defaults())
-  c.sweep = ml_collections.ConfigDict(settings.SweepConfig.defaults())
+  c.sweep = ml_collections.ConfigDict(dict(
+      settings.SweepConfig.defaults(),
+      slurm=dataclasses.asdict(settings.SlurmConfig())))
   c.export = ml_collections.ConfigDict(settings.ExportConfig.defaults())
   c.eval = ml_collections.ConfigDict(settings.EvalConfig.defaults())
   return c

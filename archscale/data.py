@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from archscale import io
+
 FORMAT = "archscale-tokens-v2"
 FORMATS = ("archscale-tokens-v1", FORMAT)   # v1: one train.bin / eval.bin per dataset
 METADATA = "metadata.json"
@@ -64,7 +66,11 @@ def dataset_info(path: str | os.PathLike) -> dict[str, Any]:
 
 def data_path(config: Any, workdir: str | os.PathLike) -> pathlib.Path:
   """Where a config's prepared dataset lives: `data.path`, or `workdir/data` when empty."""
-  return pathlib.Path(config.data.path or pathlib.Path(workdir) / "data").expanduser()
+  if config.data.path:
+    path = io.local_only(config.data.path, "data.path",
+                         "the data loader memory-maps its files")
+    return path.expanduser()
+  return io.local_only(workdir, "--workdir", "the data loader memory-maps its files") / "data"
 
 
 def check_against_model(config: Any, info: dict[str, Any] | None = None) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -15,10 +17,61 @@ from typing import Any
 
 PathLike = str | os.PathLike
 
+# URI scheme -> the modules that let etils.epath read and write it (any one suffices).
+URI_BACKENDS = {"gs": ("gcsfs", "tensorflow"), "s3": ("s3fs", "tensorflow"), "az": ("adlfs",),
+                "hf": ("huggingface_hub",)}
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_MANGLED_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
 
-def make_dir(path: PathLike, field: str) -> pathlib.Path:
+
+def is_uri(path: Any) -> bool:
+  """Whether `path` names remote storage (gs://bucket/x), not a local file."""
+  return bool(_URI.match(str(path))) and not str(path).startswith("file://")
+
+
+def as_path(path: Any, field: str) -> Any:
+  """A workdir, data or results location as a path object; `field` names it in errors.
+
+  Local paths (and file://) become pathlib.Path. A URI becomes an `etils.epath.Path` when the
+  backend for its scheme is installed, and otherwise raises ValueError naming the field before
+  any work starts. A URI is never turned into a local folder: pathlib would collapse "gs://b/x"
+  into a directory "gs:" holding "b/x", so such a collapsed path is refused as well.
+  """
+  text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+  match = _URI.match(text)
+  if match is None:
+    mangled = _MANGLED_URI.match(text)
+    if mangled and mangled.group(1).lower() in URI_BACKENDS:
+      raise ValueError(f"{field}={text} looks like a {mangled.group(1)}:// URI that lost a slash "
+                       f"(a local folder named '{mangled.group(1)}:' would be made); write "
+                       f"{mangled.group(1)}://{text[len(mangled.group(0)):]}")
+    return pathlib.Path(text)
+  scheme = match.group(1).lower()
+  if scheme == "file":
+    return pathlib.Path(text[len("file://"):])
+  modules = URI_BACKENDS.get(scheme)
+  if modules is None:
+    raise ValueError(f"{field}={text}: {scheme}:// storage is not supported; use a local path or "
+                     f"one of {', '.join(s + '://' for s in URI_BACKENDS)}")
+  if not any(importlib.util.find_spec(m) for m in modules):
+    raise ValueError(f"{field}={text}: writing to {scheme}:// needs {' or '.join(modules)} "
+                     f"installed here (pip install {modules[0]}), or use a local path")
+  from etils import epath  # Imported lazily: it pulls in fsspec machinery.
+
+  return epath.Path(text)
+
+
+def local_only(path: Any, field: str, why: str) -> pathlib.Path:
+  """`path` as a local pathlib.Path; a URI raises ValueError saying why it must be local."""
+  path = as_path(path, field)
+  if not isinstance(path, pathlib.Path):
+    raise ValueError(f"{field}={path}: {why}; use a local (or mounted, e.g. gcsfuse) path")
+  return path
+
+
+def make_dir(path: PathLike, field: str) -> Any:
   """`path` as an existing directory (created if missing); `field` names it in the error."""
-  path = pathlib.Path(path)
+  path = as_path(path, field)
   if path.exists() and not path.is_dir():
     raise ValueError(f"{field}={path} is a file, not a directory; choose another {field}")
   path.mkdir(parents=True, exist_ok=True)
@@ -75,10 +128,10 @@ def append_jsonl(path: PathLike, row: dict[str, Any]) -> None:
 
 def read_jsonl(path: PathLike) -> Iterator[dict[str, Any]]:
   """Yields the well-formed rows of a JSONL file, skipping blank or torn lines."""
-  path = pathlib.Path(path)
+  path = as_path(path, "results table")
   if not path.exists():
     return
-  with open(path, encoding="utf-8") as f:
+  with path.open(encoding="utf-8") as f:
     for line in f:
       line = line.strip()
       if not line:

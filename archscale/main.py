@@ -48,7 +48,10 @@ def main(argv):
     raise app.UsageError(f"mode {mode!r} is unknown; choose one of {sorted(MODES)}")
   for handler in py_logging.getLogger().handlers:
     handler.addFilter(_LibraryInfoFilter())
-  workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / config.name)
+  try:
+    workdir = io.as_path(_WORKDIR.value or pathlib.Path("runs") / config.name, "--workdir")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if workdir.exists() and not workdir.is_dir():
     raise app.UsageError(f"--workdir={workdir} is a file, not a directory; choose another")
   logging.info("archscale: mode=%s workdir=%s", mode, workdir)

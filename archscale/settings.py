@@ -221,10 +221,70 @@ def parse_partition(partition: str) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------- sweep
 
-LAUNCHES = ("local", "emit")
+LAUNCHES = ("local", "emit", "slurm")
 ISOLATIONS = ("process", "none")
 LOSS_SOURCES = ("eval", "train")
 DESIGNS = ("grid", "cross")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmConfig(Section):
+  """`sweep.slurm.*`: the resources of each run's SLURM job (`sweep.launch="slurm"`).
+
+  One task runs one JAX process: `tasks_per_node` 1 drives all of a node's GPUs from one process,
+  `gpus_per_node` drives one GPU per process; a run with nodes x tasks_per_node > 1 is one
+  multi-process `jax.distributed` job. `extra` holds further sbatch options ({"mem": "64G"}, or
+  "mem=64G,constraint=h100" on the command line). Empty strings and 0 leave SLURM's default.
+  """
+
+  SECTION: ClassVar[str] = "sweep.slurm"
+
+  partition: str = ""
+  account: str = ""
+  qos: str = ""
+  time_min: int = 60           # the job's time limit in minutes
+  nodes: int = 1
+  gpus_per_node: int = 0
+  tasks_per_node: int = 1
+  cpus_per_task: int = 1
+  signal_s: int = 120          # SIGUSR2 this long before the time limit: checkpoint and requeue
+  extra: Any = ()              # further sbatch options: a dict or "key=value,key=value"
+
+  @classmethod
+  def from_config(cls, config: Any) -> Any:
+    section = config["sweep"]["slurm"]
+    values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    check(not unknown, f"sweep.slurm: unknown field(s) {unknown}; the fields are {known}")
+    return cls(**values)
+
+  def __post_init__(self):
+    self._positive_ints("time_min", "nodes", "tasks_per_node", "cpus_per_task")
+    for name in ("gpus_per_node", "signal_s"):
+      value = getattr(self, name)
+      check(_is_int(value) and value >= 0,
+            f"{self._field(name)} must be a non-negative integer, got {value!r}")
+    check(self.signal_s < 60 * self.time_min,
+          f"sweep.slurm.signal_s={self.signal_s} must be shorter than sweep.slurm.time_min="
+          f"{self.time_min} minutes")
+    object.__setattr__(self, "extra", self.sbatch_extra())
+
+  def sbatch_extra(self) -> dict[str, Any]:
+    """`extra` as a dict of sbatch options (without leading dashes)."""
+    if isinstance(self.extra, str):
+      items = [p.split("=", 1) for p in self.extra.split(",") if p.strip()]
+      check(all(len(i) == 2 and i[0].strip() for i in items),
+            f"sweep.slurm.extra={self.extra!r} must be 'key=value,key=value' or a dict")
+      return {k.strip(): v.strip() for k, v in items}
+    if hasattr(self.extra, "to_dict"):
+      return self.extra.to_dict()
+    if isinstance(self.extra, (list, tuple)):
+      check(not self.extra, f"sweep.slurm.extra={self.extra!r} must be a dict of sbatch options")
+      return {}
+    check(isinstance(self.extra, dict),
+          f"sweep.slurm.extra={self.extra!r} must be a dict of sbatch options")
+    return dict(self.extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,10 +316,20 @@ class SweepConfig(Section):
   loss: str = "eval"           # a row's `loss`: eval (held-out) | train (final train loss)
   only: str = bookkeeping("")  # comma-separated run ids: run just these (emitted commands do)
   retry_failed: bool = bookkeeping(True)  # rerun runs whose last attempt failed
+  max_attempts: int = bookkeeping(3)  # slurm: submissions per run before it counts as failed
+  wait: bool = bookkeeping(False)  # slurm: wait for the jobs (resubmitting failures) or return
+  poll_s: float = bookkeeping(10.0)  # slurm: seconds between scheduler polls while waiting
+  slurm: Any = bookkeeping(SlurmConfig())  # slurm: the jobs' resources (a dict in the config)
 
   def __post_init__(self):
     self._one_of("launch", LAUNCHES)
     self._one_of("isolation", ISOLATIONS)
+    self._positive_ints("max_attempts")
+    self._positive_numbers("poll_s")
+    slurm = self.slurm
+    if not isinstance(slurm, SlurmConfig):
+      slurm = SlurmConfig.from_config({"sweep": {"slurm": slurm}})
+      object.__setattr__(self, "slurm", slurm)
     self._one_of("design", DESIGNS)
     self._one_of("loss", LOSS_SOURCES)
     self._positive_numbers("n_tolerance", "r_tolerance")

@@ -9,19 +9,22 @@ Each planned run has a stable id derived from (ArchSpec, tokens, seed) and train
 `WORKDIR/runs/<run_id>/` from a standalone config file written there (`run_config.py`), so a run
 can be repeated by hand and an interrupted one resumes from its checkpoint. With
 `sweep.launch="local"` the runs train here one after another; with "emit" the sweep writes
-`launch_commands.sh`, one command per run, each of which trains that single run (`sweep.only`)
-and appends its row, so a cluster can run them in any order and concurrently.
+`launch_commands.sh`, one shell-quoted command per run (its own config file in
+`runs/<run_id>/sweep_config.py`, the interpreter that ran the sweep), each of which trains that
+single run (`sweep.only`) and records its row, so a cluster can run them in any order and
+concurrently; with "slurm" the runs are submitted as SLURM jobs (`archscale.slurm`).
 
 `sweep.isolation="process"` (the default) trains each run in a fresh `python -m archscale.main
 --mode=train` process: a crash, a hang killed by the user's scheduler or an out-of-memory in one run
 cannot take the sweep down or leak device memory into the next run. "none" trains in-process
 (faster to start; a Python exception is still caught and recorded).
 
-Every attempt appends one row to `WORKDIR/results.jsonl` (`io.append_jsonl`: one locked write per
-row, torn lines skipped by readers), so concurrent sweeps and crashes never corrupt the table.
+Every attempt writes its row to its own file, `runs/<run_id>/attempts/<time>-<host>-<pid>.json`
+(atomically, no lock: shared file systems such as gcsfuse have none), and `WORKDIR/results.jsonl`
+is rebuilt from those files, oldest first, after every run (`materialise`); the fit reads it.
 Rows with status "finished" are final: rerunning the sweep skips their runs. Rows with status
 "failed" (an exception or a non-zero exit, with the error) or "preempted" are retried on the next
-run unless `sweep.retry_failed` is off. A run being trained by another process holds
+run unless `sweep.retry_failed` is off. A run being trained by another local sweep holds
 `runs/<run_id>/.sweep.lock` (and its trainer `runs/<run_id>/.lock`) and is skipped.
 
 Row fields (what `archscale.table` reads): `params_nonembed`, `tokens` (tokens actually trained),
@@ -47,13 +50,14 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -69,6 +73,7 @@ PLAN = "sweep_plan.json"
 LAUNCH_COMMANDS = "launch_commands.sh"
 RUNS_DIR = "runs"
 RUN_CONFIG = "run_config.py"
+ATTEMPTS_DIR = "attempts"
 SWEEP_CONFIG = "sweep_config.py"
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
@@ -262,8 +267,12 @@ def results_path(workdir: str | os.PathLike) -> pathlib.Path:
 
 def latest_rows(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
   """The latest row of every run id in a results table (a finished row always wins)."""
+  return _latest(io.read_jsonl(path))
+
+
+def _latest(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   out: dict[str, dict[str, Any]] = {}
-  for row in io.read_jsonl(path):
+  for row in rows:
     rid = row.get("run_id")
     if rid is None:
       continue
@@ -276,6 +285,53 @@ def latest_rows(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 def finished_ids(path: str | os.PathLike) -> set[str]:
   """Run ids with a finished row."""
   return {rid for rid, row in latest_rows(path).items() if row.get("status") == "finished"}
+
+
+def record_attempt(workdir: pathlib.Path, row: dict[str, Any]) -> pathlib.Path:
+  """Writes one attempt's row as its own file, atomically: runs need no lock to record rows."""
+  name = f"{time.time_ns():020d}-{socket.gethostname()}-{os.getpid()}.json"
+  path = workdir / RUNS_DIR / row["run_id"] / ATTEMPTS_DIR / name
+  io.write_json_atomic(path, row, indent=None)
+  return path
+
+
+def run_rows(workdir: pathlib.Path, run_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+  """Every attempt row recorded under `workdir/runs` (of `run_ids` only, if given), oldest first."""
+  runs = workdir / RUNS_DIR
+  dirs = ([runs / rid for rid in run_ids] if run_ids is not None
+          else sorted(runs.iterdir()) if runs.is_dir() else [])
+  files = [f for d in dirs if (d / ATTEMPTS_DIR).is_dir()
+           for f in (d / ATTEMPTS_DIR).iterdir() if f.suffix == ".json"]
+  rows = []
+  for f in sorted(files, key=lambda f: (f.name, f.parent.parent.name)):
+    try:
+      row = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):  # Removed or unreadable meanwhile: not a result.
+      continue
+    if isinstance(row, dict) and row.get("run_id"):
+      rows.append(row)
+  return rows
+
+
+def run_states(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
+  """The latest attempt row of every run with one (a finished row always wins)."""
+  return _latest(run_rows(workdir))
+
+
+def materialise(workdir: pathlib.Path) -> pathlib.Path:
+  """Rebuilds `results.jsonl` from the runs' attempt files (oldest first) and returns its path.
+
+  Replaced atomically, and rebuilt again if attempts landed meanwhile (no row is left out).
+  """
+  path = results_path(workdir)
+  rows = run_rows(workdir)
+  for _ in range(5):
+    io.write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    again = run_rows(workdir)
+    if len(again) == len(rows):
+      break
+    rows = again
+  return path
 
 
 def _spec_fields(run: Run) -> dict[str, Any]:
@@ -375,27 +431,37 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
   except (OSError, AttributeError):  # Not Linux: no such call; the lock still guards reruns.
     pass
+  # SLURM's warning before the time limit (SIGUSR2, sent to every process of the job) is for the
+  # parent, which then stops the child with SIGTERM (a checkpoint); by default it would kill it.
+  signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict[str, Any]:
+def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
+                        log_name: str = "train.log",
+                        on_start: Callable[[subprocess.Popen], None] | None = None
+                        ) -> dict[str, Any]:
   """Trains one run in a fresh `python -m archscale.main --mode=train` process.
 
-  Output goes to `run_dir/train.log`. Raises RuntimeError (with the log's tail) when the process
-  fails and io.WorkdirBusy when another trainer holds the run; returns the summary (status
-  "preempted" when the trainer exited with `monitor.EXIT_PREEMPTED`).
+  Output goes to `run_dir/<log_name>`; `on_start` receives the child (to forward signals).
+  Raises RuntimeError (with the log's tail) when the process fails and io.WorkdirBusy when
+  another trainer holds the run; returns the summary (status "preempted" when the trainer exited
+  with `monitor.EXIT_PREEMPTED`).
   """
   run_dir.mkdir(parents=True, exist_ok=True)
   config_path = config_lib.write_config_py(run_dir / RUN_CONFIG, cfg,
                                 f"Training config of sweep run {cfg.name}.")
-  log_path = run_dir / "train.log"
+  log_path = run_dir / log_name
   cmd = [sys.executable, "-m", "archscale.main", f"--config={config_path}", "--mode=train",
          f"--workdir={run_dir}"]
   with open(log_path, "ab") as log:
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
     log.flush()
-    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                        preexec_fn=_die_with_parent).returncode
+    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             preexec_fn=_die_with_parent)
+    if on_start is not None:
+      on_start(child)
+    rc = child.wait()
   if rc == EXIT_PREEMPTED:
     return {"status": "preempted"}
   if rc == EXIT_BUSY:
@@ -442,13 +508,13 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
             trainer: Trainer) -> dict[str, Any] | None:
   """Trains one run and appends its row; None when another process holds the run."""
   run_dir = workdir / RUNS_DIR / run.run_id
-  table = results_path(workdir)
   cfg = run_config(config, run, data_path)
   with run_lock(run_dir) as mine:
     if not mine:
       logging.info("sweep: %s is being trained by another process; skipping", run.run_id)
       return None
-    if run.run_id in finished_ids(table):  # Finished elsewhere since the sweep read the table.
+    prior = run_rows(workdir, [run.run_id])
+    if any(r.get("status") == "finished" for r in prior):  # Finished elsewhere meanwhile.
       return None
     start = time.time()
     try:
@@ -467,31 +533,49 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
         row = failed_row(run, str(summary.get("status", "failed")),
                          "training stopped before the last step; rerun the sweep to resume",
                          cfg, time.time() - start)
-    io.append_jsonl(table, row)
+    row["attempt"] = len(prior) + 1
+    record_attempt(workdir, row)
   return row
+
+
+def frozen_config(config: Any, data_path: str | os.PathLike, only: str = "",
+                  launch: str = "local") -> ml_collections.ConfigDict:
+  """The sweep's config with the prepared data path fixed, for jobs that must not prepare again."""
+  frozen = config.copy_and_resolve_references()
+  frozen.sweep.launch = launch
+  frozen.sweep.only = only
+  frozen.data.path = str(data_path)
+  return frozen
+
+
+def run_command(config_path: os.PathLike | str, workdir: os.PathLike | str) -> list[str]:
+  """The argv that trains the run(s) its sweep config selects and writes their result rows."""
+  return [sys.executable, "-m", "archscale.main", f"--config={config_path}", "--mode=sweep",
+          f"--workdir={workdir}"]
 
 
 def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
                   data_path: pathlib.Path) -> pathlib.Path:
-  """Writes `launch_commands.sh`: one self-contained command per run (config frozen to a file).
+  """Writes `launch_commands.sh`: one shell-quoted command per run, each with its own config.
 
-  The frozen config points at the prepared `data_path`, so no job tokenises the corpus again.
+  Every run gets `runs/<run_id>/sweep_config.py` (the sweep's config with `sweep.only` set to
+  that run and the prepared `data_path` fixed, so no job tokenises the corpus again); its command
+  uses the interpreter that ran the sweep, so the commands work from any directory and shell.
   """
   workdir = workdir.resolve()
-  frozen = config.copy_and_resolve_references()
-  frozen.sweep.launch = "local"
-  frozen.sweep.only = ""
-  frozen.data.path = str(data_path)
-  config_path = config_lib.write_config_py(workdir / SWEEP_CONFIG, frozen,
-                                f"The configuration of the sweep in {workdir}.")
+  config_lib.write_config_py(workdir / SWEEP_CONFIG, frozen_config(config, data_path),
+                             f"The configuration of the sweep in {workdir}.")
   lines = ["#!/bin/sh",
            f"# {len(runs)} sweep runs; each trains one architecture into "
            f"{workdir / RUNS_DIR}/<run_id>/",
-           f"# and appends its row to {workdir / RESULTS}. Run them in any order or concurrently;",
-           "# rerunning a finished one does nothing, an interrupted one resumes."]
+           "# and writes its row there (results.jsonl is rebuilt from them). Run them in any order",
+           "# or concurrently; rerunning a finished one does nothing, an interrupted one resumes."]
   for run in runs:
-    lines.append(f"python -m archscale.main --config={config_path} --mode=sweep "
-                 f"--workdir={workdir} --config.sweep.only={run.run_id}")
+    config_path = config_lib.write_config_py(
+        workdir / RUNS_DIR / run.run_id / SWEEP_CONFIG,
+        frozen_config(config, data_path, only=run.run_id),
+        f"Sweep run {run.run_id} of the sweep in {workdir}.")
+    lines.append(shlex.join(run_command(config_path, workdir)))
   path = workdir / LAUNCH_COMMANDS
   io.write_text_atomic(path, "\n".join(lines) + "\n")
   path.chmod(0o755)
@@ -540,9 +624,13 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   by another process). `trainer` replaces the training call (tests); `progress` receives one line
   per event (the pipeline prints them).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = io.local_only(workdir, "--workdir", "a sweep trains its runs into it, and training "
+                          "writes through local file APIs")
   say = progress or (lambda msg: logging.info("%s", msg))
   s = SweepConfig.from_config(config)
+  from archscale import data as data_lib
+
+  data_lib.data_path(config, workdir)  # A data path that cannot be read here fails now.
   runs, dropped = plan(config)
   if not runs:
     reasons = sorted({d["reason"].split(":")[0] for d in dropped})
@@ -564,15 +652,20 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
     return {"planned": len(runs), "dropped": len(dropped), "emitted": len(runs)}
 
   selected = _selected(runs, s.only)
+  from archscale import slurm
+
+  if s.launch == "slurm":
+    return {"dropped": len(dropped),
+            **slurm.submit_sweep(config, workdir, selected, data_path, say)}
+  if slurm.launched_as_tasks():  # An emitted command on every task of a multi-process job.
+    return {"dropped": len(dropped), **slurm.train_tasks(config, workdir, selected, say)}
   if trainer is None:
     trainer = train_in_subprocess if s.isolation == "process" else train_in_process
-  table = results_path(workdir)
   counts = {"planned": len(runs), "dropped": len(dropped), "finished": 0, "failed": 0,
             "skipped": 0}
   start = time.time()
   for i, run in enumerate(selected, 1):
-    rows = latest_rows(table)
-    prior = rows.get(run.run_id, {})
+    prior = _latest(run_rows(workdir, [run.run_id])).get(run.run_id, {})
     if prior.get("status") == "finished":
       counts["finished"] += 1
       continue
@@ -585,6 +678,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
         f"x={run.spec.d_over_sqrt_n:.3f}, r={run.spec.mlp_attn_ratio:.2f}, gqa={run.spec.gqa}, "
         f"{run.tokens:,} tokens)")
     row = execute(run, config, workdir, data_path, trainer)
+    materialise(workdir)
     if row is None:
       counts["skipped"] += 1
       say(f"sweep: [{i}/{len(selected)}] {run.run_id} is held by another process; skipped")
@@ -597,6 +691,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
       first = row["error"].strip().splitlines()[0] if row["error"].strip() else ""
       say(f"sweep: [{i}/{len(selected)}] {run.run_id} {row['status']}: {first[:200]} "
           "(recorded; continuing)")
+  table = materialise(workdir)
   say(f"sweep: {counts['finished']}/{len(selected)} runs finished, {counts['failed']} failed, "
       f"{counts['skipped']} held elsewhere; table {table}")
   return counts

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from archscale import io
+
 REQUIRED_FIELDS = ("params_nonembed", "tokens", "loss")
 ARCH_FIELDS = ("d_model", "mlp_attn_ratio")
 # A new scale starts where N exceeds the smallest N of the current one by more than this factor.
@@ -60,7 +62,7 @@ def _parse_cell(text: str) -> Any:
 def load_rows(path: str | pathlib.Path) -> tuple[list[dict[str, Any]], int]:
   """Rows of a results table, JSONL (one object a line) or CSV with a header, and the number of
   torn JSONL lines skipped (a write cut short by a crash; CSV has none)."""
-  path = pathlib.Path(path)
+  path = io.as_path(path, "fit.results")
   if not path.exists():
     raise ValueError(f"results table {path} does not exist; set config.fit.results to the sweep's "
                      "results.jsonl or a CSV")
@@ -69,7 +71,7 @@ def load_rows(path: str | pathlib.Path) -> tuple[list[dict[str, Any]], int]:
   if suffix in (".jsonl", ".json"):
     rows, torn = _read_jsonl(path)
   elif suffix == ".csv":
-    with open(path, encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8", newline="") as f:
       rows = [{k: _parse_cell(v or "") for k, v in row.items() if k is not None}
               for row in csv.DictReader(f)]
   else:
@@ -83,7 +85,7 @@ def load_rows(path: str | pathlib.Path) -> tuple[list[dict[str, Any]], int]:
 def _read_jsonl(path: pathlib.Path) -> tuple[list[dict[str, Any]], int]:
   """Rows of a JSONL file and the count of non-blank lines that are not a JSON object."""
   rows, torn = [], 0
-  with open(path, encoding="utf-8") as f:
+  with path.open(encoding="utf-8") as f:
     for line in f:
       if not line.strip():
         continue

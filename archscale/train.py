@@ -289,7 +289,9 @@ def train(config: Any, workdir: str | pathlib.Path,
   one held by a live trainer raises `io.WorkdirBusy`.
   """
   wall_start = time.time()
-  workdir = io.make_dir(workdir, "--workdir")
+  workdir = io.make_dir(io.local_only(
+      workdir, "--workdir", "training keeps its lock, metrics and checkpoints through local file "
+      "APIs"), "--workdir")
   sharding.initialize_distributed(config.distributed)
   lock = io.WorkdirLock(workdir)
   if jax.process_index() == 0:

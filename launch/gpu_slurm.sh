@@ -11,6 +11,9 @@
 # parameters within a node. Rerunning the same command (or `scontrol requeue`) resumes from the
 # workdir's latest checkpoint. SLURM's SIGTERM before a preemption or the time limit triggers a
 # final checkpoint and exit status 75 ("resume me"), on which this script requeues the job.
+# One run of an emitted sweep (`sweep.launch=emit`): pass that run's config and the sweep's
+# workdir and switch the mode (the last --mode wins); every task trains it, task 0 writes its row:
+#   sbatch --nodes=2 launch/gpu_slurm.sh SWEEP/runs/<run_id>/sweep_config.py SWEEP --mode=sweep
 #SBATCH --job-name=archscale
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8

@@ -11,6 +11,8 @@
 # (archscale.sharding detects the pod), and each process loads only its own rows of every batch.
 # The workdir must be one directory seen by all workers (Filestore/NFS, or a gcsfuse mount of a
 # bucket): checkpoints are written there collectively and restarts resume from them.
+# One run of an emitted sweep: SWEEP/runs/<run_id>/sweep_config.py as CONFIG, the sweep's
+# directory as WORKDIR and --mode=sweep among the overrides (the last --mode wins).
 set -euo pipefail
 
 tpu=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=v ...]}

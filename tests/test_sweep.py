@@ -4,6 +4,9 @@ import json
 import multiprocessing
 import os
 import pathlib
+import shlex
+import subprocess
+import sys
 
 import pytest
 from helpers import make_config
@@ -171,7 +174,8 @@ def test_a_torn_append_never_corrupts_the_table(dataset, tmp_path):
   assert rows[:len(good)] == good and len(rows) == len(good) + 1
   assert rows[-1]["status"] == "finished"
   lines = table.read_text().splitlines()
-  assert lines[-2] == torn and json.loads(lines[-1])["run_id"] == runs[-1].run_id
+  # The table is rebuilt from the runs' own row files: the torn line is gone, no row is lost.
+  assert torn not in lines and json.loads(lines[-1])["run_id"] == runs[-1].run_id
 
 
 def _append_many(path, worker, n):
@@ -231,10 +235,14 @@ def test_emit_writes_one_self_contained_command_per_run(dataset, tmp_path):
   assert counts["emitted"] == len(runs)
   assert not (tmp_path / sweep.RESULTS).exists()
   script = (tmp_path / sweep.LAUNCH_COMMANDS).read_text().splitlines()
-  commands = [line for line in script if line.startswith("python ")]
+  commands = [shlex.split(line) for line in script if not line.startswith("#")]
   assert len(commands) == len(runs)
-  for cmd, run in zip(commands, runs, strict=True):
-    assert f"--config.sweep.only={run.run_id}" in cmd and "--mode=sweep" in cmd
+  for argv, run in zip(commands, runs, strict=True):
+    assert argv[:3] == [sys.executable, "-m", "archscale.main"] and "--mode=sweep" in argv
+    assert f"--workdir={tmp_path.resolve()}" in argv
+    own = config_lib.load_config_file(argv[3].removeprefix("--config="))
+    assert own.sweep.only == run.run_id and own.sweep.launch == "local"
+    assert pathlib.Path(argv[3].removeprefix("--config=")).parent.name == run.run_id
   assert os.access(tmp_path / sweep.LAUNCH_COMMANDS, os.X_OK)
   frozen = config_lib.load_config_file(tmp_path / sweep.SWEEP_CONFIG)
   assert frozen.sweep.launch == "local"
@@ -261,3 +269,42 @@ def test_a_failing_training_process_is_recorded_with_its_error(dataset, tmp_path
   loaded = config_lib.load_config_file(run_dir / sweep.RUN_CONFIG)
   assert loaded.model.d_model == row["d_model"]
   assert loaded.model.max_seq_len == c.model.max_seq_len
+
+
+def test_emitted_commands_run_from_a_workdir_with_spaces(dataset, tmp_path):
+  workdir = tmp_path / "my sweep's dir"
+  c = make_config(dataset, launch="emit", scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,))
+  c.train.eval_every = 0
+  sweep.run_sweep(c, workdir)
+  (line,) = [x for x in (workdir / sweep.LAUNCH_COMMANDS).read_text().splitlines()
+             if not x.startswith("#")]
+  elsewhere = tmp_path / "other place"
+  elsewhere.mkdir()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(["sh", "-c", line], cwd=elsewhere, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = io.read_jsonl(workdir / sweep.RESULTS)
+  assert row["status"] == "finished" and row["loss"] > 0
+  assert (workdir / sweep.RUNS_DIR / row["run_id"] / "summary.json").exists()
+  assert not list(elsewhere.iterdir())  # nothing written relative to the current directory
+
+
+def test_each_run_keeps_its_own_rows_and_the_table_is_derived_from_them(dataset, tmp_path):
+  c = make_config(dataset)
+  runs, _ = sweep.plan(c)
+  victim = runs[0].run_id
+  sweep.run_sweep(c, tmp_path, trainer=FakeTrainer(crash={victim}))
+  sweep.run_sweep(c, tmp_path, trainer=FakeTrainer())
+  attempts = sorted((tmp_path / sweep.RUNS_DIR / victim / sweep.ATTEMPTS_DIR).iterdir())
+  assert [json.loads(f.read_text())["status"] for f in attempts] == ["failed", "finished"]
+  assert [json.loads(f.read_text())["attempt"] for f in attempts] == [1, 2]
+  table = tmp_path / sweep.RESULTS
+  full = table.read_bytes()
+  assert len(full.splitlines()) == len(runs) + 1
+  table.unlink()  # A lost or stale table is rebuilt from the runs' files, training nothing.
+  trainer = FakeTrainer()
+  counts = sweep.run_sweep(c, tmp_path, trainer=trainer)
+  assert trainer.calls == [] and counts["finished"] == len(runs)
+  assert table.read_bytes() == full
+  assert sweep.run_states(tmp_path)[victim]["status"] == "finished"

@@ -1,0 +1,196 @@
+"""`sweep.launch="slurm"` against a real one-node SLURM cluster started for this module.
+
+The cluster (slurmctld, slurmd, munge and, for sacct, slurmdbd with MariaDB) is installed and
+started by tests/slurm/start-slurm.sh, which needs root; without root these tests are skipped.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+from helpers import REPO, make_config
+
+from archscale import io, slurm, sweep
+
+SCRIPTS = REPO / "tests" / "slurm"
+DEADLINE_S = 420
+STEPS = 400  # the requeued run: long enough to be stopped between checkpoints
+
+
+@pytest.fixture(scope="session")
+def cluster():
+  """A running one-node cluster with accounting, stopped (and its state removed) at the end."""
+  if os.geteuid() != 0:
+    pytest.skip("starting a local SLURM cluster needs root (apt-get and the daemons)")
+  # Not under pytest's private (0700) temporary folders: munged runs as its own user.
+  root = pathlib.Path(tempfile.mkdtemp(prefix="archscale-slurm-"))
+  root.chmod(0o755)
+  state = root / "state"
+  env = dict(os.environ, SLURM_STATE=str(state), SLURM_ACCOUNTING="1", SLURM_CRED_EXPIRE="5")
+  start = subprocess.run(["bash", str(SCRIPTS / "start-slurm.sh")], env=env, capture_output=True,
+                         text=True, timeout=900)
+  if start.returncode != 0:
+    subprocess.run(["bash", str(SCRIPTS / "stop-slurm.sh")], env=env, timeout=300)
+    pytest.fail(f"the local SLURM cluster did not start:\n{start.stdout[-3000:]}"
+                f"\n{start.stderr[-3000:]}")
+  previous = os.environ.get("SLURM_CONF")
+  os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+  yield state
+  subprocess.run(["bash", str(SCRIPTS / "stop-slurm.sh")], env=env, timeout=300)
+  shutil.rmtree(root, ignore_errors=True)
+  if previous is None:
+    os.environ.pop("SLURM_CONF", None)
+  else:
+    os.environ["SLURM_CONF"] = previous
+
+
+def _config(dataset, **sweep_fields):
+  c = make_config(dataset, launch="slurm", poll_s=1.0, **sweep_fields)
+  c.sweep.slurm.time_min = 10
+  c.sweep.slurm.signal_s = 30
+  c.train.eval_every = 0
+  return c
+
+
+def _wait_for(what, predicate, timeout=DEADLINE_S):
+  end = time.time() + timeout
+  while time.time() < end:
+    value = predicate()
+    if value:
+      return value
+    time.sleep(0.5)
+  raise AssertionError(f"timed out waiting for {what}")
+
+
+def _jobs(workdir):
+  return json.loads((workdir / slurm.SLURM_DIR / slurm.JOBS).read_text())
+
+
+def _finished_rows(workdir):
+  return [r for r in io.read_jsonl(workdir / sweep.RESULTS) if r["status"] == "finished"]
+
+
+def test_a_sweep_runs_as_jobs_survives_a_scancel_and_never_double_submits(
+    cluster, dataset, tmp_path):
+  c = _config(dataset, d_over_sqrt_n=(0.12,))
+  runs, _ = sweep.plan(c)
+  assert len(runs) == 4
+  lines = []
+  counts = sweep.run_sweep(c, tmp_path, progress=lines.append)
+  assert counts["submitted"] == 4 and len(set(counts["job_ids"])) == 4
+  assert all("_" in j for j in counts["job_ids"]), "one job array for the sweep"
+  sbatch = next((tmp_path / slurm.SLURM_DIR).rglob("*_submission.sh")).read_text()
+  assert "#SBATCH --requeue" in sbatch and "#SBATCH --signal=USR2@30" in sbatch
+
+  # Rerunning the driver while jobs are queued or running submits nothing new.
+  first = _jobs(tmp_path)
+  again = sweep.run_sweep(c, tmp_path, progress=lines.append)
+  assert again["submitted"] == 0 and _jobs(tmp_path) == first
+  assert again["queued"] + again["running"] + again["finished"] == 4
+  assert "queued" in lines[-1] and first[runs[0].run_id][0] in lines[-1]
+
+  # Cancel one job while it runs (or waits): the next driver run submits that run, only it.
+  def a_running_job():
+    view = slurm.reconcile(runs, tmp_path.resolve(), first, 3)
+    return next((rid for rid, v in view.items() if v["state"] == "RUNNING"), None)
+
+  victim = _wait_for("a running job", a_running_job)
+  subprocess.run(["scancel", first[victim][0]], check=True)
+  _wait_for("the cancellation", lambda: slurm.job_states([first[victim][0]])[
+      first[victim][0]] not in slurm.ACTIVE)
+  c.sweep.wait = True
+  final = sweep.run_sweep(c, tmp_path, progress=lines.append)
+  assert final["finished"] == 4 and final["failed"] == 0
+  jobs = _jobs(tmp_path)
+  assert len(jobs[victim]) == 2 and jobs[victim][0] == first[victim][0]
+  assert all(jobs[r.run_id] == first[r.run_id] for r in runs if r.run_id != victim)
+  rows = _finished_rows(tmp_path)
+  assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in runs)
+  assert all(r["loss"] > 0 and r["slurm_job_id"] in jobs[r["run_id"]] for r in rows)
+  assert next(r for r in rows if r["run_id"] == victim)["slurm_job_id"] == jobs[victim][1]
+
+
+def _steps(run_dir):
+  return [r["step"] for r in io.read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def _interrupted_run_resumes(dataset, tmp_path, interrupt):
+  c = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), tokens=16 * 128 * STEPS)
+  c.train.update(checkpoint_every=20, log_every=10)
+  (run,) = sweep.plan(c)[0]
+  counts = sweep.run_sweep(c, tmp_path)
+  (job,) = counts["job_ids"]
+  run_dir = tmp_path / sweep.RUNS_DIR / run.run_id
+  ckpts = run_dir / "checkpoints"
+  _wait_for("a checkpoint", lambda: ckpts.is_dir() and any(
+      p.name.isdigit() and int(p.name) > 0 for p in ckpts.iterdir()))
+  assert max(_steps(run_dir)) < STEPS
+  interrupt(job)
+  c.sweep.wait = True
+  final = sweep.run_sweep(c, tmp_path)
+  assert final["finished"] == 1 and final["submitted"] == 0, "the job itself was requeued"
+  log = (run_dir / "train.log").read_text()
+  assert "resumed from the checkpoint at step" in log
+  steps = _steps(run_dir)
+  assert steps.count(10) == 1, "the step count restarted"
+  assert max(steps) == STEPS
+  (row,) = _finished_rows(tmp_path)
+  assert row["steps"] == STEPS and row["slurm_job_id"] == job
+  return log
+
+
+def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, dataset, tmp_path):
+  _interrupted_run_resumes(
+      dataset, tmp_path, lambda job: subprocess.run(["scontrol", "requeue", job], check=True))
+
+
+def test_the_time_limit_warning_checkpoints_and_requeues(cluster, dataset, tmp_path):
+  # What SLURM sends sweep.slurm.signal_s before the time limit: SIGUSR2 to the job's processes.
+  log = _interrupted_run_resumes(dataset, tmp_path, lambda job: subprocess.run(
+      ["scancel", "--signal=USR2", job], check=True))
+  assert "preempted; checkpointed at step" in log  # The child stopped cleanly, not killed.
+
+
+def test_a_two_task_run_matches_the_one_process_run(cluster, dataset, tmp_path):
+  one = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,))
+  two = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,))
+  two.sweep.slurm.tasks_per_node = 2
+  one.sweep.wait = two.sweep.wait = True
+  sweep.run_sweep(one, tmp_path / "one")
+  sweep.run_sweep(two, tmp_path / "two")
+  (a,), (b,) = _finished_rows(tmp_path / "one"), _finished_rows(tmp_path / "two")
+  assert a["run_id"] == b["run_id"]
+  assert b["provenance"]["process_count"] == 2 and a["provenance"]["process_count"] == 1
+  run_dir = tmp_path / "two" / sweep.RUNS_DIR / b["run_id"]
+  assert (run_dir / "train.task1.log").exists()
+  assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], rel=1e-4)
+  assert a["steps"] == b["steps"]
+
+  # An emitted command under a two-task srun (what launch/gpu_slurm.sh does): one run, two
+  # jax.distributed processes, one row.
+  emit = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,))
+  emit.sweep.launch = "emit"
+  sweep.run_sweep(emit, tmp_path / "emit")
+  (line,) = [x for x in (tmp_path / "emit" / sweep.LAUNCH_COMMANDS).read_text().splitlines()
+             if not x.startswith("#")]
+  proc = subprocess.run(["sh", "-c", f"srun --ntasks=2 --cpus-per-task=1 {line}"],
+                        capture_output=True, text=True, timeout=DEADLINE_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (e,) = _finished_rows(tmp_path / "emit")
+  assert e["run_id"] == a["run_id"] and e["provenance"]["process_count"] == 2
+  assert e["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
+
+
+def test_bad_slurm_fields_fail_before_submitting(dataset, tmp_path):
+  for field, value in (("time_min", 0), ("tasks_per_node", -1), ("signal_s", 900)):
+    c = _config(dataset)
+    c.sweep.slurm[field] = value
+    with pytest.raises(ValueError, match=f"sweep.slurm.{field}"):
+      sweep.run_sweep(c, tmp_path)
+  assert not (tmp_path / slurm.SLURM_DIR).exists()
+  assert pathlib.Path(tmp_path).exists()
