@@ -105,7 +105,6 @@ def test_text_docs_split_files_by_paragraph_or_line(tmp_path):
 
 
 def test_kjv_documents_are_chapters():
-  pytest.importorskip("bible")
   docs = list(sources._kjv_documents())
   assert len(docs) == 1189
   assert docs[0].startswith("Genesis 1\nIn the beginning God created the heaven and the earth.")
