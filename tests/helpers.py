@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import ml_collections
@@ -79,3 +80,14 @@ def make_config(dataset, **sweep_fields):
   for k, v in sweep_fields.items():
     c.sweep[k] = v
   return c
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
+  """`predicate()`'s first truthy value, polling; fails the test after `timeout_s`."""
+  deadline = time.time() + timeout_s
+  while time.time() < deadline:
+    value = predicate()
+    if value:
+      return value
+    time.sleep(poll_s)
+  raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")

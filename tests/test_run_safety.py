@@ -7,11 +7,10 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from helpers import STEPS, flat, make_config, params_of, subprocess_env, tiny_config
+from helpers import STEPS, flat, make_config, params_of, subprocess_env, tiny_config, wait_for
 
 from archscale import checkpoint, config_lib, io, monitor, sweep, train
 
@@ -27,16 +26,6 @@ def cli(config_path, workdir, env, mode="train", **popen):
          f"--workdir={workdir}"]
   return subprocess.Popen(cmd, env=env, cwd=REPO, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, **popen)
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-  deadline = time.time() + timeout_s
-  while time.time() < deadline:
-    value = predicate()
-    if value:
-      return value
-    time.sleep(0.1)
-  raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def lock_holder_pid(workdir: pathlib.Path) -> int | None:

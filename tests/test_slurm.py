@@ -10,13 +10,14 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-import time
 
 import pytest
-from helpers import REPO, make_config
+from helpers import REPO, make_config, wait_for
 
 from archscale import io, slurm, sweep
 
+# One cluster per machine: under pytest-xdist every test here runs on one worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("slurm")
 SCRIPTS = REPO / "tests" / "slurm"
 DEADLINE_S = 420
 STEPS = 400  # the requeued run: long enough to be stopped between checkpoints
@@ -58,13 +59,7 @@ def _config(dataset, **sweep_fields):
 
 
 def _wait_for(what, predicate, timeout=DEADLINE_S):
-  end = time.time() + timeout
-  while time.time() < end:
-    value = predicate()
-    if value:
-      return value
-    time.sleep(0.5)
-  raise AssertionError(f"timed out waiting for {what}")
+  return wait_for(predicate, timeout, what, poll_s=0.5)
 
 
 def _jobs(workdir):
