@@ -189,18 +189,21 @@ def test_sigterm_exits_with_the_resume_status_and_the_rerun_is_bitwise(reference
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 4 MB tmpfs mounted at tmp_path/checkpoints (needs root, as CI has)."""
+  """A 64 MB tmpfs mounted at tmp_path/checkpoints (needs root, as CI has)."""
   mount = tmp_path / "checkpoints"
   mount.mkdir()
   if os.geteuid() != 0:
     pytest.skip("mounting a tmpfs needs root")
-  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
   yield mount
   subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def fill(directory: pathlib.Path) -> pathlib.Path:
+  """Fills the file system of `directory` to the last byte with one file."""
   path = directory / "filler"
+  free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
+  assert free > 1 << 20, f"the small disk is already full ({free} bytes free)"
   with open(path, "wb") as f:
     try:
       while True:
