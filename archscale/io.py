@@ -223,13 +223,6 @@ class WorkdirLock:
       os.close(self._fd)
       self._fd = None
 
-  def __enter__(self) -> WorkdirLock:
-    self.acquire()
-    return self
-
-  def __exit__(self, *_: Any) -> None:
-    self.release()
-
 
 def code_revision() -> str | None:
   """The git commit of the archscale checkout (with `+dirty` when modified), or None."""

@@ -171,10 +171,6 @@ class TrainConfig(Section):
         raise ValueError("train.tensorboard=True needs the tensorboard package; install it or "
                          "set train.tensorboard=False") from e
 
-  def tokens(self, steps: int, seq_len: int) -> int:
-    """Tokens that `steps` steps of this recipe train on."""
-    return steps * self.global_batch_size * seq_len
-
 
 # -------------------------------------------------------------------------------------- data
 
