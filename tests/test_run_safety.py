@@ -199,19 +199,15 @@ def small_disk(tmp_path):
   subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def fill(directory: pathlib.Path) -> pathlib.Path:
-  """Fills the file system of `directory` to the last byte with one file."""
-  path = directory / "filler"
-  free = os.statvfs(directory).f_bavail * os.statvfs(directory).f_frsize
-  assert free > 1 << 20, f"the small disk is already full ({free} bytes free)"
-  with open(path, "wb") as f:
+def fill(path: pathlib.Path) -> None:
+  """Grows `path` (made before training, so no new file is needed) until its disk is full."""
+  with open(path, "ab") as f:
     try:
       while True:
         f.write(b"\0" * 65536)
         f.flush()
     except OSError:
       pass
-  return path
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -219,12 +215,15 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_last_checkpoint_restores
     reference, small_disk, background):
   config = tiny_config(reference["config"].data.path, async_checkpoint=background)
   workdir = small_disk.parent
-  filler = []
+  filler = small_disk / "filler"
+  filler.touch()
+  filled = []
 
   def fill_after_first_checkpoint(step, _):
-    if step == 12 and not filler:
+    if step == 12 and not filled:
       wait_for(lambda: (small_disk / "10").exists(), 60, "the checkpoint of step 10")
-      filler.append(fill(small_disk))
+      fill(filler)
+      filled.append(step)
 
   with pytest.raises(checkpoint.CheckpointError) as err:
     train.train(config, workdir, step_callback=fill_after_first_checkpoint)
@@ -233,7 +232,7 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_last_checkpoint_restores
   assert "checkpoint of step 20" in message and "last good checkpoint is step 10" in message
   assert io.one_line_error(err.value) == message
 
-  filler[0].unlink()
+  filler.unlink()
   summary = train.train(config, workdir)
   assert summary["steps"] == STEPS
   assert summary["final_train_loss"] == reference["summary"]["final_train_loss"]
