@@ -201,13 +201,13 @@ def small_disk(tmp_path):
 
 def fill(path: pathlib.Path) -> None:
   """Grows `path` (made before training, so no new file is needed) until its disk is full."""
-  with open(path, "ab") as f:
-    try:
+  try:
+    with open(path, "ab") as f:
       while True:
         f.write(b"\0" * 65536)
         f.flush()
-    except OSError:
-      pass
+  except OSError:  # full: on tmpfs even opening can fail once no page is left
+    pass
 
 
 @pytest.mark.parametrize("background", [False, True])
