@@ -182,5 +182,21 @@ def test_the_report_opens_with_whether_the_data_support_a_recommendation(tmp_pat
   search["uncertainty"]["surefire"]["within_uncertainty"] = False
   (tmp_path / "fit.json").write_text(json.dumps(fit))
   (tmp_path / "search.json").write_text(json.dumps(search))
-  assert "do not support" not in pipeline.verdict(tmp_path)[0]
+  first = pipeline.verdict(tmp_path)[0]
+  assert "do not support" not in first and "seed noise was not measured" in first
   assert pipeline.verdict(tmp_path / "empty") == []
+
+  budgets = [{"params_nonembed": n, "tokens": 4e5, "points": 5, "spread": s, "f": f, "p": p,
+              "beyond_noise": p <= 0.05}
+             for n, s, f, p in ((6e4, 0.3, 40.0, 1e-6), (1.2e5, 0.01, 0.9, 0.5))]
+  fit["diagnostics"]["noise"] = {"seed_std": 0.02, "seed_std_relative": 0.008, "dof": 10,
+                                 "replicated_points": 10, "points": 10, "budgets": budgets,
+                                 "fit_rms": 0.03, "fit_rms_over_noise": 1.5}
+  (tmp_path / "fit.json").write_text(json.dumps(fit))
+  first = pipeline.verdict(tmp_path)[0]
+  assert "in 1 of 2 budget(s) the shapes' losses do not differ beyond seed noise" in first
+  (tmp_path / "search.json").unlink()
+  report = pipeline.write_report(config_lib.make_config("demo"), tmp_path, lambda _: None)
+  text = report.read_text()
+  assert text.index("## What the data support") < text.index("Seed noise: sigma = 0.02 (0.80%")
+  assert "| 120,000 | 400,000 | 5 | 0.01 | 0.9 | 0.5 | **no** |" in text
