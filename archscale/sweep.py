@@ -421,6 +421,7 @@ def run_config(config: Any, run: Run, data_path: str | os.PathLike) -> ml_collec
   c = config.copy_and_resolve_references()
   c.name = run.run_id
   c.mode = "train"
+  c.seed = run.seed
   for key, value in run.spec.to_dict().items():
     c.model[key] = value
   c.train.steps = steps_for_tokens(

@@ -158,8 +158,8 @@ def make_table(rows: list[dict[str, Any]], excluded: list[dict[str, Any]], n: np
     in_s = scale == s
     budget[in_s] = _cluster(d[in_s]) + budget.max() + 1
   _, budget = np.unique(budget, return_inverse=True)
-  key_R4 = np.stack([budget, *(np.round(np.log(v), 9) for v in (n, x, r))], axis=1)
-  point = np.unique(key_R4, axis=0, return_inverse=True)[1].reshape(-1) if len(n) else budget
+  key_R5 = np.stack([budget, *(np.round(np.log(v), 9) for v in (n, d, x, r))], axis=1)
+  point = np.unique(key_R5, axis=0, return_inverse=True)[1].reshape(-1) if len(n) else budget
   table = Table(rows, excluded, n, d, loss, x, r, scale, budget, point)
   table.grouping = _describe_grouping(table, by_field)
   partial = sum(v is not None for v in nominal)

@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time

@@ -98,6 +98,8 @@ def test_seeds_replicate_every_point_with_its_own_run_and_bad_seeds_are_refused(
   assert len(runs) == 2 * len(single) and len({r.run_id for r in runs}) == len(runs)
   assert [(r.spec, r.seed) for r in runs] == [(s.spec, seed) for s in single for seed in (0, 7)]
   assert {r.run_id for r in runs if r.seed == 0} == {r.run_id for r in single}
+  assert [sweep.run_config(make_config(dataset, seeds=(0, 7)), r, dataset).seed
+          for r in runs] == [r.seed for r in runs]
   for bad in ((1, 1), (-1,), (0.5,)):
     with pytest.raises(ValueError, match="sweep.seeds"):
       sweep.plan(make_config(dataset, seeds=bad))
