@@ -704,6 +704,10 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
       counts["finished"] += 1
       say(f"sweep: [{i}/{len(selected)}] {run.run_id} finished: loss {row['loss']:.4f} "
           f"({row['loss_source']}) in {row['wall_s']:.0f}s; {time.time() - start:.0f}s so far")
+    elif row["status"] == "preempted":  # SIGTERM: the whole sweep stops, to be rerun.
+      say(f"sweep: [{i}/{len(selected)}] {run.run_id} stopped by SIGTERM and checkpointed; the "
+          f"sweep stops (exit {EXIT_PREEMPTED}); rerun it to resume")
+      raise SystemExit(EXIT_PREEMPTED)
     else:
       counts["failed"] += 1
       first = row["error"].strip().splitlines()[0] if row["error"].strip() else ""

@@ -1,17 +1,19 @@
 """Sweep planning, run ids, crash isolation, resume, emit, and results-table integrity."""
 
 import json
+import logging
 import multiprocessing
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
 
 import pytest
 from helpers import make_config
 
-from archscale import config_lib, io, sweep
+from archscale import config_lib, io, monitor, sweep, train
 
 
 class FakeTrainer:
@@ -139,6 +141,36 @@ def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(dataset, tmp_path):
       assert row["tokens"] >= 4096
       assert row["provenance"]["config"]["model"]["d_model"] == row["d_model"]
       assert "code_revision" in row["provenance"]
+
+
+def test_a_sigterm_stops_an_in_process_sweep_which_resumes_on_rerun(dataset, tmp_path,
+                                                                    caplog):
+  c = make_config(dataset, scales="12k:1:8", d_over_sqrt_n=(0.2,), r=(0.7, 3.5))
+  c.train.update(checkpoint_every=2, eval_every=0, global_batch_size=4)
+  c.data.seq_len = 32
+  c.sweep.tokens = 6 * 4 * 32
+  runs, _ = sweep.plan(c)
+  started = []
+
+  def sigterm_at_step_3(cfg, run_dir):
+    started.append(cfg.name)
+
+    def preempt(step, _):
+      if step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return train.train(cfg, run_dir, step_callback=preempt if len(started) == 1 else None)
+
+  with pytest.raises(SystemExit) as stop:
+    sweep.run_sweep(c, tmp_path, trainer=sigterm_at_step_3)
+  assert stop.value.code == monitor.EXIT_PREEMPTED
+  assert started == [runs[0].run_id]  # the next run was not started
+  (row,) = io.read_jsonl(tmp_path / sweep.RESULTS)
+  assert row["status"] == "preempted"
+
+  with caplog.at_level(logging.INFO):
+    counts = sweep.run_sweep(c, tmp_path, trainer=sigterm_at_step_3)
+  assert counts["finished"] == len(runs) == 2
+  assert "resumed from the checkpoint at step 4" in caplog.text  # the callback runs a step late
 
 
 def test_rerun_skips_finished_runs_and_retries_failed_ones(dataset, tmp_path):
