@@ -70,7 +70,9 @@ def data_path(config: Any, workdir: str | os.PathLike) -> pathlib.Path:
     path = io.local_only(config.data.path, "data.path",
                          "the data loader memory-maps its files")
     return path.expanduser()
-  return io.local_only(workdir, "--workdir", "the data loader memory-maps its files") / "data"
+  return io.local_only(workdir, "--workdir", "with data.path empty the dataset is prepared into "
+                       "WORKDIR/data, which the data loader memory-maps; set data.path to a "
+                       "local prepared dataset") / "data"
 
 
 def check_against_model(config: Any, info: dict[str, Any] | None = None) -> None:
