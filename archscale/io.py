@@ -239,7 +239,9 @@ class WorkdirLock:
   and a second holder stops at once naming the first.
   """
 
-  def __init__(self, workdir: Any, name: str = ".lock"):
+  NAME = ".lock"
+
+  def __init__(self, workdir: Any, name: str = NAME):
     self.path = workdir / name
     self._fd: int | None = None
     self._lease = None if is_local(self.path) else _Lease(self.path)
