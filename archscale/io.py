@@ -1,4 +1,5 @@
-"""Small, safe file helpers shared by every stage: atomic JSON, append-only JSONL, provenance."""
+"""Small, safe file helpers shared by every stage: paths that may be URIs (gs://), atomic JSON,
+append-only JSONL, workdir locks, provenance."""
 
 from __future__ import annotations
 
@@ -156,7 +157,7 @@ def append_jsonl(path: PathLike, row: dict[str, Any]) -> None:
   Concurrent writers never interleave, and a crash can at worst leave a torn final line, which
   `read_jsonl` skips; rows already in the file are never touched.
   """
-  path = pathlib.Path(path)
+  path = local_only(path, "output file", "rows are appended under a lock")
   path.parent.mkdir(parents=True, exist_ok=True)
   line = (json.dumps(row, default=_json_default) + "\n").encode("utf-8")
   fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

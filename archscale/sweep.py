@@ -25,7 +25,8 @@ is rebuilt from those files, oldest first, after every run (`materialise`); the 
 Rows with status "finished" are final: rerunning the sweep skips their runs. Rows with status
 "failed" (an exception or a non-zero exit, with the error) or "preempted" are retried on the next
 run unless `sweep.retry_failed` is off. A run being trained by another local sweep holds
-`runs/<run_id>/.sweep.lock` (and its trainer `runs/<run_id>/.lock`) and is skipped.
+`runs/<run_id>/.sweep.lock` (and its trainer `runs/<run_id>/.lock`) and is skipped. With
+`sweep.launch="local"` the workdir may be a gs:// URI (`io.WorkdirLock` then holds leases).
 
 Row fields (what `archscale.table` reads): `params_nonembed`, `tokens` (tokens actually trained),
 `loss`, every ArchSpec field, `mlp_attn_ratio`, `d_over_sqrt_n`, `gqa`, plus `run_id`, `status`,
@@ -586,7 +587,7 @@ def _data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
           "data.path holds no prepared dataset and data.source is empty: set data.source (e.g. "
           "'kjv') or point data.path at a dataset made by --mode=prepare_data")
     prepare.run_prepare_data(config, workdir)
-  return path.resolve()
+  return io.absolute(path)
 
 
 def _selected(runs: list[Run], only: str) -> list[Run]:

@@ -30,7 +30,8 @@ from helpers import (
   wait_for,
 )
 
-from archscale import io, sweep, table, train
+from archscale import data as data_lib
+from archscale import io, prepare, sweep, table, train
 
 HAS_GCS_EMULATOR = all(importlib.util.find_spec(m) for m in ("gcsfs", "gcp_storage_emulator"))
 needs_gcs = pytest.mark.skipif(not HAS_GCS_EMULATOR,
@@ -114,10 +115,9 @@ def test_training_into_a_uri_fails_before_any_compute(corpus, tmp_path, monkeypa
 
 def test_a_sweep_into_a_uri_fails_before_any_run(dataset, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with monkeypatch.context() as m:
-    _without_backend(m)
-    with pytest.raises(ValueError, match="--workdir=gs://bucket/sweep"):
-      sweep.run_sweep(make_config(dataset), "gs://bucket/sweep")
+  _without_backend(monkeypatch)
+  with pytest.raises(ValueError, match="--workdir=gs://bucket/sweep"):
+    sweep.run_sweep(make_config(dataset), "gs://bucket/sweep")
   c = make_config(dataset)
   c.data.path = "gs://bucket/data"
   with pytest.raises(ValueError, match="data.path=gs://bucket/data"):
@@ -280,3 +280,33 @@ def test_a_local_sweep_into_gcs_trains_and_derives_its_table(gcs, dataset, tmp_p
   again = sweep.run_sweep(c, uri)  # finished: nothing retrained, the table unchanged
   assert again["finished"] == 1 and list(io.read_jsonl(workdir / sweep.RESULTS)) == [row]
   assert _local_entries(tmp_path) == []
+
+
+def test_a_dataset_in_gcs_is_read_through_a_local_copy(gcs, corpus, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("ARCHSCALE_DATA_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))
+  remote = io.as_path(_fresh(gcs) + "/data", "data.path")
+  files = [f for f in pathlib.Path(corpus).rglob("*") if f.is_file()]
+  for f in files:
+    (remote / f.relative_to(corpus).as_posix()).write_bytes(f.read_bytes())
+  local = data_lib.local_copy(remote)
+  assert local.parent == pathlib.Path(os.environ["ARCHSCALE_DATA_CACHE"])
+  info = data_lib.dataset_info(str(remote))
+  assert info["path"] == str(local) and info == dict(data_lib.dataset_info(corpus), path=str(local))
+  for split in data_lib.SPLITS:
+    np.testing.assert_array_equal(data_lib.Batches(str(remote), split, 16, 4, 0).read(3),
+                                  data_lib.Batches(corpus, split, 16, 4, 0).read(3))
+
+  # Training reads it as it reads the local dataset: the same losses.
+  steps = dict(steps=4, eval_every=2, checkpoint_every=0)
+  here = train.train(tiny_config(corpus, **steps), tmp_path / "local")
+  there = train.train(tiny_config(str(remote), **steps), tmp_path / "remote")
+  assert there["final_train_loss"] == here["final_train_loss"]
+  assert there["eval_loss"] == here["eval_loss"]
+
+  # Preparing into a bucket is refused before any work.
+  c = tiny_config(str(remote) + "-new")
+  c.data.source = str(pathlib.Path(corpus).parent / "corpus.txt")
+  with pytest.raises(ValueError, match="data.path=gs://.*preparing writes its shards"):
+    prepare.run_prepare_data(c, tmp_path / "w")
+  assert not (tmp_path / "w").exists() and "gs:" not in _local_entries(tmp_path)
