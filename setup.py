@@ -29,7 +29,10 @@ setup(
         "submitit>=1.5",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "gcsfs>=2024.2",
+                "gcp-storage-emulator>=2026.7"],
+        # gs:// workdirs and paths (etils.epath's backend for them).
+        "gcs": ["gcsfs>=2024.2"],
         # Export, import and downstream evaluation (archscale.hf, archscale.evaluate).
         # transformers 5.4 and later refuse a LlamaConfig whose hidden_size is not a multiple of
         # num_attention_heads even with head_dim set (every Panda / Surefire shape); 5.0-5.3 load

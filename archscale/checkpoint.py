@@ -7,7 +7,6 @@ naming the step, the path and the cause; the checkpoints written before it stay 
 from __future__ import annotations
 
 import copy
-import pathlib
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -29,8 +28,8 @@ class Checkpoints:
   save decision is made here, not by orbax, so that it depends on the step alone.
   """
 
-  def __init__(self, directory: pathlib.Path, train_cfg: Any):
-    self.directory = directory.resolve()
+  def __init__(self, directory: Any, train_cfg: Any):
+    self.directory = io.absolute(directory)
     self.every = train_cfg.checkpoint_every
     self.background = bool(train_cfg.async_checkpoint)
     options = ocp.CheckpointManagerOptions(

@@ -83,14 +83,14 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
 
 
 def write_config_py(path: str | os.PathLike, config: Any, doc: str, *, base: str | None = None,
-                    tail: Sequence[str] = ()) -> pathlib.Path:
-  """Writes a standalone config file whose `get_config()` returns `config`.
+                    tail: Sequence[str] = ()) -> Any:
+  """Writes a standalone config file whose `get_config()` returns `config`; returns its path.
 
   With `base` (an architecture name) the file starts from `make_config(base)` and sets only the
   fields that differ, which reads well (panda.py); without, it spells out the whole tree. `tail`:
   further statements run before returning (`c` is the config; `pathlib` is imported).
   """
-  path = pathlib.Path(path)
+  path = io.as_path(path, "config file")
   if base is None:
     body = pprint.pformat(config.to_dict(), indent=1, width=96, sort_dicts=True)
     lines = ["import ml_collections", "", "", "def get_config():",

@@ -11,8 +11,10 @@ A prepared dataset (`data.path`, written by `archscale.prepare`) is a directory:
   tokenizer.json  the tokenizer, unless it is the byte tokenizer
 
 Datasets of the single-file format (train.bin and eval.bin beside metadata.json) are read as
-they are. `Batches` serves fixed-length windows of a split so that the global batch of step s
-is a pure function of (seed, s): resuming needs no replay and does not depend on how many hosts
+they are. A dataset in a bucket (data.path=gs://...) is read from a local copy (`local_copy`).
+
+`Batches` serves fixed-length windows of a split so that the global batch of step s is a pure
+function of (seed, s): resuming needs no replay and does not depend on how many hosts
 read. Window i of a split is tokens [i*seq_len, i*seq_len + seq_len + 1), so inputs are [:-1]
 and targets [1:], consecutive windows share one token, and a window may span a document
 boundary (the EOS marks it; nothing is masked) or a shard boundary. Window positions are fixed,
@@ -26,6 +28,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import threading
 from typing import Any
 
@@ -44,16 +47,11 @@ _PREFETCH = 2             # batches read ahead of the step being trained
 
 
 def dataset_info(path: str | os.PathLike) -> dict[str, Any]:
-  """The metadata of the prepared dataset at `path` (with "path" added)."""
-  path = pathlib.Path(path).expanduser()
+  """The metadata of the prepared dataset at `path` (with "path" added: where it is read from,
+  a local copy for a URI, see `local_copy`)."""
+  path = local_copy(path)
   if not (path / METADATA).is_file():
-    if (path / MANIFEST).is_file():
-      raise ValueError(
-          f"data.path={str(path)!r} is a preparation that has not finished ({METADATA} is "
-          f"written last); rerun --mode=prepare_data with the same settings to finish it")
-    raise ValueError(
-        f"data.path={str(path)!r} holds no prepared dataset ({METADATA} is missing); run "
-        "--mode=prepare_data with data.source set, or point data.path at a prepared dataset")
+    raise _not_a_dataset(path)
   with open(path / METADATA, encoding="utf-8") as f:
     info = json.load(f)
   if info.get("format") not in FORMATS:
@@ -64,13 +62,63 @@ def dataset_info(path: str | os.PathLike) -> dict[str, Any]:
   return info
 
 
-def data_path(config: Any, workdir: str | os.PathLike) -> pathlib.Path:
-  """Where a config's prepared dataset lives: `data.path`, or `workdir/data` when empty."""
-  if config.data.path:
-    path = io.local_only(config.data.path, "data.path",
-                         "the data loader memory-maps its files")
+def local_copy(path: Any) -> pathlib.Path:
+  """A prepared dataset as a local folder, which the loader can memory-map: `path` itself, or for
+  a URI (gs://...) a copy under $ARCHSCALE_DATA_CACHE (default ~/.cache/archscale/data).
+
+  The copy's folder is named after the URI and the remote metadata.json, so a dataset prepared
+  again gets a fresh copy; each file lands under a temporary name and is renamed, and the
+  metadata comes last, so an interrupted copy is resumed, never read.
+  """
+  path = io.as_path(path, "data.path")
+  if io.is_local(path):
     return path.expanduser()
-  return io.local_only(workdir, "--workdir", "the data loader memory-maps its files") / "data"
+  if not (path / METADATA).exists():
+    raise _not_a_dataset(path)
+  text = (path / METADATA).read_text(encoding="utf-8")
+  key = hashlib.sha256(f"{path}\n{text}".encode()).hexdigest()[:16]
+  root = pathlib.Path(os.environ.get("ARCHSCALE_DATA_CACHE", "~/.cache/archscale/data"))
+  local = root.expanduser() / f"{path.name}-{key}"
+  if (local / METADATA).is_file():
+    return local
+  info = json.loads(text)
+  index = info.get("shards") or {s: [[f"{s}.bin"]] for s in SPLITS}
+  names = [part[0] for parts in index.values() for part in parts]
+  names += [info["tokenizer_file"]] if info.get("tokenizer_file") else []
+  for name in names:
+    target = local / name
+    if not target.exists():
+      target.parent.mkdir(parents=True, exist_ok=True)
+      tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
+      if not (path / name).exists():
+        raise ValueError(f"data.path={str(path)!r}: {name} is missing; delete the dataset and "
+                         "prepare it again")
+      with (path / name).open("rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+      os.replace(tmp, target)
+  io.write_text_atomic(local / METADATA, text)
+  return local
+
+
+def _not_a_dataset(path: Any) -> ValueError:
+  if (path / MANIFEST).exists():
+    return ValueError(
+        f"data.path={str(path)!r} is a preparation that has not finished ({METADATA} is "
+        f"written last); rerun --mode=prepare_data with the same settings to finish it")
+  return ValueError(
+      f"data.path={str(path)!r} holds no prepared dataset ({METADATA} is missing); run "
+      "--mode=prepare_data with data.source set, or point data.path at a prepared dataset")
+
+
+def data_path(config: Any, workdir: str | os.PathLike) -> Any:
+  """Where a config's prepared dataset lives: `data.path` (a folder or a URI), or `workdir/data`
+  when empty."""
+  if config.data.path:
+    path = io.as_path(config.data.path, "data.path")
+    return path.expanduser() if io.is_local(path) else path
+  return io.local_only(workdir, "--workdir", "with data.path empty the dataset is prepared into "
+                       "WORKDIR/data, which the data loader memory-maps; set data.path to a "
+                       "prepared dataset") / "data"
 
 
 def check_against_model(config: Any, info: dict[str, Any] | None = None) -> None:

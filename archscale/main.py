@@ -24,6 +24,9 @@ MODES = {
     "evaluate": "archscale.evaluate:run_evaluate",
 }
 
+# Modes whose every file goes through etils.epath, so that --workdir may be a URI (gs://...).
+URI_MODES = ("describe", "train", "sweep")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _MODE = flags.DEFINE_enum("mode", None, list(MODES), "What to run (default: the config's `mode`).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
@@ -50,6 +53,9 @@ def main(argv):
     handler.addFilter(_LibraryInfoFilter())
   try:
     workdir = io.as_path(_WORKDIR.value or pathlib.Path("runs") / config.name, "--workdir")
+    if mode not in URI_MODES:
+      workdir = io.local_only(workdir, "--workdir", f"--mode={mode} writes through local file "
+                              f"APIs (only {', '.join(URI_MODES)} take a URI)")
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if workdir.exists() and not workdir.is_dir():

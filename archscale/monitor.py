@@ -127,15 +127,24 @@ class Preemption:
 class MetricsLog:
   """metrics.jsonl rows, the console progress line (with ETA) and optional TensorBoard scalars.
 
-  Only the main process writes; every process may call it.
+  Only the main process writes; every process may call it. A local file gets each row appended
+  as it comes. An object (gs://) cannot be appended to, and an object store limits how often one
+  object may be rewritten, so a remote log is rewritten whole at most every `FLUSH_S` seconds and
+  at every `flush()` (the trainer flushes before each checkpoint, so a resumed run never lacks
+  the rows of the steps it does not rerun).
   """
 
-  def __init__(self, workdir: pathlib.Path, total_steps: int, is_main: bool, tensorboard: bool):
+  FLUSH_S = 10.0
+
+  def __init__(self, workdir: Any, total_steps: int, is_main: bool, tensorboard: bool):
     self.path = workdir / "metrics.jsonl"
     self.total_steps = total_steps
     self.is_main = is_main
     self.start = time.time()
     self._tb = _TensorBoard(workdir / "tensorboard") if tensorboard and is_main else None
+    self._rows: list[dict[str, Any]] | None = None if io.is_local(self.path) else []
+    self._pending = False
+    self._flushed = time.time()
 
   def truncate(self, last_step: int) -> None:
     """Drops rows past `last_step` (written before an interruption; those steps are rerun)."""
@@ -143,6 +152,8 @@ class MetricsLog:
       return
     rows = list(io.read_jsonl(self.path))
     kept = [r for r in rows if r.get("step", 0) <= last_step]
+    if self._rows is not None:
+      self._rows = kept
     if len(kept) != len(rows):
       io.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -151,7 +162,13 @@ class MetricsLog:
     row = dict(row, elapsed_s=time.time() - self.start)
     if not self.is_main:
       return
-    io.append_jsonl(self.path, row)
+    if self._rows is None:
+      io.append_jsonl(self.path, row)
+    else:
+      self._rows.append(row)
+      self._pending = True
+      if time.time() - self._flushed >= self.FLUSH_S:
+        self.flush()
     if self._tb is not None:
       self._tb.scalars(row["step"], row)
     step_s, rate, mfu = row.get("step_time_s"), row.get("tokens_per_sec"), row.get("mfu")
@@ -164,7 +181,15 @@ class MetricsLog:
         f"{step_s * 1e3:.1f}ms" if step_s else "-", format_duration(eta),
         f"  eval {eval_loss:.4f}" if eval_loss is not None else "")
 
+  def flush(self) -> None:
+    """Writes a remote log's rows not yet written (a local log has none)."""
+    if self._pending:
+      io.write_text_atomic(self.path, "".join(json.dumps(r, default=str) + "\n"
+                                              for r in self._rows))
+      self._pending, self._flushed = False, time.time()
+
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
 

@@ -79,7 +79,7 @@ def _stage_config(config: Any, workdir: pathlib.Path) -> Any:
   from archscale import data as data_lib
 
   c = config.copy_and_resolve_references()
-  c.data.path = str(data_lib.data_path(config, workdir).resolve())
+  c.data.path = str(io.absolute(data_lib.data_path(config, workdir)))
   c.fit.results = str(c.fit.results or workdir.resolve() / sweep.RESULTS)
   c.search.law = str(c.search.law or workdir.resolve() / "fit.json")
   return c

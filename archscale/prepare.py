@@ -74,7 +74,8 @@ def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
   ({"train", "eval"} counts; tokens include one EOS per document), shards (the index), units,
   seconds (summed over units), created, code_revision; the returned dict also has "path".
   """
-  out_dir = pathlib.Path(out_dir).expanduser()
+  out_dir = io.local_only(out_dir, "data.path", "preparing writes its shards through local file "
+                         "APIs; prepare into a local folder and copy it to the bucket").expanduser()
   files = sources.resolve_inputs(source)
   recipe, tok = _recipe(files, tokenizer, text_field, text_docs, eval_fraction, seed,
                         bpe_vocab_size, eos_token)

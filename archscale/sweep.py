@@ -25,7 +25,8 @@ is rebuilt from those files, oldest first, after every run (`materialise`); the 
 Rows with status "finished" are final: rerunning the sweep skips their runs. Rows with status
 "failed" (an exception or a non-zero exit, with the error) or "preempted" are retried on the next
 run unless `sweep.retry_failed` is off. A run being trained by another local sweep holds
-`runs/<run_id>/.sweep.lock` (and its trainer `runs/<run_id>/.lock`) and is skipped.
+`runs/<run_id>/.sweep.lock` (and its trainer `runs/<run_id>/.lock`) and is skipped. With
+`sweep.launch="local"` the workdir may be a gs:// URI (`io.WorkdirLock` then holds leases).
 
 Row fields (what `archscale.table` reads): `params_nonembed`, `tokens` (tokens actually trained),
 `loss`, every ArchSpec field, `mlp_attn_ratio`, `d_over_sqrt_n`, `gqa`, plus `run_id`, `status`,
@@ -41,10 +42,8 @@ and there the train loss rewards memorisation that the law is not meant to descr
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -57,7 +56,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
@@ -278,8 +277,8 @@ def seeds_of(s: SweepConfig, default: int) -> list[int]:
 # ---------------------------------------------------------------------------- results table
 
 
-def results_path(workdir: str | os.PathLike) -> pathlib.Path:
-  return pathlib.Path(workdir) / RESULTS
+def results_path(workdir: str | os.PathLike) -> Any:
+  return io.as_path(workdir, "--workdir") / RESULTS
 
 
 def latest_rows(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -454,7 +453,7 @@ def _die_with_parent() -> None:
   signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
+def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: Any,
                         log_name: str = "train.log",
                         on_start: Callable[[subprocess.Popen], None] | None = None
                         ) -> dict[str, Any]:
@@ -463,15 +462,20 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
   Output goes to `run_dir/<log_name>`; `on_start` receives the child (to forward signals).
   Raises RuntimeError (with the log's tail) when the process fails and io.WorkdirBusy when
   another trainer holds the run; returns the summary (status "preempted" when the trainer exited
-  with `monitor.EXIT_PREEMPTED`).
+  with `monitor.EXIT_PREEMPTED`). A remote `run_dir` (gs://) keeps its config and log there too;
+  the child reads its config from, and writes its log to, a local copy (`local_mirror`).
   """
   run_dir.mkdir(parents=True, exist_ok=True)
-  config_path = config_lib.write_config_py(run_dir / RUN_CONFIG, cfg,
-                                f"Training config of sweep run {cfg.name}.")
-  log_path = run_dir / log_name
+  doc = f"Training config of sweep run {cfg.name}."
+  local = run_dir if io.is_local(run_dir) else io.local_mirror(run_dir)
+  config_path = config_lib.write_config_py(local / RUN_CONFIG, cfg, doc)
+  if local is not run_dir:
+    config_lib.write_config_py(run_dir / RUN_CONFIG, cfg, doc)
+  log_path = local / log_name
   cmd = [sys.executable, "-m", "archscale.main", f"--config={config_path}", "--mode=train",
          f"--workdir={run_dir}"]
   with open(log_path, "ab") as log:
+    log_start = log.tell()
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
     log.flush()
     child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -480,12 +484,16 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path,
     if on_start is not None:
       on_start(child)
     rc = child.wait()
+  if local is not run_dir:  # This attempt's part of the log joins the remote log.
+    with open(log_path, "rb") as f:
+      f.seek(log_start)
+      io.append_text(run_dir / log_name, f.read().decode("utf-8", errors="replace"))
   if rc == EXIT_PREEMPTED:
     return {"status": "preempted"}
   if rc == EXIT_BUSY:
     raise io.WorkdirBusy(f"{run_dir} is held by another trainer")
   if rc != 0:
-    raise RuntimeError(f"training exited with status {rc}; the end of {log_path}:\n"
+    raise RuntimeError(f"training exited with status {rc}; the end of {run_dir / log_name}:\n"
                        f"{_tail(log_path)}")
   return json.loads((run_dir / "summary.json").read_text())
 
@@ -499,38 +507,21 @@ def train_in_process(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> d
   return train_lib.train(cfg, run_dir)
 
 
-@contextlib.contextmanager
-def run_lock(run_dir: pathlib.Path) -> Iterator[bool]:
-  """Holds `run_dir/.sweep.lock`; yields False (without waiting) when another sweep does.
-
-  The trainer holds its own lock (`io.WorkdirLock`) as well, so a trainer left running by a sweep
-  that died cannot be joined by a second one.
-  """
-  run_dir.mkdir(parents=True, exist_ok=True)
-  fd = os.open(run_dir / ".sweep.lock", os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      yield False
-      return
-    try:
-      yield True
-    finally:
-      fcntl.flock(fd, fcntl.LOCK_UN)
-  finally:
-    os.close(fd)
-
-
 def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.PathLike,
             trainer: Trainer) -> dict[str, Any] | None:
   """Trains one run and appends its row; None when another process holds the run."""
   run_dir = workdir / RUNS_DIR / run.run_id
   cfg = run_config(config, run, data_path)
-  with run_lock(run_dir) as mine:
-    if not mine:
-      logging.info("sweep: %s is being trained by another process; skipping", run.run_id)
-      return None
+  run_dir.mkdir(parents=True, exist_ok=True)
+  # The sweep's lock on the run; its trainer holds `.lock` as well, so a trainer left running by
+  # a sweep that died cannot be joined by a second one.
+  lock = io.WorkdirLock(run_dir, ".sweep.lock")
+  try:
+    lock.acquire()
+  except io.WorkdirBusy:
+    logging.info("sweep: %s is being trained by another process; skipping", run.run_id)
+    return None
+  try:
     prior = run_rows(workdir, [run.run_id])
     if any(r.get("status") == "finished" for r in prior):  # Finished elsewhere meanwhile.
       return None
@@ -553,6 +544,8 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
                          cfg, time.time() - start)
     row["attempt"] = len(prior) + 1
     record_attempt(workdir, row)
+  finally:
+    lock.release()
   return row
 
 
@@ -612,7 +605,7 @@ def _data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
           "data.path holds no prepared dataset and data.source is empty: set data.source (e.g. "
           "'kjv') or point data.path at a dataset made by --mode=prepare_data")
     prepare.run_prepare_data(config, workdir)
-  return path.resolve()
+  return io.absolute(path)
 
 
 def _selected(runs: list[Run], only: str) -> list[Run]:
@@ -642,10 +635,12 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   by another process). `trainer` replaces the training call (tests); `progress` receives one line
   per event (the pipeline prints them).
   """
-  workdir = io.local_only(workdir, "--workdir", "a sweep trains its runs into it, and training "
-                          "writes through local file APIs")
+  workdir = io.as_path(workdir, "--workdir")
   say = progress or (lambda msg: logging.info("%s", msg))
   s = SweepConfig.from_config(config)
+  if s.launch != "local":  # emit's scripts and submitit's job files are read as local files.
+    io.local_only(workdir, "--workdir", f"sweep.launch={s.launch} writes the jobs' scripts "
+                  "there; use sweep.launch=local for a remote workdir")
   from archscale import data as data_lib
 
   data_lib.data_path(config, workdir)  # A data path that cannot be read here fails now.

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from archscale import data
+from archscale import data, io
 
 TOKENIZER_FILE = "tokenizer.json"
 # Tried in order when a tokenizer.json does not say which token ends a document.
@@ -137,6 +137,8 @@ def load_tokenizer(spec: str, *, eos_token: str = "") -> Tokenizer:
     raise ValueError(
         "data.tokenizer='bpe' is trained by --mode=prepare_data; load it from the prepared "
         "dataset instead: load_tokenizer(<data.path>)")
+  if io.is_uri(spec):  # A prepared dataset in a bucket: read from its local copy.
+    spec = data.dataset_info(spec)["path"]
   path = pathlib.Path(spec).expanduser()
   if path.is_dir():
     if (path / data.METADATA).exists():

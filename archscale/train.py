@@ -266,7 +266,7 @@ class BatchSource:
 def load_checkpoint(workdir: str | pathlib.Path, config: Any, step: int | None = None) -> Any:
   """The train state saved in `workdir` (latest step by default), sharded for this config's mesh."""
   setup = build(config)
-  ckpt = checkpoint.Checkpoints(pathlib.Path(workdir) / "checkpoints", config.train)
+  ckpt = checkpoint.Checkpoints(io.as_path(workdir, "--workdir") / "checkpoints", config.train)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -290,9 +290,12 @@ def train(config: Any, workdir: str | pathlib.Path,
   one held by a live trainer raises `io.WorkdirBusy`.
   """
   wall_start = time.time()
-  workdir = io.make_dir(io.local_only(
-      workdir, "--workdir", "training keeps its lock, metrics and checkpoints through local file "
-      "APIs"), "--workdir")
+  workdir = io.as_path(workdir, "--workdir")
+  if config.train.tensorboard and not io.is_local(workdir):
+    raise ValueError(f"train.tensorboard=True writes event files through local file APIs, which "
+                     f"--workdir={workdir} is not; set train.tensorboard=False or use a local "
+                     "--workdir")
+  workdir = io.make_dir(workdir, "--workdir")
   sharding.initialize_distributed(config.distributed)
   use_compilation_cache(config.train.compilation_cache)
   lock = io.WorkdirLock(workdir)
@@ -519,7 +522,8 @@ class _Session:
   def boundary(self, step: int, device_metrics: Any, state: Any) -> None:
     """A step whose state is needed: checkpoint, then eval, then log."""
     m = self.finish_step(step, device_metrics, log=False)
-    if self.ckpt.should_save(step) and step < self.t.steps:
+    saved = self.ckpt.should_save(step) and step < self.t.steps
+    if saved:
       # Before the eval: an eval that fails must not cost the checkpoint. Its metadata keeps
       # the previous eval loss; the final summary's comes from the eval at the last step.
       self.save(step, state)
@@ -529,6 +533,8 @@ class _Session:
       self.clock.pause()
     if _is_log_step(step, self.t) or eval_loss is not None:
       self._log(step, m, eval_loss)
+    if saved:  # A resume reruns only the steps after this one: their rows must be on storage.
+      self.log.flush()
 
   def finish_step(self, step: int, device_metrics: Any, log: bool) -> dict[str, float]:
     """Fetches a step's metrics (blocking until it ran), checks them, times and logs them."""
@@ -625,9 +631,10 @@ def run_train(config: Any, workdir: pathlib.Path) -> None:
   """
   sharding.initialize_distributed(config.distributed)
   if not str(config.data.path).strip() and str(config.data.source).strip():
+    from archscale import data as data_lib
     from archscale import prepare
 
-    path = pathlib.Path(workdir) / "data"
+    path = data_lib.data_path(config, workdir)
     if jax.process_index() == 0:
       prepare.run_prepare_data(config, workdir)
     if jax.process_count() > 1:

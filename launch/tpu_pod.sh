@@ -9,8 +9,9 @@
 # pip install -e ."`) and the prepared dataset readable at the same path on every host. Each
 # worker runs one JAX process; jax.distributed finds its peers through the TPU metadata
 # (archscale.sharding detects the pod), and each process loads only its own rows of every batch.
-# The workdir must be one directory seen by all workers (Filestore/NFS, or a gcsfuse mount of a
-# bucket): checkpoints are written there collectively and restarts resume from them.
+# The workdir must be one directory seen by all workers (Filestore/NFS, a gcsfuse mount of a
+# bucket, or a gs:// URI with gcsfs installed): checkpoints are written there collectively and
+# restarts resume from them. A gs:// data.path is copied to each worker's local cache once.
 # One run of an emitted sweep: SWEEP/runs/<run_id>/sweep_config.py as CONFIG, the sweep's
 # directory as WORKDIR and --mode=sweep among the overrides (the last --mode wins).
 set -euo pipefail

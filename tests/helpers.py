@@ -30,7 +30,7 @@ def tiny_config(data_path, **train_overrides) -> ml_collections.ConfigDict:
 
 
 def metrics(workdir) -> list[dict]:
-  return list(io.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl"))
+  return list(io.read_jsonl(io.as_path(workdir, "workdir") / "metrics.jsonl"))
 
 
 def untimed(row: dict) -> dict:

@@ -181,6 +181,36 @@ def test_a_two_task_run_matches_the_one_process_run(cluster, dataset, tmp_path):
   assert e["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
 
 
+def test_a_run_that_always_fails_is_submitted_max_attempts_times(cluster, dataset, tmp_path):
+  # A dataset whose train shards are gone: the driver (which checks only that the dataset was
+  # prepared) plans and submits the run, and every job fails when it opens the data.
+  broken = tmp_path / "broken"
+  shutil.copytree(dataset, broken)
+  info = json.loads((broken / "metadata.json").read_text())
+  for file, _, _ in info["shards"]["train"]:
+    (broken / file).unlink()
+  c = _config(broken, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), max_attempts=2)
+  c.sweep.wait = True
+  workdir = tmp_path / "sweep"
+  (run,) = sweep.plan(c)[0]
+  final = sweep.run_sweep(c, workdir)
+  assert final["failed"] == 1 and final["finished"] == 0 and final["submitted"] == 2
+  jobs = _jobs(workdir)[run.run_id]
+  assert len(jobs) == 2 and len(set(jobs)) == 2
+  rows = list(io.read_jsonl(workdir / sweep.RESULTS))
+  assert [r["status"] for r in rows] == ["failed", "failed"]
+  assert sorted(r["slurm_job_id"] for r in rows) == sorted(jobs)
+  assert "missing or truncated" in (workdir / sweep.RUNS_DIR / run.run_id / "train.log").read_text()
+
+  # The cap holds across driver runs: a rerun reports the failure and submits nothing.
+  c.sweep.wait = False
+  lines = []
+  again = sweep.run_sweep(c, workdir, progress=lines.append)
+  assert again["submitted"] == 0 and again["failed"] == 1 and _jobs(workdir)[run.run_id] == jobs
+  line = next(x for x in lines[-1].splitlines() if x.startswith(run.run_id)).split()
+  assert line[1] == "failed" and line[-1] == "2", lines[-1]
+
+
 def test_bad_slurm_fields_fail_before_submitting(dataset, tmp_path):
   for field, value in (("time_min", 0), ("tasks_per_node", -1), ("signal_s", 900)):
     c = _config(dataset)
