@@ -216,7 +216,8 @@ train.train(ml_collections.ConfigDict(json.loads(sys.argv[1])), pathlib.Path(sys
 """
 
 
-def test_compilation_cache_stores_the_compiled_step_where_the_config_says(corpus, cache_dir, tmp_path):
+def test_compilation_cache_stores_the_compiled_step_where_the_config_says(corpus, cache_dir,
+                                                                          tmp_path):
   config = tiny_config(corpus, steps=2, eval_every=0, checkpoint_every=0)
   config.train.compilation_cache = str(tmp_path / "jax cache")
   env = subprocess_env(cache_dir)
