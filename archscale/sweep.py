@@ -627,6 +627,53 @@ def _plan_json(runs: Sequence[Run], dropped: Sequence[dict[str, Any]]) -> dict[s
   }
 
 
+def _train_here(config: Any, workdir: pathlib.Path, selected: Sequence[Run],
+                data_path: str | os.PathLike, trainer: Trainer,
+                say: Callable[[str], None]) -> dict[str, int]:
+  """Trains the unfinished runs one after another; a SIGTERM stops the sweep (exit 75)."""
+  s = SweepConfig.from_config(config)
+  counts = {"finished": 0, "failed": 0, "skipped": 0}
+  start, trained = time.time(), 0
+  for i, run in enumerate(selected, 1):
+    tag = f"sweep: [{i}/{len(selected)}] {run.run_id}"
+    prior = _latest(run_rows(workdir, [run.run_id])).get(run.run_id, {})
+    if prior.get("status") == "finished":
+      counts["finished"] += 1
+      continue
+    if prior and not s.retry_failed:
+      say(f"{tag} {prior['status']} before; not retried (sweep.retry_failed=False)")
+      counts["failed"] += 1
+      continue
+    say(f"sweep: [{i}/{len(selected)}] training {run.run_id} (N={run.spec.params_nonembed:,}, "
+        f"x={run.spec.d_over_sqrt_n:.3f}, r={run.spec.mlp_attn_ratio:.2f}, gqa={run.spec.gqa}, "
+        f"seed {run.seed}, {run.tokens:,} tokens)")
+    row = execute(run, config, workdir, data_path, trainer)
+    materialise(workdir)
+    trained += 1
+    elapsed = time.time() - start
+    eta = elapsed / trained * (len(selected) - i)
+    if row is None:
+      counts["skipped"] += 1
+      say(f"{tag} is held by another process; skipped")
+    elif row["status"] == "finished":
+      counts["finished"] += 1
+      say(f"{tag} finished: loss {row['loss']:.4f} ({row['loss_source']}) in "
+          f"{row['wall_s']:.0f}s; {elapsed:.0f}s so far, ETA {_clock(eta)}")
+    elif row["status"] == "preempted":  # SIGTERM: the whole sweep stops, to be rerun.
+      say(f"{tag} stopped by SIGTERM and checkpointed; the sweep stops (exit "
+          f"{EXIT_PREEMPTED}); rerun it to resume")
+      raise SystemExit(EXIT_PREEMPTED)
+    else:
+      counts["failed"] += 1
+      first = row["error"].strip().splitlines()[0] if row["error"].strip() else ""
+      say(f"{tag} {row['status']}: {first[:200]} (recorded; continuing)")
+  return counts
+
+
+def _clock(seconds: float) -> str:
+  return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
+
+
 def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
   """`--mode=sweep`: plans the grid, then trains every unfinished run or emits its command.
@@ -674,40 +721,8 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
     return {"dropped": len(dropped), **slurm.train_tasks(config, workdir, selected, say)}
   if trainer is None:
     trainer = train_in_subprocess if s.isolation == "process" else train_in_process
-  counts = {"planned": len(runs), "dropped": len(dropped), "finished": 0, "failed": 0,
-            "skipped": 0}
-  start = time.time()
-  for i, run in enumerate(selected, 1):
-    prior = _latest(run_rows(workdir, [run.run_id])).get(run.run_id, {})
-    if prior.get("status") == "finished":
-      counts["finished"] += 1
-      continue
-    if prior and not s.retry_failed:
-      say(f"sweep: [{i}/{len(selected)}] {run.run_id} {prior['status']} before; not retried "
-          "(sweep.retry_failed=False)")
-      counts["failed"] += 1
-      continue
-    say(f"sweep: [{i}/{len(selected)}] training {run.run_id} (N={run.spec.params_nonembed:,}, "
-        f"x={run.spec.d_over_sqrt_n:.3f}, r={run.spec.mlp_attn_ratio:.2f}, gqa={run.spec.gqa}, "
-        f"{run.tokens:,} tokens)")
-    row = execute(run, config, workdir, data_path, trainer)
-    materialise(workdir)
-    if row is None:
-      counts["skipped"] += 1
-      say(f"sweep: [{i}/{len(selected)}] {run.run_id} is held by another process; skipped")
-    elif row["status"] == "finished":
-      counts["finished"] += 1
-      say(f"sweep: [{i}/{len(selected)}] {run.run_id} finished: loss {row['loss']:.4f} "
-          f"({row['loss_source']}) in {row['wall_s']:.0f}s; {time.time() - start:.0f}s so far")
-    elif row["status"] == "preempted":  # SIGTERM: the whole sweep stops, to be rerun.
-      say(f"sweep: [{i}/{len(selected)}] {run.run_id} stopped by SIGTERM and checkpointed; the "
-          f"sweep stops (exit {EXIT_PREEMPTED}); rerun it to resume")
-      raise SystemExit(EXIT_PREEMPTED)
-    else:
-      counts["failed"] += 1
-      first = row["error"].strip().splitlines()[0] if row["error"].strip() else ""
-      say(f"sweep: [{i}/{len(selected)}] {run.run_id} {row['status']}: {first[:200]} "
-          "(recorded; continuing)")
+  counts = {"planned": len(runs), "dropped": len(dropped),
+            **_train_here(config, workdir, selected, data_path, trainer, say)}
   table = materialise(workdir)
   say(f"sweep: {counts['finished']}/{len(selected)} runs finished, {counts['failed']} failed, "
       f"{counts['skipped']} held elsewhere; table {table}")
