@@ -392,5 +392,23 @@ def _report_search(workdir: pathlib.Path) -> list[str]:
             "(`python -m archscale.main --config=WORKDIR/panda.py --mode=train`).", ""]
     if not math.isfinite(s["target"]):
       out += ["The target is not finite; check the law.", ""]
+    out += _search_measured(s.get("measured"))
     out += _search_support(s)
   return out
+
+
+def _search_measured(measured: dict[str, Any] | None) -> list[str]:
+  """report.md lines on the trained runs sharing a pick's architecture and their evaluations."""
+  if not measured:
+    return []
+  out = [f"Trained runs with a pick's architecture (`{measured['results']}`):", ""]
+  for name in ("baseline", "panda", "surefire"):
+    if not measured.get(name):
+      out += [f"- {name}: no trained run has this architecture"] if name in measured else []
+    for r in measured.get(name) or []:
+      e = r.get("eval") or {}
+      scores = ", ".join(f"{t} {e['tasks'][t][m]:.4g}" for t, m in e.get("average_of", {}).items())
+      downstream = (f"downstream average {e['average']:.4g} ({scores})"
+                    if e.get("average") is not None else "no downstream evaluation")
+      out.append(f"- {name}: run `{r['run_id']}`, loss {r['loss']:.5g}, {downstream}")
+  return out + [""]

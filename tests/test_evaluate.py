@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from helpers import DOCS, make_config, write_tiny_tasks
 
-from archscale import config_lib, evaluate, hf, io, settings, sweep, table
+from archscale import config_lib, evaluate, hf, io, pipeline, search, settings, sweep, table
 from archscale import model as model_lib
 from archscale import tokenizer as tok_lib
 from archscale.arch import ArchSpec
 
+# The paper's fitted coefficients (DESIGN.md section 4) as a hand-written law.
+PAPER_LAW = {"a0": 2.697, "a1": 0.0974, "a2": 0.0078, "b0": 0.3870, "b1": 0.0063, "b2": 0.0065}
 SPEC = ArchSpec(d_model=40, n_layers=2, n_heads=6, n_kv_heads=2, d_head=8, d_ff=64,
                 vocab_size=256, tie_embeddings=False, rope_theta=10000.0, rope_scaling="none",
                 max_seq_len=128)
@@ -162,6 +164,34 @@ def test_sweep_evaluates_its_runs_and_rows_carry_the_results(dataset, tmp_path):
   assert again["recipe"]["limit"] == 2 and again["step"] == rows[lost]["steps"]
   assert _table(workdir)[lost]["eval"]["recipe"]["limit"] == 2
   assert _table(workdir)[lost]["eval_average"] == again["average"]
+
+  _search_shows_evals(workdir, rows, tmp_path / "search")
+
+
+def _search_shows_evals(workdir, rows, out_dir):
+  """A search whose baseline is a trained run lists that run's eval next to the pick."""
+  kept = sorted(rows)[1]
+  law = out_dir / "fit.json"
+  law.parent.mkdir()
+  law.write_text(json.dumps({"form": "multiplicative", "params": PAPER_LAW}))
+  c = config_lib.make_config("demo")
+  c.search.update(law=str(law), results=str(workdir / sweep.RESULTS),
+                  target=f"baseline:{workdir / sweep.RUNS_DIR / kept / sweep.RUN_CONFIG}",
+                  throughput="model:a100-40gb", d_model_multiple=8, d_ff_multiple=16)
+  out = search.run_search(c, out_dir)
+  measured = json.loads((out_dir / search.SEARCH_JSON).read_text())["measured"]
+  assert measured["results"] == str(workdir / sweep.RESULTS)
+  assert measured["baseline"] == [{"run_id": kept, "tokens": rows[kept]["tokens"],
+                                   "loss": rows[kept]["loss"], "eval": rows[kept]["eval"]}]
+  lines = pipeline._search_measured(measured)
+  assert f"- baseline: run `{kept}`, loss {rows[kept]['loss']:.5g}, downstream average " \
+      f"{rows[kept]['eval_average']:.4g} (tiny_mc " in "\n".join(lines)
+  arch = {rid: tuple(r[k] for k in search.ARCH_KEYS) for rid, r in rows.items()}
+  for name in ("panda", "surefire"):
+    same = [rid for rid, a in arch.items() if a == tuple(out[name][k] for k in search.ARCH_KEYS)]
+    assert [m["run_id"] for m in measured[name]] == same
+    if not same:
+      assert f"- {name}: no trained run has this architecture" in lines
 
 
 def test_sweep_with_unloadable_eval_task_fails_before_training(dataset, tmp_path):
