@@ -230,7 +230,8 @@ def run_evaluate(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
 
 def evaluate_trained_run(cfg: Any, run_dir: pathlib.Path, isolation: str) -> dict[str, Any]:
   """`sweep.evaluate`: a trained sweep run's eval.json (`run_evaluate`, so reused when current),
-  made in a fresh process when runs are isolated, so torch never enters the sweep's process."""
+  made in a fresh process when runs are isolated, so no model or device memory of the evaluation
+  stays in the sweep's process."""
   from archscale import sweep
 
   try:

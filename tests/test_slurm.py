@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 
 import pytest
-from helpers import REPO, make_config, wait_for
+from helpers import REPO, make_config, wait_for, write_tiny_tasks
 
 from archscale import io, slurm, sweep
 
@@ -179,6 +179,20 @@ def test_a_two_task_run_matches_the_one_process_run(cluster, dataset, tmp_path):
   (e,) = _finished_rows(tmp_path / "emit")
   assert e["run_id"] == a["run_id"] and e["provenance"]["process_count"] == 2
   assert e["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
+
+
+def test_a_job_evaluates_its_run_and_the_row_carries_the_eval(cluster, dataset, tmp_path):
+  c = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), evaluate=True,
+              wait=True)
+  c.eval.update(tasks="tiny_mc", include_path=str(write_tiny_tasks(tmp_path / "tasks")),
+                device="cpu", bootstrap_iters=0)
+  assert sweep.run_sweep(c, tmp_path / "sweep")["finished"] == 1
+  (row,) = _finished_rows(tmp_path / "sweep")
+  run_dir = tmp_path / "sweep" / sweep.RUNS_DIR / row["run_id"]
+  evaluated = json.loads((run_dir / "eval.json").read_text())
+  assert (run_dir / "eval.log").exists() and evaluated["step"] == row["steps"]
+  assert row["eval"]["tasks"] == evaluated["tasks"]
+  assert row["eval_average"] == evaluated["average"]
 
 
 def test_bad_slurm_fields_fail_before_submitting(dataset, tmp_path):
