@@ -318,11 +318,14 @@ def _report_sweep(workdir: pathlib.Path) -> list[str]:
           f"`loss` is the {done[0].get('loss_source', 'eval') if done else 'eval'} loss.", ""]
   if done:
     plots.sweep_losses(done, workdir / SWEEP_PNG)
+    evaluated = any("eval_average" in r for r in done)  # sweep.evaluate or --mode=evaluate
     out += [f"![sweep]({SWEEP_PNG})", "",
-            _table(["run", "N", "tokens", "d_model", "d_ff", "heads", "x", "r", "loss"],
+            _table(["run", "N", "tokens", "d_model", "d_ff", "heads", "x", "r", "loss"]
+                   + ["downstream average"] * evaluated,
                    [[r["run_id"], r["params_nonembed"], r["tokens"], r["d_model"], r["d_ff"],
                      f"{r['n_heads']}/{r['n_kv_heads']}", r["d_over_sqrt_n"],
-                     r["mlp_attn_ratio"], r["loss"]] for r in done]), ""]
+                     r["mlp_attn_ratio"], r["loss"]] + [r.get("eval_average")] * evaluated
+                    for r in done]), ""]
   return out
 
 

@@ -533,7 +533,10 @@ def measured_runs(config: Any, picks: dict[str, dict[str, Any] | None]) -> dict[
   path = str(s.results or config.fit.results).strip()
   if not path or not pathlib.Path(path).expanduser().exists():
     return None
-  rows, _ = table.load_rows(pathlib.Path(path).expanduser())
+  try:
+    rows, _ = table.load_rows(pathlib.Path(path).expanduser())
+  except ValueError:  # An empty or unreadable table: nothing was measured.
+    rows = []
   latest = {r.get("run_id", i): r for i, r in enumerate(rows) if r.get("status") == "finished"}
   key = lambda a: tuple(a.get(k) for k in ARCH_KEYS)
   out: dict[str, Any] = {"results": path}

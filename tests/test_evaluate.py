@@ -134,6 +134,9 @@ def test_sweep_evaluates_its_runs_and_rows_carry_the_results(dataset, tmp_path):
     assert e["step"] == row["steps"] > 0 and set(e["tasks"]) == {"tiny_mc"}
     assert row["eval"]["tasks"] == e["tasks"] and row["eval"]["step"] == e["step"]
     assert row["eval_average"] == row["eval"]["average"] == e["tasks"]["tiny_mc"]["acc_norm"]
+  report = "\n".join(pipeline._report_sweep(workdir))
+  assert "| loss | downstream average |" in report
+  assert all(f"| {r['eval_average']:,.4g} |" in report for r in rows.values())
   # The fitter reads the table as before.
   loaded, _ = table.load_rows(workdir / sweep.RESULTS)
   assert len(table.prepare(loaded, arch=True, r_range=None).rows) == 2
