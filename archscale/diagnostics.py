@@ -10,6 +10,8 @@ module computes
     (column-normalised condition number <= COND_LIMIT), and neither term's interval includes zero
     (from the Jacobian standard errors, which carry the conditioning of the whole Jacobian; else
     from the bootstrap);
+  - the seed noise, where design points were trained with several seeds, and whether each
+    budget's shapes differ beyond it;
   - the optimum of each identified regressor, reported only where the fitted law has a minimum
     inside the rows' range: closed-form (x* = a2 / a1, r* = b2 / b1) when both terms are positive,
     otherwise found on a grid over the rows' box, or none, with the reason.
@@ -36,6 +38,10 @@ LOW_CONVERGED_FRACTION = 0.5
 # Above this condition number (columns scaled to unit norm) a regressor's terms are confounded
 # with each other and the constant: ln z and 1 / z are nearly linear over a narrow range of z.
 COND_LIMIT = 1e3
+# A budget's shapes differ beyond seed noise where the F-test's p-value is at most this.
+NOISE_TEST_LEVEL = 0.05
+# A law whose residual RMS exceeds the seed noise by this factor misses the rows.
+LACK_OF_FIT_RATIO = 3.0
 
 
 def jacobian_errors(model: Callable[[Any, Any], Any], theta_P: np.ndarray, feats: Any,
@@ -251,6 +257,55 @@ def diagnose(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
       bootstrap_note=boot_note, grouping=table.grouping,
       warnings=list(dict.fromkeys(warnings)))
   return diag, optimum
+
+
+def seed_noise(table: table_lib.Table,
+               predicted_R: np.ndarray) -> tuple[dict[str, Any] | None, list[str]]:
+  """The seed-to-seed noise of the rows' losses, from design points trained with several seeds,
+  and per budget whether its shapes' losses differ beyond it; None where no point is replicated.
+
+  The noise is the pooled standard deviation of the replicates about their point's mean. Each
+  budget with two or more design points gets a one-way ANOVA F-test of "all its shapes have the
+  same expected loss" against that noise; a budget where the test does not reject it at
+  NOISE_TEST_LEVEL earns a warning, since its shape effects are not distinguishable from seed
+  luck. `fit_rms_over_noise` compares the law's residuals with the noise: near 1 the law fits as
+  well as the noise allows; far above, its form misses the rows.
+  """
+  counts_G = np.bincount(table.point)
+  dof = int(np.sum(counts_G - 1))
+  if dof == 0:
+    return None, []
+  mean_G = np.bincount(table.point, weights=table.loss) / counts_G
+  variance = float(np.sum((table.loss - mean_G[table.point]) ** 2) / dof)
+  sigma = math.sqrt(variance)
+  budgets, warnings = [], []
+  for g in range(table.budget.max() + 1):
+    in_g = table.budget == g
+    points = np.unique(table.point[in_g])
+    if len(points) < 2:
+      continue
+    k, m = counts_G[points], mean_G[points]
+    between = float(np.sum(k * (m - np.average(m, weights=k)) ** 2) / (len(points) - 1))
+    f = between / variance if variance > 0 else math.inf
+    p = float(stats.f.sf(f, len(points) - 1, dof)) if math.isfinite(f) else 0.0
+    budgets.append(dict(params_nonembed=float(np.median(table.n[in_g])),
+                        tokens=float(np.median(table.d[in_g])), points=len(points),
+                        spread=float(m.max() - m.min()), f=f, p=p,
+                        beyond_noise=p <= NOISE_TEST_LEVEL))
+    if not budgets[-1]["beyond_noise"]:
+      warnings.append(
+          f"at N~{budgets[-1]['params_nonembed']:.3g}, D~{budgets[-1]['tokens']:.3g} the "
+          f"{len(points)} shapes' mean losses (spread {budgets[-1]['spread']:.3g}) do not differ "
+          f"beyond seed noise (sigma {sigma:.3g}; F-test p = {p:.2f}): train more seeds "
+          "(sweep.seeds), more tokens, or a wider grid")
+  rms = float(np.sqrt(np.mean((table.loss - predicted_R) ** 2)))
+  noise = dict(seed_std=sigma, seed_std_relative=sigma / float(np.mean(table.loss)), dof=dof,
+               replicated_points=int(np.sum(counts_G > 1)), points=len(counts_G),
+               budgets=budgets, fit_rms=rms, fit_rms_over_noise=rms / sigma if sigma else None)
+  if sigma and rms > LACK_OF_FIT_RATIO * sigma:
+    warnings.append(f"the law misses the rows by {rms / sigma:.1f}x the seed noise (residual RMS "
+                    f"{rms:.3g}, sigma {sigma:.3g}): its form does not describe these losses")
+  return noise, warnings
 
 
 # ----------------------------------------------------------------------------------------------

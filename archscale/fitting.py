@@ -312,7 +312,7 @@ def _resolve_l_opt(l_opt: Any, table: table_lib.Table, cfg: settings.FitConfig,
   if isinstance(l_opt, str) and l_opt == "chinchilla":
     n_budgets = table.budget.max() + 1
     first = table_lib.best_rows(table)  # each budget's minimum, at the N and D of its row
-    mins = table.loss[first]
+    mins = table_lib.point_means(table)[first]
     if n_budgets <= len(law_lib.CHINCHILLA_KEYS) or table_lib.distinct(table.n[first]) < 2 \
         or table_lib.distinct(table.d[first]) < 2:
       raise ValueError(
@@ -322,7 +322,8 @@ def _resolve_l_opt(l_opt: Any, table: table_lib.Table, cfg: settings.FitConfig,
           "more of each. "
           "Use l_opt='empirical', or the path of a fit.json with Chinchilla params.")
     sub = table_lib.Table([], [], table.n[first], table.d[first], mins, table.x[first],
-                          table.r[first], table.scale[first], np.arange(n_budgets))
+                          table.r[first], table.scale[first], np.arange(n_budgets),
+                          np.arange(n_budgets))
     chin = dataclasses.replace(cfg, form="chinchilla", terms="both", starts="grid", bootstrap=0)
     sol = _fit_arrays(chin, _feats(sub), mins, rng)
     params = {k: float(v) for k, v in law_lib.theta_to_params("chinchilla", sol.theta).items()}
@@ -515,6 +516,8 @@ def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
     opt_B2 = np.stack([samples["d_over_sqrt_n"], samples["r"]], axis=-1)
     optimum["bootstrap_interior_fraction"] = float(np.mean(np.isfinite(opt_B2).all(axis=1)))
   pred = law.predict(table.n, table.d, table.x, table.r, l_opt=l_opt_R)
+  diag["noise"], noise_warnings = diagnostics_lib.seed_noise(table, pred)
+  diag["warnings"] = list(dict.fromkeys(diag["warnings"] + noise_warnings))
   result = FitResult(
       law=law, objective=sol.objective, settings=_settings_doc(cfg), l_opt=l_opt_desc,
       intervals=intervals,

@@ -226,6 +226,25 @@ def _search_support(s: dict[str, Any]) -> list[str]:
   return out + [f"- {line}" for line in statements] + ([""] if statements else [])
 
 
+def _noise_lines(diag: dict[str, Any]) -> list[str]:
+  """report.md lines on seed noise: how large, and per budget whether shapes differ beyond it."""
+  noise = diag.get("noise")
+  if not noise:
+    return ["Seed noise: **not measured**: no design point was trained with more than one seed "
+            "(`sweep.seeds`), so no difference between shapes below is tested against it.", ""]
+  ratio = noise.get("fit_rms_over_noise")
+  out = [f"Seed noise: sigma = {noise['seed_std']:.3g} "
+         f"({noise['seed_std_relative']:.2%} of the loss), from {noise['replicated_points']} of "
+         f"{noise['points']} design points trained with several seeds ({noise['dof']} degrees of "
+         "freedom)" + (f"; the law's residual RMS is {ratio:.2f}x sigma" if ratio else "") + ".",
+         ""]
+  if noise["budgets"]:
+    out += [_table(["N", "D", "shapes", "spread of mean losses", "F", "p", "beyond noise"],
+                   [[b["params_nonembed"], b["tokens"], b["points"], b["spread"], b["f"], b["p"],
+                     "yes" if b["beyond_noise"] else "**no**"] for b in noise["budgets"]]), ""]
+  return out
+
+
 def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
   """report.md lines on what the fit's rows support: optimum (or why none), standard errors,
   identifiability, convergence, bootstrap, and every warning."""
@@ -241,7 +260,10 @@ def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
     out += ["Standard errors (Jacobian): " + ", ".join(
         f"{k} {v:.3g}" for k, v in fit["stderr"].items() if v is not None) + ".", ""]
   if diag:
-    out += [f"Identified by the rows: {diag.get('identifiable')}; starts converged: "
+    out += _noise_lines(diag)
+    named = ", ".join(f"{k} {'yes' if ok else '**no**'}"
+                      for k, ok in (diag.get("identifiable") or {}).items())
+    out += [f"Terms identified by the rows: {named}; starts converged: "
             f"{diag.get('converged_fraction', 0):.0%}; bootstrap replicates used: "
             f"{diag.get('bootstrap_used')} of {diag.get('bootstrap_total')}.", ""]
     out += [f"- **warning**: {w}" for w in diag.get("warnings", [])]
@@ -263,6 +285,11 @@ def verdict(workdir: pathlib.Path) -> list[str]:
                 (diag.get("identifiable") or {}).items() if not ok]
     if diag.get("warnings"):
       reasons.append(f"the fit has {len(diag['warnings'])} warning(s), listed below")
+    noise = diag.get("noise")
+    flat = [b for b in (noise or {}).get("budgets", []) if not b["beyond_noise"]]
+    if flat:
+      reasons.append(f"in {len(flat)} of {len(noise['budgets'])} budget(s) the shapes' losses do "
+                     "not differ beyond seed noise")
     r2 = ((fit.get("metrics") or {}).get("in_sample") or {}).get("r2")
     if r2 is not None and r2 < 0.5:
       reasons.append(f"the law explains little of the loss (in-sample R^2 {r2:.2f})")
@@ -281,8 +308,10 @@ def verdict(workdir: pathlib.Path) -> list[str]:
   if reasons:
     return ["**The data of this run do not support a recommendation**: " + "; ".join(reasons)
             + ". The picks and speedups below are what the fitted law says, not findings.", ""]
+  unmeasured = fit_path.exists() and not (fit.get("diagnostics") or {}).get("noise")
   return ["The fit identifies its terms and the picks' predicted differences exceed its "
-          "uncertainty.", ""]
+          "uncertainty" + ("; seed noise was not measured (`sweep.seeds`), so that uncertainty "
+                           "is the fit's alone" if unmeasured else "") + ".", ""]
 
 
 def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> pathlib.Path:
@@ -293,17 +322,28 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
     marker = _done(workdir, step)
     if marker.exists():
       times[step] = json.loads(marker.read_text()).get("seconds", 0.0)
+  out += verdict(workdir) + _report_support(workdir)
   if times:
     out += ["Step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
             + f" (total {sum(times.values()):.0f}s).", ""]
-
   for part in (_report_sweep, _report_fit, _report_bench, _report_search):
     out += part(workdir)
-  out[2:2] = verdict(workdir)
   path = workdir / REPORT
   io.write_text_atomic(path, "\n".join(out))
   say(f"report: {path}")
   return path
+
+
+def _report_support(workdir: pathlib.Path) -> list[str]:
+  """What the data support, before any number that depends on it: the seed noise, the fit's
+  diagnostics and the search's support and uncertainty."""
+  fit_path, search_path = workdir / "fit.json", workdir / "search.json"
+  out = ["## What the data support", ""] if fit_path.exists() or search_path.exists() else []
+  if fit_path.exists():
+    out += _fit_diagnostics(json.loads(fit_path.read_text()))
+  if search_path.exists():
+    out += _search_support(json.loads(search_path.read_text()))
+  return out
 
 
 def _report_sweep(workdir: pathlib.Path) -> list[str]:
@@ -337,7 +377,6 @@ def _report_fit(workdir: pathlib.Path) -> list[str]:
     fit = json.loads(fit_path.read_text())
     out += ["## Fit", "", f"Form `{fit.get('form')}`, L_opt `{fit.get('l_opt')}`: "
             f"{_fmt_params(fit.get('params', {}))}.", ""]
-    out += _fit_diagnostics(fit)
     metrics = (fit.get("metrics") or {}).get("in_sample")
     if metrics:
       out += ["In-sample: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -396,7 +435,6 @@ def _report_search(workdir: pathlib.Path) -> list[str]:
     if not math.isfinite(s["target"]):
       out += ["The target is not finite; check the law.", ""]
     out += _search_measured(s.get("measured"))
-    out += _search_support(s)
   return out
 
 

@@ -147,6 +147,9 @@ class TrainConfig(Section):
   # Part of a run's identity through `train.run_recipe`, which records it only when set, so
   # runs from scratch keep their ids.
   init_from: str = bookkeeping("")
+  # A directory for JAX's persistent compilation cache ("" = off): reruns, resumed runs and other
+  # runs of the same shape (a sweep's seeds) load their compiled steps instead of compiling.
+  compilation_cache: str = bookkeeping("")
 
   def __post_init__(self):
     self._positive_ints("steps", "global_batch_size", "grad_accum", "log_every",
@@ -303,6 +306,8 @@ class SweepConfig(Section):
   gqa: Any = (4,)
   design: str = "grid"         # grid: every combination | cross: one factor at a time through
                                # the middle value of the other grids
+  seeds: Any = ()              # train every point once per seed, so the fit can measure seed
+                               # noise; () = the config's `seed` alone
   d_model_multiple: int = 64
   d_ff_multiple: int = 256
   n_tolerance: float = 0.05    # largest relative error of the realised N

@@ -243,6 +243,7 @@ def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
   runs: list[Run] = []
   dropped: list[dict[str, Any]] = []
   seen: dict[str, dict[str, Any]] = {}
+  seeds = seeds_of(s, config.seed)
   for scale in scales:
     tokens = tokens_for(s, scale.n_nonembed)
     for x, r, g in points:
@@ -250,14 +251,30 @@ def plan(config: Any) -> tuple[list[Run], list[dict[str, Any]]]:
       if spec is None:
         dropped.append(point)
         continue
-      rid = run_id(spec, tokens, config.seed, recipe)
-      if rid in seen:
-        dropped.append({**point, "reason": f"duplicate of {rid}", "same_as": seen[rid]})
+      rids = [run_id(spec, tokens, seed, recipe) for seed in seeds]
+      if rids[0] in seen:
+        dropped.append({**point, "reason": f"duplicate of {rids[0]}", "same_as": seen[rids[0]]})
         continue
       requested = {"d_over_sqrt_n": x, "r": r, "gqa": g}
-      seen[rid] = requested
-      runs.append(Run(rid, spec, tokens, int(config.seed), scale, requested))
+      for rid, seed in zip(rids, seeds, strict=True):
+        seen[rid] = requested
+        runs.append(Run(rid, spec, tokens, seed, scale, requested))
   return runs, dropped
+
+
+def seeds_of(s: SweepConfig, default: int) -> list[int]:
+  """The seeds every grid point is trained with: `sweep.seeds`, else the config's seed."""
+  if s.seeds in ((), [], "", None):
+    return [int(default)]
+  items = str(s.seeds).split(",") if isinstance(s.seeds, str) else list(s.seeds)
+  try:
+    seeds = [int(v) for v in items if float(v) == int(float(v)) and int(float(v)) >= 0]
+  except (TypeError, ValueError):
+    seeds = []
+  if len(seeds) != len(items) or len(set(seeds)) != len(seeds):
+    raise ValueError(f"sweep.seeds={s.seeds!r} must list distinct non-negative integers, "
+                     "e.g. (0, 1, 2)")
+  return seeds
 
 
 # ---------------------------------------------------------------------------- results table
@@ -403,6 +420,7 @@ def run_config(config: Any, run: Run, data_path: str | os.PathLike) -> ml_collec
   c = config.copy_and_resolve_references()
   c.name = run.run_id
   c.mode = "train"
+  c.seed = run.seed
   for key, value in run.spec.to_dict().items():
     c.model[key] = value
   c.train.steps = steps_for_tokens(

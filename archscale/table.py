@@ -6,14 +6,16 @@ architecture terms), finite and positive; other fields are kept. Rows whose `sta
 appears again (the latest row stands for the run, with a warning) are excluded and listed. Torn
 JSONL lines (a write cut short) are skipped and counted. Scales are
 the rows' `scale` (the sweep's requested N) when every row has one, else groups of N within
-SCALE_FACTOR; budgets are groups of D within a scale. The empirical L_opt of a row is the lowest
-loss of its (N, D) budget.
+SCALE_FACTOR; budgets are groups of D within a scale; design points are rows of one budget with
+the same architecture (seed replicates). The empirical L_opt of a row is the lowest loss of its
+(N, D) budget, design points averaged over their seeds.
 
 Public API:
   load_rows(path) -> (rows, torn_lines)    JSONL or CSV
   prepare(rows, arch=, r_range=) -> Table  checked, filtered rows as float64 arrays with groups,
                                            `warnings` about the rows and the `grouping` used
-  empirical_l_opt(table), best_rows(table), n_spreads(table), n_spread_warning(table)
+  point_means(table), empirical_l_opt(table), best_rows(table), n_spreads(table),
+  n_spread_warning(table)
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class Table:
   r: np.ndarray
   scale: np.ndarray
   budget: np.ndarray
+  point: np.ndarray  # design point: rows of one budget and architecture (seed replicates)
   warnings: list[str] = dataclasses.field(default_factory=list)  # problems found in the rows
   grouping: str = ""  # how rows were grouped into scales, for the log
 
@@ -155,7 +158,9 @@ def make_table(rows: list[dict[str, Any]], excluded: list[dict[str, Any]], n: np
     in_s = scale == s
     budget[in_s] = _cluster(d[in_s]) + budget.max() + 1
   _, budget = np.unique(budget, return_inverse=True)
-  table = Table(rows, excluded, n, d, loss, x, r, scale, budget)
+  key_R5 = np.stack([budget, *(np.round(np.log(v), 9) for v in (n, d, x, r))], axis=1)
+  point = np.unique(key_R5, axis=0, return_inverse=True)[1].reshape(-1) if len(n) else budget
+  table = Table(rows, excluded, n, d, loss, x, r, scale, budget, point)
   table.grouping = _describe_grouping(table, by_field)
   partial = sum(v is not None for v in nominal)
   if not by_field and partial:
@@ -262,16 +267,24 @@ def distinct(values: np.ndarray) -> int:
 
 
 
+def point_means(table: Table) -> np.ndarray:
+  """Each row's mean loss over its design point (its seed replicates)."""
+  total = np.bincount(table.point, weights=table.loss)
+  return (total / np.bincount(table.point))[table.point]
+
+
 def empirical_l_opt(table: Table) -> np.ndarray:
-  """The lowest loss of each row's (N, D) budget."""
+  """The lowest loss of each row's (N, D) budget (of design points averaged over seeds, so one
+  lucky seed does not set it)."""
   best = np.full(table.budget.max() + 1, np.inf)
-  np.minimum.at(best, table.budget, table.loss)
+  np.minimum.at(best, table.budget, point_means(table))
   return best[table.budget]
 
 
 def best_rows(table: Table) -> np.ndarray:
-  """Index of the lowest-loss row of each budget."""
-  return np.array([i[np.argmin(table.loss[i])] for i in
+  """Index of a row of the lowest-loss design point of each budget."""
+  means = point_means(table)
+  return np.array([i[np.argmin(means[i])] for i in
                    (np.flatnonzero(table.budget == g) for g in range(table.budget.max() + 1))])
 
 

@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -293,6 +294,7 @@ def train(config: Any, workdir: str | pathlib.Path,
       workdir, "--workdir", "training keeps its lock, metrics and checkpoints through local file "
       "APIs"), "--workdir")
   sharding.initialize_distributed(config.distributed)
+  use_compilation_cache(config.train.compilation_cache)
   lock = io.WorkdirLock(workdir)
   if jax.process_index() == 0:
     lock.acquire()
@@ -309,6 +311,12 @@ def train(config: Any, workdir: str | pathlib.Path,
   finally:
     preempt.close()
     lock.release()
+
+
+def use_compilation_cache(path: str) -> None:
+  """Points JAX's persistent compilation cache at `path` (`train.compilation_cache`; "" = off)."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
 
 
 def _train_session(config, workdir, setup, preempt, step_callback, wall_start) -> dict[str, Any]:

@@ -490,3 +490,64 @@ def test_run_fit_reports_diagnostics_torn_lines_and_grouping(tmp_path, caplog):
   assert "scales by params_nonembed" in diag["grouping"]
   assert "scales by params_nonembed" in caplog.text
   assert caplog.text.count("1 torn line(s)") == 1
+
+
+def replicated_rows(params, seeds, sigma, scales=(80e6,), n_x=4, n_r=4, offset=0):
+  """synthetic_rows trained with several seeds: one row per (point, seed), its own run id."""
+  rows = []
+  for seed in seeds:
+    for row in synthetic_rows("multiplicative", params, seed=offset + seed, sigma=sigma,
+                              scales=scales, n_x=n_x, n_r=n_r):
+      rows.append(dict(row, run_id=f"{row['run_id']}_s{seed}", seed=seed))
+  return rows
+
+
+def test_seed_noise_is_measured_from_replicates_and_tests_each_budgets_shapes():
+  sigma = 0.01
+  rows = replicated_rows(PAPER_MULT, seeds=range(4), sigma=sigma, scales=SCALES[:2])
+  result = fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, starts="random",
+                       n_starts=4)
+  noise = result.diagnostics["noise"]
+  assert noise["replicated_points"] == noise["points"] == 32 and noise["dof"] == 96
+  assert noise["seed_std"] == pytest.approx(sigma, rel=0.2)
+  assert [b["beyond_noise"] for b in noise["budgets"]] == [True, True]
+  assert noise["fit_rms_over_noise"] == pytest.approx(1.0, rel=0.25)
+  assert not any("seed noise" in w for w in result.diagnostics["warnings"])
+
+  flat = dict(PAPER_MULT, a1=1e-6, a2=1e-6, b1=1e-6, b2=1e-6)  # shapes do not matter
+  result = fitting.fit(replicated_rows(flat, seeds=range(3), sigma=sigma), form="multiplicative",
+                       l_opt=CHINCHILLA, starts="random", n_starts=4)
+  (budget,) = result.diagnostics["noise"]["budgets"]
+  assert not budget["beyond_noise"] and budget["p"] > 0.05
+  assert sum("do not differ beyond seed noise" in w
+             for w in result.diagnostics["warnings"]) == 1
+
+
+def test_seed_noise_is_none_without_replicates_and_the_law_missing_rows_is_flagged():
+  rows = synthetic_rows("multiplicative", PAPER_MULT, n_x=4, n_r=4)
+  result = fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, starts="random",
+                       n_starts=4)
+  assert result.diagnostics["noise"] is None
+  # Replicates 100x quieter than the law's misfit: the rows vary by 0.1 about the law but the
+  # seeds agree to 1e-3.
+  rows = replicated_rows(PAPER_MULT, seeds=range(2), sigma=0.0, scales=SCALES[:2])
+  bumps = np.random.default_rng(0).normal(0, 0.1, len(rows) // 2)
+  for i, row in enumerate(rows):
+    row["loss"] += bumps[i % len(bumps)] + 1e-3 * (i // len(bumps))
+  result = fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, starts="random",
+                       n_starts=4)
+  assert result.diagnostics["noise"]["fit_rms_over_noise"] > 10
+  assert any("misses the rows by" in w for w in result.diagnostics["warnings"])
+
+
+def test_empirical_l_opt_averages_replicates_so_one_lucky_seed_does_not_set_it():
+  rows = replicated_rows(PAPER_MULT, seeds=range(2), sigma=0.0, n_x=3, n_r=3)
+  best = min(r["loss"] for r in rows)
+  lucky = next(r for r in rows if r["loss"] > best + 0.01 and r["seed"] == 0)
+  lucky["loss"] = best - 0.05  # one seed of a worse point lands below the best point
+  twin = next(r for r in rows if r["run_id"] == lucky["run_id"].replace("_s0", "_s1"))
+  result = fitting.fit(rows, form="multiplicative", l_opt="empirical", starts="random",
+                       n_starts=4)
+  (group,) = result.l_opt_groups
+  assert group["l_opt"] == pytest.approx(min(best, (lucky["loss"] + twin["loss"]) / 2))
+  assert group["l_opt"] > lucky["loss"]

@@ -11,7 +11,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def tiny_config(corpus):
-  """configs/demo.py shrunk: one 12k-parameter scale, six runs of three steps, tiny bench."""
+  """configs/demo.py shrunk: one 12k-parameter scale, six shapes of three steps with two seeds
+  each, tiny bench."""
   c = config_lib.load_config_file(CONFIGS / "demo.py")
   c.data.source = str(corpus)
   c.data.text_docs = "line"
@@ -20,6 +21,7 @@ def tiny_config(corpus):
   c.train.global_batch_size = 4
   c.train.eval_batches = 1
   c.train.log_every = 1
+  c.train.compilation_cache = ""
   c.sweep.scales = "12k:1:8"
   c.sweep.tokens = 3 * 4 * 32
   c.sweep.d_over_sqrt_n = (0.12, 0.2, 0.3, 0.45)
@@ -55,9 +57,11 @@ class Interrupt(KeyboardInterrupt):
 
 
 def fake_train(cfg, run_dir):
-  """A summary without training (keeps the test fast): loss falls with width, rises with r."""
+  """A summary without training (keeps the test fast): loss falls with width, rises with r,
+  and varies a little with the seed."""
   m = cfg.model
   loss = 5.3 + 0.3 / (m.d_model ** 0.5) + 0.02 * abs(m.d_ff / (m.d_head * m.n_heads) - 1.5)
+  loss += 1e-4 * (-1) ** cfg.seed
   tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.data.seq_len
   return {"status": "finished", "eval_loss": loss, "final_train_loss": loss, "tokens": tokens,
           "steps": cfg.train.steps, "seq_len": cfg.data.seq_len,
@@ -68,7 +72,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
                                                                    monkeypatch, capsys):
   c = tiny_config(corpus)
   runs, _ = sweep.plan(c)
-  assert len(runs) == 6
+  assert len(runs) == 12 and {r.seed for r in runs} == {0, 1}
   workdir = tmp_path / "work"
   real_train = sweep.train_in_process
   trained = []
@@ -112,6 +116,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
 
   fit = json.loads((workdir / "fit.json").read_text())
   assert fit["form"] == "multiplicative"
+  assert fit["diagnostics"]["noise"]["replicated_points"] == 6
   bench = json.loads((workdir / "decode_bench.json").read_text())
   assert bench and all(r["output_tokens_per_s"] > 0 for r in bench)
   result = json.loads((workdir / "search.json").read_text())
@@ -122,8 +127,8 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
       loaded = config_lib.load_config_file(workdir / f"{name}.py")
       assert loaded.model.d_model == result[name]["d_model"]
   report = (workdir / pipeline.REPORT).read_text()
-  for piece in ("## Sweep", "## Fit", "## Decode benchmark", "## Search", "pareto.png",
-                "sweep.png"):
+  for piece in ("## What the data support", "Seed noise: sigma", "## Sweep", "## Fit",
+                "## Decode benchmark", "## Search", "pareto.png", "sweep.png"):
     assert piece in report
   assert (workdir / "pareto.png").exists() and (workdir / "sweep.png").exists()
 
@@ -182,5 +187,21 @@ def test_the_report_opens_with_whether_the_data_support_a_recommendation(tmp_pat
   search["uncertainty"]["surefire"]["within_uncertainty"] = False
   (tmp_path / "fit.json").write_text(json.dumps(fit))
   (tmp_path / "search.json").write_text(json.dumps(search))
-  assert "do not support" not in pipeline.verdict(tmp_path)[0]
+  first = pipeline.verdict(tmp_path)[0]
+  assert "do not support" not in first and "seed noise was not measured" in first
   assert pipeline.verdict(tmp_path / "empty") == []
+
+  budgets = [{"params_nonembed": n, "tokens": 4e5, "points": 5, "spread": s, "f": f, "p": p,
+              "beyond_noise": p <= 0.05}
+             for n, s, f, p in ((6e4, 0.3, 40.0, 1e-6), (1.2e5, 0.01, 0.9, 0.5))]
+  fit["diagnostics"]["noise"] = {"seed_std": 0.02, "seed_std_relative": 0.008, "dof": 10,
+                                 "replicated_points": 10, "points": 10, "budgets": budgets,
+                                 "fit_rms": 0.03, "fit_rms_over_noise": 1.5}
+  (tmp_path / "fit.json").write_text(json.dumps(fit))
+  first = pipeline.verdict(tmp_path)[0]
+  assert "in 1 of 2 budget(s) the shapes' losses do not differ beyond seed noise" in first
+  (tmp_path / "search.json").unlink()
+  report = pipeline.write_report(config_lib.make_config("demo"), tmp_path, lambda _: None)
+  text = report.read_text()
+  assert text.index("## What the data support") < text.index("Seed noise: sigma = 0.02 (0.80%")
+  assert "| 120,000 | 400,000 | 5 | 0.01 | 0.9 | 0.5 | **no** |" in text

@@ -92,6 +92,19 @@ def test_cross_design_varies_one_factor_at_a_time(dataset):
   assert points == {(0.12, 1.5), (0.2, 1.5), (0.32, 1.5), (0.2, 0.5), (0.2, 4.0)}
 
 
+def test_seeds_replicate_every_point_with_its_own_run_and_bad_seeds_are_refused(dataset):
+  single = sweep.plan(make_config(dataset))[0]
+  runs = sweep.plan(make_config(dataset, seeds=(0, 7)))[0]
+  assert len(runs) == 2 * len(single) and len({r.run_id for r in runs}) == len(runs)
+  assert [(r.spec, r.seed) for r in runs] == [(s.spec, seed) for s in single for seed in (0, 7)]
+  assert {r.run_id for r in runs if r.seed == 0} == {r.run_id for r in single}
+  assert [sweep.run_config(make_config(dataset, seeds=(0, 7)), r, dataset).seed
+          for r in runs] == [r.seed for r in runs]
+  for bad in ((1, 1), (-1,), (0.5,)):
+    with pytest.raises(ValueError, match="sweep.seeds"):
+      sweep.plan(make_config(dataset, seeds=bad))
+
+
 def test_bad_sweep_fields_raise_before_any_work(dataset, tmp_path):
   for field, value in (("launch", "cluster"), ("isolation", "thread"), ("loss", "best"),
                        ("design", "random"), ("n_tolerance", 0.0)):

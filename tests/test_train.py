@@ -208,6 +208,25 @@ def test_killed_and_restarted_run_matches_bitwise(reference, cache_dir, tmp_path
     np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
 
 
+_PLAIN_RUN = """
+import json, pathlib, sys
+import ml_collections
+from archscale import train
+train.train(ml_collections.ConfigDict(json.loads(sys.argv[1])), pathlib.Path(sys.argv[2]))
+"""
+
+
+def test_compilation_cache_stores_the_compiled_step_where_the_config_says(corpus, cache_dir, tmp_path):
+  config = tiny_config(corpus, steps=2, eval_every=0, checkpoint_every=0)
+  config.train.compilation_cache = str(tmp_path / "jax cache")
+  env = subprocess_env(cache_dir)
+  env.pop("JAX_COMPILATION_CACHE_DIR")
+  out = run_script(_PLAIN_RUN, env, json.dumps(config.to_dict()), str(tmp_path / "run"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  entries = {p.name.split("-")[0] for p in (tmp_path / "jax cache").iterdir()}
+  assert "jit_step" in entries, entries
+
+
 def test_sigterm_checkpoints_then_resumes(reference, tmp_path, monkeypatch):
   config = reference["config"]
 
