@@ -6,7 +6,14 @@
 
   tasks       {task: {metric: value}} (lm-eval's metric names without the ",none" filter suffix)
   average     mean over tasks of each task's headline metric (`average_of` says which one)
+  step        the checkpoint step evaluated (null for an `eval.model` directory)
+  recipe      what the numbers depend on besides the weights (`eval_recipe`)
   model, num_fewshot, limit, lm_eval_version
+
+A run's own model is its checkpoint (`export.step`, 0 = latest), exported to DIR/hf first; an
+eval.json of the same step and recipe is reused, so evaluating again costs nothing. In a sweep's
+run directory (`runs/<run_id>/`) the sweep's results.jsonl is rebuilt afterwards: its rows carry
+each run's eval.json (`attach`), wherever the file came from.
 
 Tasks whose data is neither cached nor reachable (offline machines) fail before any model runs,
 naming each such task and how to provide its data. `loglikelihoods` scores (context,
@@ -23,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from archscale import settings
+from archscale import io, settings
 from archscale.settings import PAPER_TASKS
 
 # A task's headline metric for the average: the first of these it reports.
 HEADLINE = ("acc_norm", "acc", "f1", "exact_match", "em")
+EVAL_FILE = "eval.json"
 
 
 @functools.lru_cache(maxsize=4)
@@ -130,26 +138,115 @@ def loglikelihoods(spec: Any, params: dict, tokenizer: Any,
   return out
 
 
-def run_evaluate(config: Any, workdir: pathlib.Path) -> None:
-  """`--mode=evaluate`: WORKDIR/eval.json for `eval.model` (default WORKDIR/hf) on `eval.tasks`."""
+def eval_recipe(config: Any) -> dict[str, Any]:
+  """What an eval.json's numbers depend on besides the weights: a change means evaluating again."""
+  e = settings.EvalConfig.from_config(config)
+  return {"tasks": e.task_names, "num_fewshot": e.num_fewshot, "limit": e.limit,
+          "dtype": e.dtype, "export_dtype": settings.ExportConfig.from_config(config).dtype}
+
+
+def read_eval(workdir: str | pathlib.Path) -> dict[str, Any] | None:
+  """WORKDIR/eval.json, or None when there is none (or it is unreadable)."""
+  try:
+    out = json.loads((pathlib.Path(workdir) / EVAL_FILE).read_text(encoding="utf-8"))
+  except (OSError, json.JSONDecodeError):
+    return None
+  return out if isinstance(out, dict) else None
+
+
+def check_for_sweep(config: Any) -> None:
+  """With `sweep.evaluate`: fails unless every `eval.tasks` task and its data can be loaded here,
+  so a sweep never trains its runs to fail at evaluating them."""
+  if not settings.SweepConfig.from_config(config).evaluate:
+    return
+  e = settings.EvalConfig.from_config(config)
+  if str(e.model).strip():
+    raise ValueError(f"sweep.evaluate evaluates each run's own checkpoint, but eval.model="
+                     f"{str(e.model)!r} names another model: leave eval.model empty")
+  try:
+    import lm_eval  # noqa: F401
+  except ImportError:
+    raise ValueError("sweep.evaluate needs lm-evaluation-harness: pip install -e '.[hf]'") from None
+  load_tasks(e.task_names, e.include_path)
+
+
+def attach(row: dict[str, Any], run_dir: pathlib.Path) -> dict[str, Any]:
+  """A finished results row with its run's eval.json as `eval` (tasks, average, average_of,
+  step) and `eval_average`, when that file evaluated the row's final checkpoint."""
+  found = read_eval(run_dir) if row.get("status") == "finished" else None
+  if not found or found.get("step") is None or found.get("step") != row.get("steps"):
+    return row
+  keep = ("tasks", "average", "average_of", "step", "recipe")
+  return {**row, "eval": {k: found.get(k) for k in keep}, "eval_average": found.get("average")}
+
+
+def _latest_step(config: Any, workdir: pathlib.Path) -> int | None:
+  from archscale import checkpoint
+
+  if not (workdir / "checkpoints").is_dir():
+    return None
+  ckpt = checkpoint.Checkpoints(workdir / "checkpoints", config.train)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def run_evaluate(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
+  """`--mode=evaluate`: WORKDIR/eval.json for `eval.model` (default: the run's checkpoint) on
+  `eval.tasks`; returns its contents."""
   import lm_eval
 
   from archscale import hf
 
   workdir = pathlib.Path(workdir)
   e = settings.EvalConfig.from_config(config)
+  recipe = eval_recipe(config)
   model_dir = pathlib.Path(e.model) if str(e.model).strip() else workdir / "hf"
-  if not (model_dir / hf.CONFIG_FILE).exists():
-    if str(e.model).strip():
-      raise ValueError(f"eval.model={str(e.model)!r} is not a Hugging Face model directory")
-    if not (workdir / "checkpoints").is_dir():
-      raise ValueError(f"{workdir} has neither hf/ nor checkpoints/: train the run first, or "
-                       "set eval.model to an exported directory")
+  step = None if str(e.model).strip() else (
+      settings.ExportConfig.from_config(config).step or _latest_step(config, workdir))
+  if str(e.model).strip() and not (model_dir / hf.CONFIG_FILE).exists():
+    raise ValueError(f"eval.model={str(e.model)!r} is not a Hugging Face model directory")
+  if step is None and not (model_dir / hf.CONFIG_FILE).exists():
+    raise ValueError(f"{workdir} has neither hf/ nor checkpoints/: train the run first, or "
+                     "set eval.model to an exported directory")
+  prior = read_eval(workdir)
+  if step is not None and prior and prior.get("step") == step and prior.get("recipe") == recipe:
+    print(json.dumps({"reused": str(workdir / EVAL_FILE), "step": step}))
+    return prior
+  if step is not None:
     hf.run_export(config, workdir)
   results = evaluate_dir(model_dir, e.task_names, include_path=e.include_path,
                          batch_size=e.batch_size, limit=e.limit, num_fewshot=e.num_fewshot,
                          device=e.device, dtype=e.dtype, bootstrap_iters=e.bootstrap_iters)
-  summary = {**summarize(results), "model": str(model_dir), "num_fewshot": e.num_fewshot,
-             "limit": e.limit, "lm_eval_version": lm_eval.__version__}
-  (workdir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+  summary = {**summarize(results), "step": step, "recipe": recipe, "model": str(model_dir),
+             "num_fewshot": e.num_fewshot, "limit": e.limit,
+             "lm_eval_version": lm_eval.__version__}
+  io.write_json_atomic(workdir / EVAL_FILE, summary)
   print(json.dumps({"average": summary["average"], "average_of": summary["average_of"]}))
+  _refresh_sweep_table(workdir)
+  return summary
+
+
+def evaluate_trained_run(cfg: Any, run_dir: pathlib.Path, isolation: str) -> dict[str, Any]:
+  """`sweep.evaluate`: a trained sweep run's eval.json (`run_evaluate`, so reused when current),
+  made in a fresh process when runs are isolated, so no model or device memory of the evaluation
+  stays in the sweep's process."""
+  from archscale import sweep
+
+  try:
+    if isolation == "process":
+      return sweep.train_in_subprocess(cfg, run_dir, "eval.log", mode="evaluate")
+    return run_evaluate(cfg, run_dir)
+  except Exception as e:
+    raise RuntimeError(f"the run trained, but evaluating it failed (rerun the sweep to evaluate "
+                       f"it again): {e}") from e
+
+
+def _refresh_sweep_table(run_dir: pathlib.Path) -> None:
+  """Rebuilds the results table of the sweep `run_dir` belongs to, so its row shows the eval."""
+  from archscale import sweep
+
+  sweep_dir = run_dir.resolve().parent.parent
+  if run_dir.resolve().parent.name == sweep.RUNS_DIR and (sweep_dir / sweep.RESULTS).exists():
+    sweep.materialise(sweep_dir)

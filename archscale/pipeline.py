@@ -358,11 +358,14 @@ def _report_sweep(workdir: pathlib.Path) -> list[str]:
           f"`loss` is the {done[0].get('loss_source', 'eval') if done else 'eval'} loss.", ""]
   if done:
     plots.sweep_losses(done, workdir / SWEEP_PNG)
+    evaluated = any("eval_average" in r for r in done)  # sweep.evaluate or --mode=evaluate
     out += [f"![sweep]({SWEEP_PNG})", "",
-            _table(["run", "N", "tokens", "d_model", "d_ff", "heads", "x", "r", "loss"],
+            _table(["run", "N", "tokens", "d_model", "d_ff", "heads", "x", "r", "loss"]
+                   + ["downstream average"] * evaluated,
                    [[r["run_id"], r["params_nonembed"], r["tokens"], r["d_model"], r["d_ff"],
                      f"{r['n_heads']}/{r['n_kv_heads']}", r["d_over_sqrt_n"],
-                     r["mlp_attn_ratio"], r["loss"]] for r in done]), ""]
+                     r["mlp_attn_ratio"], r["loss"]] + [r.get("eval_average")] * evaluated
+                    for r in done]), ""]
   return out
 
 
@@ -431,4 +434,22 @@ def _report_search(workdir: pathlib.Path) -> list[str]:
             "(`python -m archscale.main --config=WORKDIR/panda.py --mode=train`).", ""]
     if not math.isfinite(s["target"]):
       out += ["The target is not finite; check the law.", ""]
+    out += _search_measured(s.get("measured"))
   return out
+
+
+def _search_measured(measured: dict[str, Any] | None) -> list[str]:
+  """report.md lines on the trained runs sharing a pick's architecture and their evaluations."""
+  if not measured:
+    return []
+  out = [f"Trained runs with a pick's architecture (`{measured['results']}`):", ""]
+  for name in ("baseline", "panda", "surefire"):
+    if not measured.get(name):
+      out += [f"- {name}: no trained run has this architecture"] if name in measured else []
+    for r in measured.get(name) or []:
+      e = r.get("eval") or {}
+      scores = ", ".join(f"{t} {e['tasks'][t][m]:.4g}" for t, m in e.get("average_of", {}).items())
+      downstream = (f"downstream average {e['average']:.4g} ({scores})"
+                    if e.get("average") is not None else "no downstream evaluation")
+      out.append(f"- {name}: run `{r['run_id']}`, loss {r['loss']:.5g}, {downstream}")
+  return out + [""]

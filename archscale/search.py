@@ -35,6 +35,10 @@ Outputs in WORKDIR: search.json (keys below), pareto.png, panda.py, surefire.py.
   pareto      the frontier, by increasing predicted loss
   panda, surefire, baseline (when the target names one): the same fields
   budget, scenario, target, law, loss_units, stats (enumeration, drops, GQA walks), provenance
+  measured    when a results table is reachable (`search.results`, else `fit.results`): its path,
+              and for panda, surefire and baseline the finished runs of the same architecture
+              (`ARCH_KEYS`): run_id, tokens, loss and the run's downstream `eval` (null when it
+              was not evaluated); an empty list when no run has that architecture
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ from archscale.arch import FIXED_FIELDS, ArchSpec, steps_for_tokens
 from archscale.settings import SearchConfig
 
 SEARCH_JSON = "search.json"
+# The fields that make two architectures the same, for matching picks to trained runs.
+ARCH_KEYS = ("n_layers", "d_model", "d_ff", "n_heads", "n_kv_heads", "d_head", "vocab_size")
 PARETO_PNG = "pareto.png"
 # Sections of a search config copied into panda.py / surefire.py when they differ from defaults.
 _CONFIG_SECTIONS = ("compute", "data", "train", "mesh", "distributed", "bench")
@@ -518,6 +524,29 @@ def _law_optimum(law: Any, doc: dict[str, Any], key: str = "d_over_sqrt_n") -> f
   return value if math.isfinite(value) and (key == "r" or 0 < value < 10) else None
 
 
+def measured_runs(config: Any, picks: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+  """The trained runs of the results table the search can reach with each pick's architecture,
+  with their loss and downstream eval (see `measured` above); None without a table."""
+  from archscale import table
+
+  s = SearchConfig.from_config(config)
+  path = str(s.results or config.fit.results).strip()
+  if not path or not pathlib.Path(path).expanduser().exists():
+    return None
+  try:
+    rows, _ = table.load_rows(pathlib.Path(path).expanduser())
+  except ValueError:  # An empty or unreadable table: nothing was measured.
+    rows = []
+  latest = {r.get("run_id", i): r for i, r in enumerate(rows) if r.get("status") == "finished"}
+  key = lambda a: tuple(a.get(k) for k in ARCH_KEYS)
+  out: dict[str, Any] = {"results": path}
+  for name, pick in picks.items():
+    if pick is not None:
+      out[name] = [{"run_id": r.get("run_id"), "tokens": r.get("tokens"), "loss": r.get("loss"),
+                    "eval": r.get("eval")} for r in latest.values() if key(r) == key(pick)]
+  return out
+
+
 def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   """`--mode=search`: Algorithm 1 on the config; writes search.json, pareto.png and the configs."""
   workdir = pathlib.Path(workdir)
@@ -577,6 +606,7 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
       "provenance": io.provenance(config),
   })
   out["uncertainty"], statements = _uncertainty(law, doc, result, budget, baseline)
+  out["measured"] = measured_runs(config, {k: out[k] for k in ("panda", "surefire", "baseline")})
   out["uncertainty"]["statements"] = statements
   for line in statements:
     logging.info("search: %s", line)

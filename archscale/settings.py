@@ -317,6 +317,7 @@ class SweepConfig(Section):
   loss: str = "eval"           # a row's `loss`: eval (held-out) | train (final train loss)
   only: str = bookkeeping("")  # comma-separated run ids: run just these (emitted commands do)
   retry_failed: bool = bookkeeping(True)  # rerun runs whose last attempt failed
+  evaluate: bool = bookkeeping(False)  # evaluate each trained run on eval.tasks (eval.json)
   max_attempts: int = bookkeeping(3)  # slurm: submissions per run before it counts as failed
   wait: bool = bookkeeping(False)  # slurm: wait for the jobs (resubmitting failures) or return
   poll_s: float = bookkeeping(10.0)  # slurm: seconds between scheduler polls while waiting

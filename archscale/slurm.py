@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from archscale import config_lib, io, sweep
+from archscale import config_lib, evaluate, io, sweep
 from archscale.monitor import EXIT_PREEMPTED
 from archscale.settings import SlurmConfig, SweepConfig
 
@@ -114,7 +114,8 @@ def task_rank() -> int:
 def train_as_task(config: Any, run: sweep.Run, workdir: pathlib.Path,
                   on_start: Callable[[subprocess.Popen], None] | None = None) -> str:
   """One task's part of a run: every task trains (one `jax.distributed` process each), task 0
-  records the row. No lock: the scheduler runs each run once. Returns the run's status."""
+  evaluates it (`sweep.evaluate`) and records the row. No lock: the scheduler runs each run once.
+  Returns the run's status."""
   rank = task_rank()
   cfg = sweep.run_config(config, run, config.data.path)
   run_dir = workdir / sweep.RUNS_DIR / run.run_id
@@ -122,6 +123,9 @@ def train_as_task(config: Any, run: sweep.Run, workdir: pathlib.Path,
   try:
     summary = sweep.train_in_subprocess(
         cfg, run_dir, "train.log" if rank == 0 else f"train.task{rank}.log", on_start=on_start)
+    finished = summary.get("status") == "finished"
+    if rank == 0 and finished and SweepConfig.from_config(config).evaluate:
+      evaluate.evaluate_trained_run(cfg, run_dir, "process")
   except Exception as e:  # noqa: BLE001 - recorded as the run's failed attempt.
     summary = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
   if summary.get("status") == "preempted":

@@ -22,6 +22,7 @@ cannot take the sweep down or leak device memory into the next run. "none" train
 Every attempt writes its row to its own file, `runs/<run_id>/attempts/<time>-<host>-<pid>.json`
 (atomically, no lock: shared file systems such as gcsfuse have none), and `WORKDIR/results.jsonl`
 is rebuilt from those files, oldest first, after every run (`materialise`); the fit reads it.
+With `sweep.evaluate` the process or job that trained a run then writes its eval.json too.
 Rows with status "finished" are final: rerunning the sweep skips their runs. Rows with status
 "failed" (an exception or a non-zero exit, with the error) or "preempted" are retried on the next
 run unless `sweep.retry_failed` is off. A run being trained by another local sweep holds
@@ -32,7 +33,8 @@ Row fields (what `archscale.table` reads): `params_nonembed`, `tokens` (tokens a
 `loss`, every ArchSpec field, `mlp_attn_ratio`, `d_over_sqrt_n`, `gqa`, plus `run_id`, `status`,
 `eval_loss`, `final_train_loss`, `loss_source`, `scale` (the requested N), `requested` (grid
 point), `steps`, `seq_len`, `global_batch_size`, `seed`, `tokens_requested`, `wall_s`, `error`
-(failed rows) and `provenance` (code revision, device, time, the run's config).
+(failed rows), `provenance` (code revision, device, time, the run's config) and, for a finished
+run with an eval.json of its last step, `eval` (tasks, average, ...) and `eval_average`.
 
 Which loss: `loss` is the held-out `eval_loss` by default (`sweep.loss="eval"`), falling back to
 the final train loss when a run has no eval split. The paper's runs see each token once, where
@@ -62,7 +64,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from archscale import config_lib, io, settings
+from archscale import config_lib, evaluate, io, settings
 from archscale.arch import FIXED_FIELDS, ArchSpec, steps_for_tokens
 from archscale.monitor import EXIT_BUSY, EXIT_PREEMPTED
 from archscale.settings import SweepConfig
@@ -335,15 +337,16 @@ def run_states(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
 
 
 def materialise(workdir: pathlib.Path) -> pathlib.Path:
-  """Rebuilds `results.jsonl` from the runs' attempt files (oldest first) and returns its path.
+  """Rebuilds `results.jsonl` from the runs' attempt files and eval.json; returns its path.
 
   Replaced atomically, and rebuilt again if attempts landed meanwhile (no row is left out).
   """
-  path = results_path(workdir)
-  rows = run_rows(workdir)
+  path = workdir / RESULTS
+  read = lambda: [evaluate.attach(r, workdir / RUNS_DIR / r["run_id"]) for r in run_rows(workdir)]
+  rows = read()
   for _ in range(5):
     io.write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
-    again = run_rows(workdir)
+    again = read()
     if len(again) == len(rows):
       break
     rows = again
@@ -455,15 +458,16 @@ def _die_with_parent() -> None:
 
 def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: Any,
                         log_name: str = "train.log",
-                        on_start: Callable[[subprocess.Popen], None] | None = None
-                        ) -> dict[str, Any]:
+                        on_start: Callable[[subprocess.Popen], None] | None = None,
+                        mode: str = "train") -> dict[str, Any]:
   """Trains one run in a fresh `python -m archscale.main --mode=train` process.
 
   Output goes to `run_dir/<log_name>`; `on_start` receives the child (to forward signals).
   Raises RuntimeError (with the log's tail) when the process fails and io.WorkdirBusy when
   another trainer holds the run; returns the summary (status "preempted" when the trainer exited
-  with `monitor.EXIT_PREEMPTED`). A remote `run_dir` (gs://) keeps its config and log there too;
-  the child reads its config from, and writes its log to, a local copy (`local_mirror`).
+  with `monitor.EXIT_PREEMPTED`). `mode="evaluate"` evaluates the run instead (eval.json). A
+  remote `run_dir` (gs://) keeps its config and log there too; the child reads its config from,
+  and writes its log to, a local copy (`local_mirror`).
   """
   run_dir.mkdir(parents=True, exist_ok=True)
   doc = f"Training config of sweep run {cfg.name}."
@@ -472,7 +476,7 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: Any,
   if local is not run_dir:
     config_lib.write_config_py(run_dir / RUN_CONFIG, cfg, doc)
   log_path = local / log_name
-  cmd = [sys.executable, "-m", "archscale.main", f"--config={config_path}", "--mode=train",
+  cmd = [sys.executable, "-m", "archscale.main", f"--config={config_path}", f"--mode={mode}",
          f"--workdir={run_dir}"]
   with open(log_path, "ab") as log:
     log_start = log.tell()
@@ -493,9 +497,10 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: Any,
   if rc == EXIT_BUSY:
     raise io.WorkdirBusy(f"{run_dir} is held by another trainer")
   if rc != 0:
-    raise RuntimeError(f"training exited with status {rc}; the end of {run_dir / log_name}:\n"
+    raise RuntimeError(f"--mode={mode} exited with status {rc}; the end of "
+                       f"{run_dir / log_name}:\n"
                        f"{_tail(log_path)}")
-  return json.loads((run_dir / "summary.json").read_text())
+  return json.loads((run_dir / {"train": "summary.json"}.get(mode, evaluate.EVAL_FILE)).read_text())
 
 
 def train_in_process(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict[str, Any]:
@@ -526,8 +531,11 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
     if any(r.get("status") == "finished" for r in prior):  # Finished elsewhere meanwhile.
       return None
     start = time.time()
+    s = SweepConfig.from_config(config)
     try:
       summary = trainer(cfg, run_dir)
+      if s.evaluate and summary.get("status") == "finished":
+        evaluate.evaluate_trained_run(cfg, run_dir, s.isolation)
     except io.WorkdirBusy:
       logging.info("sweep: %s is being trained by another process; skipping", run.run_id)
       return None
@@ -536,8 +544,7 @@ def execute(run: Run, config: Any, workdir: pathlib.Path, data_path: str | os.Pa
       row = failed_row(run, "failed", err, cfg, time.time() - start)
     else:
       if summary.get("status") == "finished":
-        row = finished_row(run, summary, cfg, SweepConfig.from_config(config).loss,
-                           time.time() - start)
+        row = finished_row(run, summary, cfg, s.loss, time.time() - start)
       else:
         row = failed_row(run, str(summary.get("status", "failed")),
                          "training stopped before the last step; rerun the sweep to resume",
@@ -691,6 +698,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   from archscale import data as data_lib
 
   data_lib.data_path(config, workdir)  # A data path that cannot be read here fails now.
+  evaluate.check_for_sweep(config)  # sweep.evaluate: missing task data fails before training.
   runs, dropped = plan(config)
   if not runs:
     reasons = sorted({d["reason"].split(":")[0] for d in dropped})

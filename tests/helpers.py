@@ -1,5 +1,6 @@
-"""Helpers shared by the training, sweep and run-safety tests."""
+"""Helpers shared by the training, sweep, run-safety and evaluation tests."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -91,3 +92,43 @@ def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
       return value
     time.sleep(poll_s)
   raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+# A tiny multiple-choice task over a local JSON file, for lm-evaluation-harness offline.
+DOCS = [
+    {"question": "What colour is the sky?", "choices": ["blue", "green", "red"], "label": 0},
+    {"question": "How many legs has a cat?", "choices": ["two", "four", "six"], "label": 1},
+    {"question": "Which is a fruit?", "choices": ["carrot", "potato", "apple"], "label": 2},
+    {"question": "Opposite of hot?", "choices": ["cold", "warm"], "label": 0},
+]
+TASK_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_tiny_tasks(folder) -> pathlib.Path:
+  """`folder` with two task YAMLs: tiny_mc (over DOCS in a local file) and tiny_gone (whose data
+  file does not exist); pass it as eval.include_path."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  data = folder / "tiny_mc.json"
+  data.write_text(json.dumps(DOCS))
+  (folder / "tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
+  missing = TASK_YAML.format(data=folder / "absent.json")
+  (folder / "tiny_gone.yaml").write_text(missing.replace("task: tiny_mc", "task: tiny_gone"))
+  return folder

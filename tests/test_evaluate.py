@@ -1,43 +1,23 @@
 """lm-evaluation-harness on an exported tiny model, against archscale's own scoring."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
+from helpers import DOCS, make_config, write_tiny_tasks
 
-from archscale import config_lib, evaluate, hf, settings
+from archscale import config_lib, evaluate, hf, io, pipeline, search, settings, sweep, table
 from archscale import model as model_lib
 from archscale import tokenizer as tok_lib
 from archscale.arch import ArchSpec
 
+# The paper's fitted coefficients (DESIGN.md section 4) as a hand-written law.
+PAPER_LAW = {"a0": 2.697, "a1": 0.0974, "a2": 0.0078, "b0": 0.3870, "b1": 0.0063, "b2": 0.0065}
 SPEC = ArchSpec(d_model=40, n_layers=2, n_heads=6, n_kv_heads=2, d_head=8, d_ff=64,
                 vocab_size=256, tie_embeddings=False, rope_theta=10000.0, rope_scaling="none",
                 max_seq_len=128)
-DOCS = [
-    {"question": "What colour is the sky?", "choices": ["blue", "green", "red"], "label": 0},
-    {"question": "How many legs has a cat?", "choices": ["two", "four", "six"], "label": 1},
-    {"question": "Which is a fruit?", "choices": ["carrot", "potato", "apple"], "label": 2},
-    {"question": "Opposite of hot?", "choices": ["cold", "warm"], "label": 0},
-]
-TASK_YAML = """task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: choices
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 def _params() -> dict:
@@ -53,12 +33,7 @@ def exported(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval")
   params = _params()
   hf.export(params, SPEC, root / "hf", tok_lib.ByteTokenizer())
-  (root / "tasks").mkdir()
-  data = root / "tiny_mc.json"
-  data.write_text(json.dumps(DOCS))
-  (root / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=data))
-  missing = TASK_YAML.format(data=root / "absent.json").replace("task: tiny_mc", "task: tiny_gone")
-  (root / "tasks" / "tiny_gone.yaml").write_text(missing)
+  write_tiny_tasks(root / "tasks")
   return root, params
 
 
@@ -124,3 +99,109 @@ def test_evaluate_mode_config_errors(tmp_path):
   config.eval.model = str(tmp_path)
   with pytest.raises(ValueError, match="eval.model"):
     evaluate.run_evaluate(config, tmp_path)
+
+
+# ------------------------------------------------------------------- sweep.evaluate: rows
+
+
+def _sweep_config(dataset, tasks_dir, tasks="tiny_mc", isolation="none"):
+  c = make_config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.12, 0.2), r=(1.5,),
+                  evaluate=True, isolation=isolation)
+  c.train.update(checkpoint_every=0, async_checkpoint=False, eval_every=0, eval_batches=1)
+  c.eval.update(tasks=tasks, include_path=str(tasks_dir), device="cpu", batch_size=4,
+                bootstrap_iters=0)
+  return c
+
+
+def _table(workdir) -> dict[str, dict]:
+  return {r["run_id"]: r for r in io.read_jsonl(workdir / sweep.RESULTS)}
+
+
+def _evals(workdir) -> dict[str, dict]:
+  return {d.name: json.loads((d / "eval.json").read_text())
+          for d in (workdir / sweep.RUNS_DIR).iterdir()}
+
+
+def test_sweep_evaluates_its_runs_and_rows_carry_the_results(dataset, tmp_path):
+  tasks_dir = write_tiny_tasks(tmp_path / "tasks")
+  config, workdir = _sweep_config(dataset, tasks_dir), tmp_path / "sweep"
+  counts = sweep.run_sweep(config, workdir)
+  assert counts["finished"] == 2 and counts["failed"] == 0
+  evals, rows = _evals(workdir), _table(workdir)
+  assert set(evals) == set(rows) and len(rows) == 2
+  for rid, row in rows.items():
+    e = evals[rid]
+    assert e["step"] == row["steps"] > 0 and set(e["tasks"]) == {"tiny_mc"}
+    assert row["eval"]["tasks"] == e["tasks"] and row["eval"]["step"] == e["step"]
+    assert row["eval_average"] == row["eval"]["average"] == e["tasks"]["tiny_mc"]["acc_norm"]
+  report = "\n".join(pipeline._report_sweep(workdir))
+  assert "| loss | downstream average |" in report
+  assert all(f"| {r['eval_average']:,.4g} |" in report for r in rows.values())
+  # The fitter reads the table as before.
+  loaded, _ = table.load_rows(workdir / sweep.RESULTS)
+  assert len(table.prepare(loaded, arch=True, r_range=None).rows) == 2
+  # sweep.evaluate leaves run ids alone.
+  plain = _sweep_config(dataset, tasks_dir)
+  plain.sweep.evaluate = False
+  assert {r.run_id for r in sweep.plan(plain)[0]} == set(rows)
+
+  # A rerun does not evaluate again, even for a run whose row is lost: training finds the run
+  # finished and the eval.json of its last step and recipe is reused (here through the default
+  # isolation, the train and evaluate modes in child processes).
+  stamps = {rid: (workdir / sweep.RUNS_DIR / rid / "eval.json").stat().st_mtime_ns for rid in rows}
+  lost = sorted(rows)[0]
+  shutil.rmtree(workdir / sweep.RUNS_DIR / lost / sweep.ATTEMPTS_DIR)
+  config.sweep.isolation = "process"
+  assert sweep.run_sweep(config, workdir)["finished"] == 2
+  assert '"reused"' in (workdir / sweep.RUNS_DIR / lost / "eval.log").read_text()
+  assert {rid: (workdir / sweep.RUNS_DIR / rid / "eval.json").stat().st_mtime_ns
+          for rid in rows} == stamps
+  assert _table(workdir)[lost]["eval"] == rows[lost]["eval"]
+
+  # A later --mode=evaluate of one run (another recipe: 2 documents) shows in its row.
+  run_dir = workdir / sweep.RUNS_DIR / lost
+  run_cfg = config_lib.load_config_file(run_dir / sweep.RUN_CONFIG)
+  run_cfg.eval.limit = 2
+  evaluate.run_evaluate(run_cfg, run_dir)
+  again = json.loads((run_dir / "eval.json").read_text())
+  assert again["recipe"]["limit"] == 2 and again["step"] == rows[lost]["steps"]
+  assert _table(workdir)[lost]["eval"]["recipe"]["limit"] == 2
+  assert _table(workdir)[lost]["eval_average"] == again["average"]
+
+  _search_shows_evals(workdir, rows, tmp_path / "search")
+
+
+def _search_shows_evals(workdir, rows, out_dir):
+  """A search whose baseline is a trained run lists that run's eval next to the pick."""
+  kept = sorted(rows)[1]
+  law = out_dir / "fit.json"
+  law.parent.mkdir()
+  law.write_text(json.dumps({"form": "multiplicative", "params": PAPER_LAW}))
+  c = config_lib.make_config("demo")
+  c.search.update(law=str(law), results=str(workdir / sweep.RESULTS),
+                  target=f"baseline:{workdir / sweep.RUNS_DIR / kept / sweep.RUN_CONFIG}",
+                  throughput="model:a100-40gb", d_model_multiple=8, d_ff_multiple=16)
+  out = search.run_search(c, out_dir)
+  measured = json.loads((out_dir / search.SEARCH_JSON).read_text())["measured"]
+  assert measured["results"] == str(workdir / sweep.RESULTS)
+  assert measured["baseline"] == [{"run_id": kept, "tokens": rows[kept]["tokens"],
+                                   "loss": rows[kept]["loss"], "eval": rows[kept]["eval"]}]
+  lines = pipeline._search_measured(measured)
+  assert f"- baseline: run `{kept}`, loss {rows[kept]['loss']:.5g}, downstream average " \
+      f"{rows[kept]['eval_average']:.4g} (tiny_mc " in "\n".join(lines)
+  arch = {rid: tuple(r[k] for k in search.ARCH_KEYS) for rid, r in rows.items()}
+  for name in ("panda", "surefire"):
+    same = [rid for rid, a in arch.items() if a == tuple(out[name][k] for k in search.ARCH_KEYS)]
+    assert [m["run_id"] for m in measured[name]] == same
+    if not same:
+      assert f"- {name}: no trained run has this architecture" in lines
+
+
+def test_sweep_with_unloadable_eval_task_fails_before_training(dataset, tmp_path):
+  config = _sweep_config(dataset, write_tiny_tasks(tmp_path / "tasks"), tasks="tiny_mc,tiny_gone")
+  with pytest.raises(ValueError, match=r"\['tiny_gone'\]"):
+    sweep.run_sweep(config, tmp_path / "sweep")
+  assert not (tmp_path / "sweep" / sweep.RUNS_DIR).exists()
+  config.eval.update(tasks="tiny_mc", model=str(tmp_path))
+  with pytest.raises(ValueError, match="leave eval.model empty"):
+    sweep.run_sweep(config, tmp_path / "sweep")

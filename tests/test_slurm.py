@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 
 import pytest
-from helpers import REPO, make_config, wait_for
+from helpers import REPO, make_config, wait_for, write_tiny_tasks
 
 from archscale import io, slurm, sweep
 
@@ -209,6 +209,20 @@ def test_a_run_that_always_fails_is_submitted_max_attempts_times(cluster, datase
   assert again["submitted"] == 0 and again["failed"] == 1 and _jobs(workdir)[run.run_id] == jobs
   line = next(x for x in lines[-1].splitlines() if x.startswith(run.run_id)).split()
   assert line[1] == "failed" and line[-1] == "2", lines[-1]
+
+
+def test_a_job_evaluates_its_run_and_the_row_carries_the_eval(cluster, dataset, tmp_path):
+  c = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), evaluate=True,
+              wait=True)
+  c.eval.update(tasks="tiny_mc", include_path=str(write_tiny_tasks(tmp_path / "tasks")),
+                device="cpu", bootstrap_iters=0)
+  assert sweep.run_sweep(c, tmp_path / "sweep")["finished"] == 1
+  (row,) = _finished_rows(tmp_path / "sweep")
+  run_dir = tmp_path / "sweep" / sweep.RUNS_DIR / row["run_id"]
+  evaluated = json.loads((run_dir / "eval.json").read_text())
+  assert (run_dir / "eval.log").exists() and evaluated["step"] == row["steps"]
+  assert row["eval"]["tasks"] == evaluated["tasks"]
+  assert row["eval_average"] == evaluated["average"]
 
 
 def test_bad_slurm_fields_fail_before_submitting(dataset, tmp_path):
