@@ -245,8 +245,9 @@ def evaluate_trained_run(cfg: Any, run_dir: pathlib.Path, isolation: str) -> dic
 
 def _refresh_sweep_table(run_dir: pathlib.Path) -> None:
   """Rebuilds the results table of the sweep `run_dir` belongs to, so its row shows the eval."""
-  from archscale import sweep
+  from archscale import attempts
 
   sweep_dir = run_dir.resolve().parent.parent
-  if run_dir.resolve().parent.name == sweep.RUNS_DIR and (sweep_dir / sweep.RESULTS).exists():
-    sweep.materialise(sweep_dir)
+  if (run_dir.resolve().parent.name == attempts.RUNS_DIR
+      and (sweep_dir / attempts.RESULTS).exists()):
+    attempts.materialise(sweep_dir)

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from archscale import io, plots, settings, sweep
+from archscale import attempts, io, plots, settings, sweep
 from archscale.settings import DataConfig, SweepConfig
 
 STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
@@ -80,7 +80,7 @@ def _stage_config(config: Any, workdir: pathlib.Path) -> Any:
 
   c = config.copy_and_resolve_references()
   c.data.path = str(io.absolute(data_lib.data_path(config, workdir)))
-  c.fit.results = str(c.fit.results or workdir.resolve() / sweep.RESULTS)
+  c.fit.results = str(c.fit.results or workdir.resolve() / attempts.RESULTS)
   c.search.law = str(c.search.law or workdir.resolve() / "fit.json")
   return c
 
@@ -101,7 +101,7 @@ def _sweep(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> No
     raise RuntimeError(
         f"sweep: only {counts['finished']} of {counts['planned']} runs finished "
         f"({counts['failed']} failed, {counts['skipped']} held by another process); see "
-        f"{workdir / sweep.RESULTS} and the runs' train.log, then rerun the pipeline")
+        f"{workdir / attempts.RESULTS} and the runs' train.log, then rerun the pipeline")
 
 
 def _fit(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
@@ -349,12 +349,12 @@ def _report_support(workdir: pathlib.Path) -> list[str]:
 def _report_sweep(workdir: pathlib.Path) -> list[str]:
   """The sweep: finished and unfinished runs, the U-curves, the table."""
   out: list[str] = []
-  rows = [r for r in sweep.latest_rows(workdir / sweep.RESULTS).values()]
+  rows = [r for r in attempts.latest_rows(workdir / attempts.RESULTS).values()]
   done = sorted((r for r in rows if r.get("status") == "finished"),
                 key=lambda r: (r["scale"], r["d_over_sqrt_n"], r["mlp_attn_ratio"]))
   failed = [r for r in rows if r.get("status") != "finished"]
   out += ["## Sweep", "",
-          f"{len(done)} runs finished, {len(failed)} not finished (`{sweep.RESULTS}`). "
+          f"{len(done)} runs finished, {len(failed)} not finished (`{attempts.RESULTS}`). "
           f"`loss` is the {done[0].get('loss_source', 'eval') if done else 'eval'} loss.", ""]
   if done:
     plots.sweep_losses(done, workdir / SWEEP_PNG)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from archscale import config_lib, evaluate, io, sweep
+from archscale import attempts, config_lib, evaluate, io, sweep
 from archscale.monitor import EXIT_PREEMPTED
 from archscale.settings import SlurmConfig, SweepConfig
 
@@ -118,7 +118,7 @@ def train_as_task(config: Any, run: sweep.Run, workdir: pathlib.Path,
   Returns the run's status."""
   rank = task_rank()
   cfg = sweep.run_config(config, run, config.data.path)
-  run_dir = workdir / sweep.RUNS_DIR / run.run_id
+  run_dir = workdir / attempts.RUNS_DIR / run.run_id
   start = time.time()
   try:
     summary = sweep.train_in_subprocess(
@@ -138,10 +138,10 @@ def train_as_task(config: Any, run: sweep.Run, workdir: pathlib.Path,
     row = sweep.finished_row(run, summary, cfg, SweepConfig.from_config(config).loss, wall_s)
   else:
     row = sweep.failed_row(run, "failed", summary.get("error", "training failed"), cfg, wall_s)
-  row["attempt"] = len(sweep.run_rows(workdir, [run.run_id])) + 1
+  row["attempt"] = len(attempts.run_rows(workdir, [run.run_id])) + 1
   row["slurm_job_id"] = _job_id()
-  sweep.record_attempt(workdir, row)
-  sweep.materialise(workdir)
+  attempts.record_attempt(workdir, row)
+  attempts.materialise(workdir)
   return row["status"]
 
 
@@ -153,7 +153,8 @@ def train_tasks(config: Any, workdir: pathlib.Path, runs: Sequence[sweep.Run],
   Exits with `monitor.EXIT_PREEMPTED` when a run was stopped to be resumed, so the launcher
   requeues the job.
   """
-  done = {rid for rid, row in sweep.run_states(workdir).items() if row.get("status") == "finished"}
+  done = {rid for rid, row in attempts.run_states(workdir).items()
+          if row.get("status") == "finished"}
   counts = {"planned": len(runs), "finished": 0, "failed": 0}
   for run in runs:
     status = "finished" if run.run_id in done else train_as_task(config, run, workdir)
@@ -235,7 +236,7 @@ def reconcile(runs: Sequence[sweep.Run], workdir: pathlib.Path, jobs: dict[str, 
               max_attempts: int) -> dict[str, dict[str, Any]]:
   """Each run's status (planned, queued, running, finished, failed), last job, and whether to
   submit it now."""
-  rows = sweep.run_states(workdir)
+  rows = attempts.run_states(workdir)
   states = job_states([ids[-1] for ids in jobs.values() if ids])
   out = {}
   for run in runs:
@@ -276,7 +277,7 @@ def _submit(config: Any, workdir: pathlib.Path, runs: Sequence[sweep.Run],
   calls = []
   for run in runs:
     path = config_lib.write_config_py(
-        workdir / sweep.RUNS_DIR / run.run_id / sweep.SWEEP_CONFIG,
+        workdir / attempts.RUNS_DIR / run.run_id / sweep.SWEEP_CONFIG,
         sweep.frozen_config(config, data_path, only=run.run_id),
         f"Sweep run {run.run_id} of the sweep in {workdir}.")
     calls.append(SlurmRun(str(workdir), run.run_id, str(path)))
@@ -309,7 +310,7 @@ def submit_sweep(config: Any, workdir: pathlib.Path, runs: Sequence[sweep.Run],
     if not s.wait or not active:
       break
     time.sleep(s.poll_s)
-  sweep.materialise(workdir)
+  attempts.materialise(workdir)
   say(status_table(runs, view))
   counts = {status: sum(v["status"] == status for v in view.values()) for status in STATUSES}
   return {"planned": len(runs), "submitted": len(submitted), "job_ids": submitted, **counts}

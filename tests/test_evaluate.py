@@ -8,7 +8,18 @@ import numpy as np
 import pytest
 from helpers import DOCS, make_config, write_tiny_tasks
 
-from archscale import config_lib, evaluate, hf, io, pipeline, search, settings, sweep, table
+from archscale import (
+  attempts,
+  config_lib,
+  evaluate,
+  hf,
+  io,
+  pipeline,
+  search,
+  settings,
+  sweep,
+  table,
+)
 from archscale import model as model_lib
 from archscale import tokenizer as tok_lib
 from archscale.arch import ArchSpec
@@ -114,12 +125,12 @@ def _sweep_config(dataset, tasks_dir, tasks="tiny_mc", isolation="none"):
 
 
 def _table(workdir) -> dict[str, dict]:
-  return {r["run_id"]: r for r in io.read_jsonl(workdir / sweep.RESULTS)}
+  return {r["run_id"]: r for r in io.read_jsonl(workdir / attempts.RESULTS)}
 
 
 def _evals(workdir) -> dict[str, dict]:
   return {d.name: json.loads((d / "eval.json").read_text())
-          for d in (workdir / sweep.RUNS_DIR).iterdir()}
+          for d in (workdir / attempts.RUNS_DIR).iterdir()}
 
 
 def test_sweep_evaluates_its_runs_and_rows_carry_the_results(dataset, tmp_path):
@@ -138,7 +149,7 @@ def test_sweep_evaluates_its_runs_and_rows_carry_the_results(dataset, tmp_path):
   assert "| loss | downstream average |" in report
   assert all(f"| {r['eval_average']:,.4g} |" in report for r in rows.values())
   # The fitter reads the table as before.
-  loaded, _ = table.load_rows(workdir / sweep.RESULTS)
+  loaded, _ = table.load_rows(workdir / attempts.RESULTS)
   assert len(table.prepare(loaded, arch=True, r_range=None).rows) == 2
   # sweep.evaluate leaves run ids alone.
   plain = _sweep_config(dataset, tasks_dir)
@@ -148,18 +159,19 @@ def test_sweep_evaluates_its_runs_and_rows_carry_the_results(dataset, tmp_path):
   # A rerun does not evaluate again, even for a run whose row is lost: training finds the run
   # finished and the eval.json of its last step and recipe is reused (here through the default
   # isolation, the train and evaluate modes in child processes).
-  stamps = {rid: (workdir / sweep.RUNS_DIR / rid / "eval.json").stat().st_mtime_ns for rid in rows}
+  stamps = {rid: (workdir / attempts.RUNS_DIR / rid / "eval.json").stat().st_mtime_ns
+            for rid in rows}
   lost = sorted(rows)[0]
-  shutil.rmtree(workdir / sweep.RUNS_DIR / lost / sweep.ATTEMPTS_DIR)
+  shutil.rmtree(workdir / attempts.RUNS_DIR / lost / attempts.ATTEMPTS_DIR)
   config.sweep.isolation = "process"
   assert sweep.run_sweep(config, workdir)["finished"] == 2
-  assert '"reused"' in (workdir / sweep.RUNS_DIR / lost / "eval.log").read_text()
-  assert {rid: (workdir / sweep.RUNS_DIR / rid / "eval.json").stat().st_mtime_ns
+  assert '"reused"' in (workdir / attempts.RUNS_DIR / lost / "eval.log").read_text()
+  assert {rid: (workdir / attempts.RUNS_DIR / rid / "eval.json").stat().st_mtime_ns
           for rid in rows} == stamps
   assert _table(workdir)[lost]["eval"] == rows[lost]["eval"]
 
   # A later --mode=evaluate of one run (another recipe: 2 documents) shows in its row.
-  run_dir = workdir / sweep.RUNS_DIR / lost
+  run_dir = workdir / attempts.RUNS_DIR / lost
   run_cfg = config_lib.load_config_file(run_dir / sweep.RUN_CONFIG)
   run_cfg.eval.limit = 2
   evaluate.run_evaluate(run_cfg, run_dir)
@@ -178,12 +190,12 @@ def _search_shows_evals(workdir, rows, out_dir):
   law.parent.mkdir()
   law.write_text(json.dumps({"form": "multiplicative", "params": PAPER_LAW}))
   c = config_lib.make_config("demo")
-  c.search.update(law=str(law), results=str(workdir / sweep.RESULTS),
-                  target=f"baseline:{workdir / sweep.RUNS_DIR / kept / sweep.RUN_CONFIG}",
+  c.search.update(law=str(law), results=str(workdir / attempts.RESULTS),
+                  target=f"baseline:{workdir / attempts.RUNS_DIR / kept / sweep.RUN_CONFIG}",
                   throughput="model:a100-40gb", d_model_multiple=8, d_ff_multiple=16)
   out = search.run_search(c, out_dir)
   measured = json.loads((out_dir / search.SEARCH_JSON).read_text())["measured"]
-  assert measured["results"] == str(workdir / sweep.RESULTS)
+  assert measured["results"] == str(workdir / attempts.RESULTS)
   assert measured["baseline"] == [{"run_id": kept, "tokens": rows[kept]["tokens"],
                                    "loss": rows[kept]["loss"], "eval": rows[kept]["eval"]}]
   lines = pipeline._search_measured(measured)
@@ -201,7 +213,7 @@ def test_sweep_with_unloadable_eval_task_fails_before_training(dataset, tmp_path
   config = _sweep_config(dataset, write_tiny_tasks(tmp_path / "tasks"), tasks="tiny_mc,tiny_gone")
   with pytest.raises(ValueError, match=r"\['tiny_gone'\]"):
     sweep.run_sweep(config, tmp_path / "sweep")
-  assert not (tmp_path / "sweep" / sweep.RUNS_DIR).exists()
+  assert not (tmp_path / "sweep" / attempts.RUNS_DIR).exists()
   config.eval.update(tasks="tiny_mc", model=str(tmp_path))
   with pytest.raises(ValueError, match="leave eval.model empty"):
     sweep.run_sweep(config, tmp_path / "sweep")

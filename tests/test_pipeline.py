@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from archscale import config_lib, io, pipeline, sweep
+from archscale import attempts, config_lib, io, pipeline, sweep
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -88,11 +88,11 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
     pipeline.run_pipeline(c, workdir)
   assert (workdir / ".done" / "prepare_data").exists()
   assert not (workdir / ".done" / "sweep").exists()
-  table = workdir / sweep.RESULTS
+  table = workdir / attempts.RESULTS
   first_rows = table.read_bytes()
   assert [r["run_id"] for r in io.read_jsonl(table)] == trained
   for run_id in trained:
-    assert (workdir / sweep.RUNS_DIR / run_id / "summary.json").exists()
+    assert (workdir / attempts.RUNS_DIR / run_id / "summary.json").exists()
 
   resumed = []
 
@@ -161,7 +161,7 @@ def test_pipeline_rejects_an_emitting_sweep_before_training(corpus, tmp_path):
   c.sweep.launch = "emit"
   with pytest.raises(ValueError, match="sweep.launch"):
     pipeline.run_pipeline(c, tmp_path)
-  assert not (tmp_path / sweep.RESULTS).exists()
+  assert not (tmp_path / attempts.RESULTS).exists()
 
 
 def test_the_report_opens_with_whether_the_data_support_a_recommendation(tmp_path):

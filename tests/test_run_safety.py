@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import STEPS, flat, make_config, params_of, subprocess_env, tiny_config, wait_for
 
-from archscale import checkpoint, config_lib, io, monitor, sweep, train
+from archscale import attempts, checkpoint, config_lib, io, monitor, sweep, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -126,7 +126,7 @@ def test_a_second_trainer_stops_at_once_and_a_dead_holder_is_taken_over(corpus, 
 def test_a_sweep_skips_a_run_whose_trainer_is_still_alive(dataset, cache_dir, tmp_path):
   c = make_config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,))
   (run,) = sweep.plan(c)[0]
-  run_dir = tmp_path / sweep.RUNS_DIR / run.run_id
+  run_dir = tmp_path / attempts.RUNS_DIR / run.run_id
   run_dir.mkdir(parents=True)
   holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True, env=subprocess_env(cache_dir))
@@ -137,7 +137,7 @@ def test_a_sweep_skips_a_run_whose_trainer_is_still_alive(dataset, cache_dir, tm
     holder.kill()
     holder.wait()
   assert counts["skipped"] == 1 and counts["failed"] == 0
-  assert list(io.read_jsonl(tmp_path / sweep.RESULTS)) == []  # no row for a run held elsewhere
+  assert list(io.read_jsonl(tmp_path / attempts.RESULTS)) == []  # no row for a run held elsewhere
 
 
 def test_no_trainer_outlives_a_killed_sweep(dataset, cache_dir, tmp_path):
@@ -145,7 +145,7 @@ def test_no_trainer_outlives_a_killed_sweep(dataset, cache_dir, tmp_path):
   c.sweep.tokens = 10_000_000  # far more steps than the test waits for
   c.train.update(checkpoint_every=0, eval_every=0)
   (run,) = sweep.plan(c)[0]
-  run_dir = tmp_path / "sweep" / sweep.RUNS_DIR / run.run_id
+  run_dir = tmp_path / "sweep" / attempts.RUNS_DIR / run.run_id
   env = subprocess_env(cache_dir)
   sweep_proc = cli(write_config(c, tmp_path / "sweep.py"), tmp_path / "sweep", env, mode="sweep")
   try:

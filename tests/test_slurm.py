@@ -14,7 +14,7 @@ import tempfile
 import pytest
 from helpers import REPO, make_config, wait_for, write_tiny_tasks
 
-from archscale import io, slurm, sweep
+from archscale import attempts, io, slurm, sweep
 
 # One cluster per machine: under pytest-xdist every test here runs on one worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("slurm")
@@ -67,7 +67,7 @@ def _jobs(workdir):
 
 
 def _finished_rows(workdir):
-  return [r for r in io.read_jsonl(workdir / sweep.RESULTS) if r["status"] == "finished"]
+  return [r for r in io.read_jsonl(workdir / attempts.RESULTS) if r["status"] == "finished"]
 
 
 def test_a_sweep_runs_as_jobs_survives_a_scancel_and_never_double_submits(
@@ -120,7 +120,7 @@ def _interrupted_run_resumes(dataset, tmp_path, interrupt):
   (run,) = sweep.plan(c)[0]
   counts = sweep.run_sweep(c, tmp_path)
   (job,) = counts["job_ids"]
-  run_dir = tmp_path / sweep.RUNS_DIR / run.run_id
+  run_dir = tmp_path / attempts.RUNS_DIR / run.run_id
   ckpts = run_dir / "checkpoints"
   _wait_for("a checkpoint", lambda: ckpts.is_dir() and any(
       p.name.isdigit() and int(p.name) > 0 for p in ckpts.iterdir()))
@@ -161,7 +161,7 @@ def test_a_two_task_run_matches_the_one_process_run(cluster, dataset, tmp_path):
   (a,), (b,) = _finished_rows(tmp_path / "one"), _finished_rows(tmp_path / "two")
   assert a["run_id"] == b["run_id"]
   assert b["provenance"]["process_count"] == 2 and a["provenance"]["process_count"] == 1
-  run_dir = tmp_path / "two" / sweep.RUNS_DIR / b["run_id"]
+  run_dir = tmp_path / "two" / attempts.RUNS_DIR / b["run_id"]
   assert (run_dir / "train.task1.log").exists()
   assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], rel=1e-4)
   assert a["steps"] == b["steps"]
@@ -197,10 +197,11 @@ def test_a_run_that_always_fails_is_submitted_max_attempts_times(cluster, datase
   assert final["failed"] == 1 and final["finished"] == 0 and final["submitted"] == 2
   jobs = _jobs(workdir)[run.run_id]
   assert len(jobs) == 2 and len(set(jobs)) == 2
-  rows = list(io.read_jsonl(workdir / sweep.RESULTS))
+  rows = list(io.read_jsonl(workdir / attempts.RESULTS))
   assert [r["status"] for r in rows] == ["failed", "failed"]
   assert sorted(r["slurm_job_id"] for r in rows) == sorted(jobs)
-  assert "missing or truncated" in (workdir / sweep.RUNS_DIR / run.run_id / "train.log").read_text()
+  log = workdir / attempts.RUNS_DIR / run.run_id / "train.log"
+  assert "missing or truncated" in log.read_text()
 
   # The cap holds across driver runs: a rerun reports the failure and submits nothing.
   c.sweep.wait = False
@@ -218,7 +219,7 @@ def test_a_job_evaluates_its_run_and_the_row_carries_the_eval(cluster, dataset, 
                 device="cpu", bootstrap_iters=0)
   assert sweep.run_sweep(c, tmp_path / "sweep")["finished"] == 1
   (row,) = _finished_rows(tmp_path / "sweep")
-  run_dir = tmp_path / "sweep" / sweep.RUNS_DIR / row["run_id"]
+  run_dir = tmp_path / "sweep" / attempts.RUNS_DIR / row["run_id"]
   evaluated = json.loads((run_dir / "eval.json").read_text())
   assert (run_dir / "eval.log").exists() and evaluated["step"] == row["steps"]
   assert row["eval"]["tasks"] == evaluated["tasks"]

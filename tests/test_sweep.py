@@ -13,7 +13,7 @@ import sys
 import pytest
 from helpers import make_config
 
-from archscale import config_lib, io, monitor, sweep, train
+from archscale import attempts, config_lib, io, monitor, sweep, train
 
 
 class FakeTrainer:
@@ -113,7 +113,7 @@ def test_bad_sweep_fields_raise_before_any_work(dataset, tmp_path):
     c = make_config(dataset, **{field: value})
     with pytest.raises(ValueError, match=f"sweep.{field}"):
       sweep.run_sweep(c, tmp_path, trainer=FakeTrainer())
-  assert not (tmp_path / sweep.RESULTS).exists()
+  assert not (tmp_path / attempts.RESULTS).exists()
   c = make_config(dataset, only="no-such-run")
   with pytest.raises(ValueError, match="sweep.only"):
     sweep.run_sweep(c, tmp_path, trainer=FakeTrainer())
@@ -127,7 +127,7 @@ def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(dataset, tmp_path):
   counts = sweep.run_sweep(c, tmp_path, trainer=trainer)
   assert trainer.calls == [r.run_id for r in runs]
   assert counts["finished"] == len(runs) - 1 and counts["failed"] == 1
-  rows = list(io.read_jsonl(tmp_path / sweep.RESULTS))
+  rows = list(io.read_jsonl(tmp_path / attempts.RESULTS))
   assert len(rows) == len(runs)
   failed = [r for r in rows if r["status"] != "finished"]
   assert [r["run_id"] for r in failed] == [victim]
@@ -164,7 +164,7 @@ def test_a_sigterm_stops_an_in_process_sweep_which_resumes_on_rerun(dataset, tmp
     sweep.run_sweep(c, tmp_path, trainer=sigterm_at_step_3)
   assert stop.value.code == monitor.EXIT_PREEMPTED
   assert started == [runs[0].run_id]  # the next run was not started
-  (row,) = io.read_jsonl(tmp_path / sweep.RESULTS)
+  (row,) = io.read_jsonl(tmp_path / attempts.RESULTS)
   assert row["status"] == "preempted"
 
   with caplog.at_level(logging.INFO):
@@ -178,7 +178,7 @@ def test_rerun_skips_finished_runs_and_retries_failed_ones(dataset, tmp_path):
   runs, _ = sweep.plan(c)
   victim = runs[0].run_id
   sweep.run_sweep(c, tmp_path, trainer=FakeTrainer(crash={victim}))
-  before = (tmp_path / sweep.RESULTS).read_bytes()
+  before = (tmp_path / attempts.RESULTS).read_bytes()
 
   no_retry = make_config(dataset, retry_failed=False)
   again = FakeTrainer()
@@ -189,28 +189,28 @@ def test_rerun_skips_finished_runs_and_retries_failed_ones(dataset, tmp_path):
   counts = sweep.run_sweep(c, tmp_path, trainer=again)
   assert again.calls == [victim]
   assert counts["finished"] == len(runs) and counts["failed"] == 0
-  after = (tmp_path / sweep.RESULTS).read_bytes()
+  after = (tmp_path / attempts.RESULTS).read_bytes()
   assert after.startswith(before), "rows already written must never change"
-  assert sweep.finished_ids(tmp_path / sweep.RESULTS) == {r.run_id for r in runs}
+  assert attempts.finished_ids(tmp_path / attempts.RESULTS) == {r.run_id for r in runs}
 
   third = FakeTrainer()
   sweep.run_sweep(c, tmp_path, trainer=third)
   assert third.calls == []
-  assert (tmp_path / sweep.RESULTS).read_bytes() == after
+  assert (tmp_path / attempts.RESULTS).read_bytes() == after
 
 
 def test_a_torn_append_never_corrupts_the_table(dataset, tmp_path):
   c = make_config(dataset)
   runs, _ = sweep.plan(c)
   sweep.run_sweep(c, tmp_path, trainer=FakeTrainer(crash={runs[-1].run_id}))
-  table = tmp_path / sweep.RESULTS
+  table = tmp_path / attempts.RESULTS
   good = list(io.read_jsonl(table))
   # A writer killed in the middle of its row leaves a partial line without a newline.
   torn = json.dumps({"run_id": runs[-1].run_id, "status": "finished", "loss": 1.0})[:40]
   with open(table, "a", encoding="utf-8") as f:
     f.write(torn)
   assert list(io.read_jsonl(table)) == good
-  assert runs[-1].run_id not in sweep.finished_ids(table)
+  assert runs[-1].run_id not in attempts.finished_ids(table)
 
   trainer = FakeTrainer()
   sweep.run_sweep(c, tmp_path, trainer=trainer)
@@ -229,7 +229,7 @@ def _append_many(path, worker, n):
 
 
 def test_concurrent_writers_never_interleave_rows(tmp_path):
-  path = tmp_path / sweep.RESULTS
+  path = tmp_path / attempts.RESULTS
   ctx = multiprocessing.get_context("spawn")
   procs = [ctx.Process(target=_append_many, args=(path, w, 40)) for w in range(4)]
   for p in procs:
@@ -269,7 +269,7 @@ def test_two_concurrent_sweeps_train_each_run_once(dataset, tmp_path):
   runs, _ = sweep.plan(make_config(dataset))
   trained = log.read_text().split()
   assert sorted(trained) == sorted(r.run_id for r in runs)
-  rows = list(io.read_jsonl(tmp_path / sweep.RESULTS))
+  rows = list(io.read_jsonl(tmp_path / attempts.RESULTS))
   assert sorted(r["run_id"] for r in rows) == sorted(r.run_id for r in runs)
 
 
@@ -278,7 +278,7 @@ def test_emit_writes_one_self_contained_command_per_run(dataset, tmp_path):
   counts = sweep.run_sweep(c, tmp_path, trainer=FakeTrainer())
   runs, _ = sweep.plan(c)
   assert counts["emitted"] == len(runs)
-  assert not (tmp_path / sweep.RESULTS).exists()
+  assert not (tmp_path / attempts.RESULTS).exists()
   script = (tmp_path / sweep.LAUNCH_COMMANDS).read_text().splitlines()
   commands = [shlex.split(line) for line in script if not line.startswith("#")]
   assert len(commands) == len(runs)
@@ -298,7 +298,7 @@ def test_emit_writes_one_self_contained_command_per_run(dataset, tmp_path):
   trainer = FakeTrainer()
   sweep.run_sweep(frozen, tmp_path, trainer=trainer)
   assert trainer.calls == [runs[1].run_id]
-  assert [r["run_id"] for r in io.read_jsonl(tmp_path / sweep.RESULTS)] == [runs[1].run_id]
+  assert [r["run_id"] for r in io.read_jsonl(tmp_path / attempts.RESULTS)] == [runs[1].run_id]
 
 
 def test_a_failing_training_process_is_recorded_with_its_error(dataset, tmp_path):
@@ -306,10 +306,10 @@ def test_a_failing_training_process_is_recorded_with_its_error(dataset, tmp_path
   c.model.max_seq_len = c.data.seq_len // 2  # Training refuses this: the child exits non-zero.
   counts = sweep.run_sweep(c, tmp_path)
   assert counts["failed"] == 1
-  (row,) = io.read_jsonl(tmp_path / sweep.RESULTS)
+  (row,) = io.read_jsonl(tmp_path / attempts.RESULTS)
   assert row["status"] == "failed"
   assert f"exceeds model.max_seq_len={c.model.max_seq_len}" in row["error"]
-  run_dir = tmp_path / sweep.RUNS_DIR / row["run_id"]
+  run_dir = tmp_path / attempts.RUNS_DIR / row["run_id"]
   assert (run_dir / "train.log").exists()
   loaded = config_lib.load_config_file(run_dir / sweep.RUN_CONFIG)
   assert loaded.model.d_model == row["d_model"]
@@ -329,9 +329,9 @@ def test_emitted_commands_run_from_a_workdir_with_spaces(dataset, tmp_path):
   proc = subprocess.run(["sh", "-c", line], cwd=elsewhere, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  (row,) = io.read_jsonl(workdir / sweep.RESULTS)
+  (row,) = io.read_jsonl(workdir / attempts.RESULTS)
   assert row["status"] == "finished" and row["loss"] > 0
-  assert (workdir / sweep.RUNS_DIR / row["run_id"] / "summary.json").exists()
+  assert (workdir / attempts.RUNS_DIR / row["run_id"] / "summary.json").exists()
   assert not list(elsewhere.iterdir())  # nothing written relative to the current directory
 
 
@@ -341,10 +341,10 @@ def test_each_run_keeps_its_own_rows_and_the_table_is_derived_from_them(dataset,
   victim = runs[0].run_id
   sweep.run_sweep(c, tmp_path, trainer=FakeTrainer(crash={victim}))
   sweep.run_sweep(c, tmp_path, trainer=FakeTrainer())
-  attempts = sorted((tmp_path / sweep.RUNS_DIR / victim / sweep.ATTEMPTS_DIR).iterdir())
-  assert [json.loads(f.read_text())["status"] for f in attempts] == ["failed", "finished"]
-  assert [json.loads(f.read_text())["attempt"] for f in attempts] == [1, 2]
-  table = tmp_path / sweep.RESULTS
+  files = sorted((tmp_path / attempts.RUNS_DIR / victim / attempts.ATTEMPTS_DIR).iterdir())
+  assert [json.loads(f.read_text())["status"] for f in files] == ["failed", "finished"]
+  assert [json.loads(f.read_text())["attempt"] for f in files] == [1, 2]
+  table = tmp_path / attempts.RESULTS
   full = table.read_bytes()
   assert len(full.splitlines()) == len(runs) + 1
   table.unlink()  # A lost or stale table is rebuilt from the runs' files, training nothing.
@@ -352,4 +352,4 @@ def test_each_run_keeps_its_own_rows_and_the_table_is_derived_from_them(dataset,
   counts = sweep.run_sweep(c, tmp_path, trainer=trainer)
   assert trainer.calls == [] and counts["finished"] == len(runs)
   assert table.read_bytes() == full
-  assert sweep.run_states(tmp_path)[victim]["status"] == "finished"
+  assert attempts.run_states(tmp_path)[victim]["status"] == "finished"

@@ -30,8 +30,8 @@ from helpers import (
   wait_for,
 )
 
+from archscale import attempts, io, prepare, sweep, table, train
 from archscale import data as data_lib
-from archscale import io, prepare, sweep, table, train
 
 HAS_GCS_EMULATOR = all(importlib.util.find_spec(m) for m in ("gcsfs", "gcp_storage_emulator"))
 needs_gcs = pytest.mark.skipif(not HAS_GCS_EMULATOR,
@@ -265,9 +265,9 @@ def test_a_local_sweep_into_gcs_trains_and_derives_its_table(gcs, dataset, tmp_p
   counts = sweep.run_sweep(c, uri)
   assert counts["finished"] == 1 and counts["failed"] == 0
   workdir = io.as_path(uri, "--workdir")
-  (row,) = list(io.read_jsonl(workdir / sweep.RESULTS))
+  (row,) = list(io.read_jsonl(workdir / attempts.RESULTS))
   assert row["run_id"] == run.run_id and row["status"] == "finished" and row["loss"] > 0
-  run_dir = workdir / sweep.RUNS_DIR / run.run_id
+  run_dir = workdir / attempts.RUNS_DIR / run.run_id
   summary = json.loads((run_dir / "summary.json").read_text())
   assert row["steps"] == summary["steps"] == 8
   assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))
@@ -275,10 +275,10 @@ def test_a_local_sweep_into_gcs_trains_and_derives_its_table(gcs, dataset, tmp_p
   assert "def get_config" in (run_dir / sweep.RUN_CONFIG).read_text()
   assert (workdir / sweep.PLAN).exists()
   assert not (run_dir / ".lock").exists() and not (run_dir / ".sweep.lock").exists()
-  assert table.load_rows(f"{uri}/{sweep.RESULTS}")  # the fit reads the table from the bucket
+  assert table.load_rows(f"{uri}/{attempts.RESULTS}")  # the fit reads the table from the bucket
 
   again = sweep.run_sweep(c, uri)  # finished: nothing retrained, the table unchanged
-  assert again["finished"] == 1 and list(io.read_jsonl(workdir / sweep.RESULTS)) == [row]
+  assert again["finished"] == 1 and list(io.read_jsonl(workdir / attempts.RESULTS)) == [row]
   assert _local_entries(tmp_path) == []
 
 
