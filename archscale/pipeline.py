@@ -51,6 +51,7 @@ STEP_READS = {
 STEP_INPUTS = {"sweep": ("prepare_data",), "fit": ("sweep",), "search": ("fit", "decode_bench"),
                "report": ("sweep", "fit", "decode_bench", "search")}
 DONE_DIR = ".done"
+UNSUPPORTED = "**The data of this run do not support a recommendation**"
 REPORT = "report.md"
 SWEEP_PNG = "sweep.png"
 
@@ -257,8 +258,9 @@ def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
     out += [f"Loss-optimal shape: d_model/sqrt(N) = {show('d_over_sqrt_n')}, r = {show('r')}.",
             ""]
   if fit.get("stderr"):
-    out += ["Standard errors (Jacobian): " + ", ".join(
-        f"{k} {v:.3g}" for k, v in fit["stderr"].items() if v is not None) + ".", ""]
+    known = [f"{k} {v:.3g}" for k, v in fit["stderr"].items() if v is not None]
+    out += ["Standard errors (Jacobian): "
+            + (", ".join(known) if known else "undefined (see the warnings)") + ".", ""]
   if diag:
     out += _noise_lines(diag)
     named = ", ".join(f"{k} {'yes' if ok else '**no**'}"
@@ -306,7 +308,7 @@ def verdict(workdir: pathlib.Path) -> list[str]:
       if s[name].get("extrapolated"):
         reasons.append(f"{name} lies outside the rows' support (extrapolated)")
   if reasons:
-    return ["**The data of this run do not support a recommendation**: " + "; ".join(reasons)
+    return [UNSUPPORTED + ": " + "; ".join(reasons)
             + ". The picks and speedups below are what the fitted law says, not findings.", ""]
   unmeasured = fit_path.exists() and not (fit.get("diagnostics") or {}).get("noise")
   return ["The fit identifies its terms and the picks' predicted differences exceed its "
@@ -326,8 +328,10 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
   if times:
     out += ["Step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
             + f" (total {sum(times.values()):.0f}s).", ""]
-  for part in (_report_sweep, _report_fit, _report_bench, _report_search):
+  supported = not any(line.startswith(UNSUPPORTED) for line in out)
+  for part in (_report_sweep, _report_fit, _report_bench):
     out += part(workdir)
+  out += _report_search(workdir, supported)
   path = workdir / REPORT
   io.write_text_atomic(path, "\n".join(out))
   say(f"report: {path}")
@@ -402,8 +406,9 @@ def _report_bench(workdir: pathlib.Path) -> list[str]:
   return out
 
 
-def _report_search(workdir: pathlib.Path) -> list[str]:
-  """The search: budget, target, the picks against the baseline, support."""
+def _report_search(workdir: pathlib.Path, supported: bool) -> list[str]:
+  """The search: budget, target, the picks against the baseline (speedups labelled as the
+  law's, not findings, where the data do not support a recommendation)."""
   out: list[str] = []
   search_path = workdir / "search.json"
   if search_path.exists():
@@ -428,7 +433,8 @@ def _report_search(workdir: pathlib.Path) -> list[str]:
                       a["predicted_loss"], a.get("throughput"),
                       None if speedup is None else f"{speedup:.2f}x"])
     out += [_table(["", "d_model", "d_ff", "heads", "GQA", "x", "r", "N", f"predicted {units}",
-                    "tok/s", "vs baseline"], table), "",
+                    "tok/s", "vs baseline" if supported else
+                    "vs baseline (the law's, not a finding)"], table), "",
             "![pareto](pareto.png)", "",
             "Configs: [panda.py](panda.py), [surefire.py](surefire.py) "
             "(`python -m archscale.main --config=WORKDIR/panda.py --mode=train`).", ""]
