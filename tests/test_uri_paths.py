@@ -147,25 +147,24 @@ def test_a_uri_with_its_backend_installed_stays_a_uri():
   assert not isinstance(path, pathlib.Path) and str(path / "z") == "hf://datasets/x/y/z"
 
 
-def test_the_command_line_rejects_an_unwritable_workdir_scheme(tmp_path):
+def _demo_cli(cwd, *args):
+  """`python -m archscale.main --config=configs/demo.py ARGS` run in `cwd` on CPU."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, "-m", "archscale.main", f"--config={REPO / 'configs' / 'demo.py'}",
-       "--mode=train", "--workdir=ftp://host/run"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+      [sys.executable, "-m", "archscale.main", f"--config={REPO / 'configs' / 'demo.py'}", *args],
+      cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_command_line_rejects_an_unwritable_workdir_scheme(tmp_path):
+  proc = _demo_cli(tmp_path, "--mode=train", "--workdir=ftp://host/run")
   assert proc.returncode != 0
   assert "--workdir=ftp://host/run: ftp:// storage is not supported" in proc.stderr
   assert _local_entries(tmp_path) == []
 
 
 def test_modes_that_write_locally_refuse_a_uri_workdir(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, "-m", "archscale.main", f"--config={REPO / 'configs' / 'demo.py'}",
-       "--mode=fit", "--workdir=gs://bucket/fit"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  proc = _demo_cli(tmp_path, "--mode=fit", "--workdir=gs://bucket/fit")
   assert proc.returncode != 0
   assert "--workdir=gs://bucket/fit" in proc.stderr
   if HAS_GCS_EMULATOR:  # With the backend installed the URI is valid, but not for this mode.
