@@ -16,14 +16,14 @@ from helpers import REPO, make_config, wait_for, write_tiny_tasks
 
 from archscale import attempts, io, slurm, sweep
 
-# One cluster per machine: under pytest-xdist every test here runs on one worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("slurm")
+# One cluster per machine: the test command distributes whole files (--dist loadfile), so every
+# test here runs on one worker, against the one cluster this module starts.
 SCRIPTS = REPO / "tests" / "slurm"
 DEADLINE_S = 420
 STEPS = 400  # the requeued run: long enough to be stopped between checkpoints
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
   """A running one-node cluster with accounting, stopped (and its state removed) at the end."""
   if os.geteuid() != 0:
