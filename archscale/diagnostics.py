@@ -271,11 +271,10 @@ def seed_noise(table: table_lib.Table,
   luck. `fit_rms_over_noise` compares the law's residuals with the noise: near 1 the law fits as
   well as the noise allows; far above, its form misses the rows.
   """
-  counts_G = np.bincount(table.point)
+  counts_G, mean_G = table_lib.points(table)
   dof = int(np.sum(counts_G - 1))
   if dof == 0:
     return None, []
-  mean_G = np.bincount(table.point, weights=table.loss) / counts_G
   variance = float(np.sum((table.loss - mean_G[table.point]) ** 2) / dof)
   sigma = math.sqrt(variance)
   budgets, warnings = [], []

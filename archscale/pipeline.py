@@ -324,11 +324,12 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
     marker = _done(workdir, step)
     if marker.exists():
       times[step] = json.loads(marker.read_text()).get("seconds", 0.0)
-  out += verdict(workdir) + _report_support(workdir)
+  head = verdict(workdir)
+  supported = not head or not head[0].startswith(UNSUPPORTED)
+  out += head + _report_support(workdir)
   if times:
     out += ["Step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
             + f" (total {sum(times.values()):.0f}s).", ""]
-  supported = not any(line.startswith(UNSUPPORTED) for line in out)
   for part in (_report_sweep, _report_fit, _report_bench):
     out += part(workdir)
   out += _report_search(workdir, supported)

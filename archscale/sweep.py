@@ -564,11 +564,10 @@ def _plan_json(runs: Sequence[Run], dropped: Sequence[dict[str, Any]]) -> dict[s
   }
 
 
-def _train_here(config: Any, workdir: pathlib.Path, selected: Sequence[Run],
+def _train_here(config: Any, s: SweepConfig, workdir: pathlib.Path, selected: Sequence[Run],
                 data_path: str | os.PathLike, trainer: Trainer,
                 say: Callable[[str], None]) -> dict[str, int]:
   """Trains the unfinished runs one after another; a SIGTERM stops the sweep (exit 75)."""
-  s = SweepConfig.from_config(config)
   counts = {"finished": 0, "failed": 0, "skipped": 0}
   start, trained = time.time(), 0
   for i, run in enumerate(selected, 1):
@@ -660,7 +659,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   if trainer is None:
     trainer = train_in_subprocess if s.isolation == "process" else train_in_process
   counts = {"planned": len(runs), "dropped": len(dropped),
-            **_train_here(config, workdir, selected, data_path, trainer, say)}
+            **_train_here(config, s, workdir, selected, data_path, trainer, say)}
   table = materialise(workdir)
   say(f"sweep: {counts['finished']}/{len(selected)} runs finished, {counts['failed']} failed, "
       f"{counts['skipped']} held elsewhere; table {table}")

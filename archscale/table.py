@@ -14,7 +14,7 @@ Public API:
   load_rows(path) -> (rows, torn_lines)    JSONL or CSV
   prepare(rows, arch=, r_range=) -> Table  checked, filtered rows as float64 arrays with groups,
                                            `warnings` about the rows and the `grouping` used
-  point_means(table), empirical_l_opt(table), best_rows(table), n_spreads(table),
+  points(table), point_means(table), empirical_l_opt(table), best_rows(table), n_spreads(table),
   n_spread_warning(table)
 """
 
@@ -267,10 +267,15 @@ def distinct(values: np.ndarray) -> int:
 
 
 
+def points(table: Table) -> tuple[np.ndarray, np.ndarray]:
+  """Per design point: how many rows (seed replicates) it has and their mean loss."""
+  counts_G = np.bincount(table.point)
+  return counts_G, np.bincount(table.point, weights=table.loss) / counts_G
+
+
 def point_means(table: Table) -> np.ndarray:
   """Each row's mean loss over its design point (its seed replicates)."""
-  total = np.bincount(table.point, weights=table.loss)
-  return (total / np.bincount(table.point))[table.point]
+  return points(table)[1][table.point]
 
 
 def empirical_l_opt(table: Table) -> np.ndarray:
