@@ -1,5 +1,19 @@
 """archscale: scaling laws that see the architecture, for inference-efficient LLMs.
 
+The package is one folder per stage; a stage imports only the stages above it in this list
+(tests/test_layout.py holds the table and checks every import, lazy ones included):
+
+  main      the command line: a table of modes
+  study     sweeps and their launchers, results table, laws and fits, search, pipeline, report
+  interop   Hugging Face export and lm-evaluation-harness
+  train     the training step, loss, checkpoints, monitoring and loop
+  serve     generation, the decode harness, the cost model, throughput sources
+  model     ArchSpec and accounting, the Flax decoder, kernels, sharding, HF weight format
+  data      sources, tokenizers, prepared datasets, batches
+  core      paths and atomic I/O, locks, exit statuses, config schema, hardware table, figures
+
+`train` and `serve` do not import each other, nor do `model` and `data`.
+
 Array names carry their shapes as suffixes, with one legend for the whole package (`x_BTD` is
 [batch, positions, d_model]; a lone suffix such as `y_R` is one axis):
 

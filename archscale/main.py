@@ -8,20 +8,20 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from archscale import io
+from archscale.core import io
 
 # mode -> "module:function"; each function takes (config, workdir) and does the whole job.
 MODES = {
-    "describe": "archscale.arch:run_describe",
-    "prepare_data": "archscale.prepare:run_prepare_data",
-    "train": "archscale.train:run_train",
-    "decode_bench": "archscale.decode_bench:run_decode_bench",
-    "sweep": "archscale.sweep:run_sweep",
-    "fit": "archscale.fitting:run_fit",
-    "search": "archscale.search:run_search",
-    "pipeline": "archscale.pipeline:run_pipeline",
-    "export": "archscale.hf:run_export",
-    "evaluate": "archscale.evaluate:run_evaluate",
+    "describe": "archscale.model.arch:run_describe",
+    "prepare_data": "archscale.data.prepare:run_prepare_data",
+    "train": "archscale.train.trainer:run_train",
+    "decode_bench": "archscale.serve.decode_bench:run_decode_bench",
+    "sweep": "archscale.study.sweep:run_sweep",
+    "fit": "archscale.study.fit:run_fit",
+    "search": "archscale.study.search:run_search",
+    "pipeline": "archscale.study.pipeline:run_pipeline",
+    "export": "archscale.interop.hf:run_export",
+    "evaluate": "archscale.study.runner:run_evaluate",
 }
 
 # Modes whose every file goes through etils.epath, so that --workdir may be a URI (gs://...).

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from archscale import config_lib
-from archscale import model as M
-from archscale.arch import ArchSpec
+from archscale.core import config_lib
+from archscale.model import transformer as M
+from archscale.model.arch import ArchSpec
 
 
 def rel_error(a, b) -> float:

@@ -24,7 +24,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from archscale import fitting, law, solver
+from archscale.study import fitting, law, solver
 
 _DATA = flags.DEFINE_string("data", "../shared/data/chinchilla_fig4_points.csv",
                             "Epoch's svg_extracted_data.csv (Model Size, Training FLOP, loss).")

@@ -49,7 +49,7 @@ MIN_SPEEDUP_VS_HF = 3.0
 
 def arch_table() -> dict[str, dict]:
   """The named architectures plus a multi-query variant of the demo for --quick."""
-  from archscale.config_lib import ARCHS
+  from archscale.core.config_lib import ARCHS
 
   table = dict(ARCHS)
   table["demo_mqa"] = dict(table["demo"], n_kv_heads=1)
@@ -69,7 +69,7 @@ def hf_worker(args: argparse.Namespace) -> None:
     return
   import hf_peer
 
-  from archscale.arch import ArchSpec
+  from archscale.model.arch import ArchSpec
 
   fields = arch_table()[args.archs]
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -180,7 +180,7 @@ def _all(values) -> bool | None:
 def summarise_ratio(rows: list[dict], specs: dict, accelerator: str | None,
                     dtype_bytes: int) -> dict[str, Any]:
   """Measured throughput ratio of the second architecture over the first, against the model."""
-  from archscale import costmodel
+  from archscale.serve import costmodel
 
   base, other = list(specs)[:2]
   calibration = None
@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from archscale import decode_bench, io, plots, settings
-  from archscale.arch import ArchSpec
+  from archscale.core import io, settings
+  from archscale.model.arch import ArchSpec
+  from archscale.serve import decode_bench
 
   specs = {n: ArchSpec.from_dict(table[n]) for n in names}
   partial = f"{args.out.removesuffix('.json')}.partial.json" if args.out else None
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         jnp.dtype(args.dtype).itemsize)
   result["provenance"] = io.provenance()
   if args.plot:
-    plots.decode_throughput(rows, args.plot)
+    decode_bench.plot_throughput(rows, args.plot)
   text = json.dumps(result, indent=2, default=str)
   if args.out:
     io.write_text_atomic(args.out, text + "\n")

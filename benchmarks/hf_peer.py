@@ -2,8 +2,8 @@
 
 from typing import Any
 
-from archscale import hf
-from archscale.arch import ArchSpec
+from archscale.interop import hf
+from archscale.model.arch import ArchSpec
 
 
 def llama_config(spec: ArchSpec, max_position_embeddings: int, **extra: Any) -> Any:

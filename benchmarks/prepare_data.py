@@ -33,7 +33,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from archscale import prepare, tokenizer  # noqa: E402
+from archscale.data import prepare, tokenizer  # noqa: E402
 
 _MB = flags.DEFINE_float("mb", 50.0, "Corpus size in megabytes of document text.")
 _FILES = flags.DEFINE_integer("files", 8, "JSONL files the corpus is split into.")

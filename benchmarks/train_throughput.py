@@ -94,7 +94,7 @@ def jax_step(config: Any) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from archscale import train
+  from archscale.train import trainer as train
 
   setup = train.build(config, with_data=False)
   b, t = config.train.global_batch_size, config.data.seq_len
@@ -152,8 +152,8 @@ def hf_step(config: Any) -> dict[str, Any]:
   import torch
   import transformers
 
-  from archscale import train
-  from archscale.arch import ArchSpec
+  from archscale.model.arch import ArchSpec
+  from archscale.train import trainer as train
 
   spec = ArchSpec.from_config(config)
   b, t, tc = config.train.global_batch_size, config.data.seq_len, config.train
@@ -244,7 +244,7 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/llama3_2_1b.py")
-  from archscale.arch import ArchSpec
+  from archscale.model.arch import ArchSpec
 
   spec = ArchSpec.from_config(config)
   if _PEER.value == "only":
@@ -265,7 +265,7 @@ def main(argv):
   if _PEER.value == "auto" and not _COMPILE_ONLY.value:
     reason = _peer_unavailable()
     peer = {"skipped": reason} if reason else _run_peer_child()
-  from archscale import sharding
+  from archscale.model import sharding
 
   sharding.initialize_distributed(config.distributed)
   base = result["archscale"] = jax_step(config)

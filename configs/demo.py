@@ -27,7 +27,7 @@ cost model's table, so the decode bench on this machine is reported but cannot c
 Compiled programs are kept in ~/.cache/archscale/jax, so a second run skips compilation.
 """
 
-from archscale import config_lib
+from archscale.core import config_lib
 
 
 def get_config():

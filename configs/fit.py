@@ -5,7 +5,7 @@ plots to the workdir. A small sweep has too few (N, D) budgets to fit Chinchilla
 parameters, so L_opt is the best loss of each budget here.
 """
 
-from archscale import config_lib
+from archscale.core import config_lib
 
 
 def get_config():

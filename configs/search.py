@@ -13,7 +13,7 @@ own fit.json (--mode=fit) for absolute losses, or set search.results to fit one 
 
 import pathlib
 
-from archscale import config_lib
+from archscale.core import config_lib
 
 
 def get_config():

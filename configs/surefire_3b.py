@@ -1,6 +1,6 @@
 """surefire_3b: the paper's Table 1 architecture (arXiv 2510.18245)."""
 
-from archscale import config_lib
+from archscale.core import config_lib
 
 
 def get_config():

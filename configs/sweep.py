@@ -13,7 +13,7 @@ choice. Set data.source to your corpus (the paper trains on Dolma) and data.toke
 LLaMA-3 tokenizer.json; a learning rate tuned per scale is advisable (one is used here).
 """
 
-from archscale import config_lib
+from archscale.core import config_lib
 
 
 def get_config():

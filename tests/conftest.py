@@ -10,7 +10,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from helpers import metrics, params_of, tiny_config  # noqa: E402
 
-from archscale import prepare, train  # noqa: E402
+from archscale.data import prepare  # noqa: E402
+from archscale.train import trainer as train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

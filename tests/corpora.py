@@ -6,7 +6,8 @@ import pathlib
 
 import numpy as np
 
-from archscale import data, tokenizer
+from archscale.data import batches as data
+from archscale.data import tokenizer
 
 
 def docs(n: int, words: int = 30) -> list[str]:

@@ -12,7 +12,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from archscale import config_lib, io, train
+from archscale.core import config_lib, io
+from archscale.train import trainer as train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 30

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from archscale import config_lib
-from archscale.arch import ArchSpec
+from archscale.core import config_lib
+from archscale.model.arch import ArchSpec
 
 # name: (printed d/sqrt(N), printed r, GQA) from the paper's Table 1 (LLaMA-3.2-3B r per its own
 # accounting: 3.00).

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from archscale import costmodel as cm
-from archscale.arch import ArchSpec
-from archscale.config_lib import ARCHS
+from archscale.core.config_lib import ARCHS
+from archscale.model.arch import ArchSpec
+from archscale.serve import costmodel as cm
 
 LLAMA = ArchSpec.from_dict(ARCHS["llama3_2_1b"])
 SUREFIRE = ArchSpec.from_dict(ARCHS["surefire_1b"])

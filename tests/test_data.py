@@ -7,7 +7,9 @@ import corpora
 import numpy as np
 import pytest
 
-from archscale import config_lib, data, prepare
+from archscale.core import config_lib
+from archscale.data import batches as data
+from archscale.data import prepare
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from archscale import config_lib, settings
-from archscale import decode_bench as DB
-from archscale import model as M
-from archscale.arch import ArchSpec
+from archscale.core import config_lib, settings
+from archscale.model import transformer as M
+from archscale.model.arch import ArchSpec
+from archscale.serve import decode_bench as DB
 
 SPEC = ArchSpec.from_dict(config_lib.ARCHS["demo"]).replace(tie_embeddings=False)
 

@@ -8,21 +8,12 @@ import numpy as np
 import pytest
 from helpers import DOCS, make_config, write_tiny_tasks
 
-from archscale import (
-  attempts,
-  config_lib,
-  evaluate,
-  hf,
-  io,
-  pipeline,
-  search,
-  settings,
-  sweep,
-  table,
-)
-from archscale import model as model_lib
-from archscale import tokenizer as tok_lib
-from archscale.arch import ArchSpec
+from archscale.core import config_lib, io, settings
+from archscale.data import tokenizer as tok_lib
+from archscale.interop import evaluate, hf
+from archscale.model import transformer as model_lib
+from archscale.model.arch import ArchSpec
+from archscale.study import attempts, pipeline, search, sweep, table
 
 # The paper's fitted coefficients (DESIGN.md section 4) as a hand-written law.
 PAPER_LAW = {"a0": 2.697, "a1": 0.0974, "a2": 0.0078, "b0": 0.3870, "b1": 0.0063, "b2": 0.0065}

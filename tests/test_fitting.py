@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from archscale import config_lib, fitting, law, solver
+from archscale.core import config_lib
+from archscale.study import fit as fit_stage
+from archscale.study import fitting, law, solver
 
 # Epoch's Chinchilla estimate stands in for L_opt(N, D) of the synthetic tables.
 CHINCHILLA = dict(E=1.817, A=482.0, B=2085.0, alpha=0.3478, beta=0.3658)
@@ -211,7 +213,7 @@ def fit_config(tmp_path, text, n_starts):
   config.fit.bootstrap = 20
   config.fit.starts = "random"
   config.fit.n_starts = n_starts
-  fitting.run_fit(config, tmp_path / "out")
+  fit_stage.run_fit(config, tmp_path / "out")
 
 
 def test_run_fit_writes_fit_json_and_plots(tmp_path):
@@ -326,7 +328,7 @@ def test_bad_settings_are_refused(kwargs, match):
 def test_run_fit_refuses_an_empty_results_setting(tmp_path):
   config = config_lib.make_config("demo")
   with pytest.raises(ValueError, match=r"config.fit.results is empty"):
-    fitting.run_fit(config, tmp_path)
+    fit_stage.run_fit(config, tmp_path)
   config.fit.results = str(tmp_path / "missing.jsonl")
   for field, value, match in (("terms", "neither", r"fit.terms must be one of .*'neither'"),
                               ("r_range", (2.0, 1.0), r"fit.r_range=\(2.0, 1.0\) needs 0 < lo"),
@@ -335,7 +337,7 @@ def test_run_fit_refuses_an_empty_results_setting(tmp_path):
     bad.fit.results = config.fit.results
     bad.fit[field] = value
     with pytest.raises(ValueError, match=match):
-      fitting.run_fit(bad, tmp_path)
+      fit_stage.run_fit(bad, tmp_path)
 
 
 # --- what the rows support: diagnostics, fit.terms -------------------------------------------

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from archscale import config_lib
-from archscale import generate as G
-from archscale import model as M
-from archscale.arch import ArchSpec
+from archscale.core import config_lib
+from archscale.model import transformer as M
+from archscale.model.arch import ArchSpec
+from archscale.serve import generate as G
 
 # Untied head and enlarged weights: greedy continuations vary from token to token, so a wrong
 # cache position, mask or sampling step changes the output.

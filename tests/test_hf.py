@@ -13,11 +13,14 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from archscale import config_lib, generate, hf, train
-from archscale import model as model_lib
-from archscale import prepare as prepare_lib
-from archscale import tokenizer as tok_lib
-from archscale.arch import ArchSpec
+from archscale.core import config_lib
+from archscale.data import prepare as prepare_lib
+from archscale.data import tokenizer as tok_lib
+from archscale.interop import hf
+from archscale.model import transformer as model_lib
+from archscale.model.arch import ArchSpec
+from archscale.serve import generate
+from archscale.train import trainer as train
 
 _BASE = dict(n_layers=2, d_ff=96, vocab_size=256, max_seq_len=64, norm_eps=1e-5)
 # (name, shape fields): GQA, MQA, MHA, width n_heads * d_head != d_model (hidden_size not a

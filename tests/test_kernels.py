@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from archscale import kernels
-from archscale import model as M
-from archscale.arch import ArchSpec
+from archscale.model import kernels
+from archscale.model import transformer as M
+from archscale.model.arch import ArchSpec
 
 SPEC = ArchSpec(d_model=48, n_layers=1, n_heads=8, n_kv_heads=2, d_head=16, d_ff=96,
                 vocab_size=97, rope_theta=10000.0, rope_scaling="none", max_seq_len=256)
@@ -100,8 +100,9 @@ def test_splash_runs_per_shard_under_a_mesh():
   """Four CPU devices, batch over data and heads over tensor: the same loss as without a mesh."""
   script = textwrap.dedent("""
       import jax, jax.numpy as jnp, flax.linen as nn, numpy as np
-      from archscale import model as M, sharding
-      from archscale.arch import ArchSpec
+      from archscale.model import transformer as M
+      from archscale.model import sharding
+      from archscale.model.arch import ArchSpec
       spec = ArchSpec(d_model=48, n_layers=1, n_heads=8, n_kv_heads=2, d_head=16, d_ff=96,
                       vocab_size=97, rope_theta=1e4, rope_scaling="none", max_seq_len=256)
       splash = M.Transformer(spec, M.ModelOptions(attention="splash"))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from archscale import law
+from archscale.study import law
 
 # Epoch's Chinchilla estimate, the paper's multiplicative coefficients (80M + 145M + 297M), and
 # an additive law with an optimum at the same place.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from archscale import loss as loss_lib
+from archscale.train import loss as loss_lib
 
 
 def _full(x_BTD, head_DV, targets_BT, z_coef):

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from archscale import model as M
-from archscale.arch import ArchSpec
+from archscale.model import transformer as M
+from archscale.model.arch import ArchSpec
 
 # Jitted entry points: compiling once per shape is much cheaper than eager dispatch of each op.
 init_params = jax.jit(M.init_params, static_argnums=0)

@@ -5,7 +5,8 @@ import pathlib
 
 import pytest
 
-from archscale import attempts, config_lib, io, pipeline, sweep
+from archscale.core import config_lib, io
+from archscale.study import attempts, pipeline, runner, sweep
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -74,7 +75,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
   runs, _ = sweep.plan(c)
   assert len(runs) == 12 and {r.seed for r in runs} == {0, 1}
   workdir = tmp_path / "work"
-  real_train = sweep.train_in_process
+  real_train = runner.train_in_process
   trained = []
 
   def interrupting(cfg, run_dir):
@@ -83,7 +84,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
     trained.append(cfg.name)
     return real_train(cfg, run_dir)
 
-  monkeypatch.setattr(sweep, "train_in_process", interrupting)
+  monkeypatch.setattr(runner, "train_in_process", interrupting)
   with pytest.raises(Interrupt):
     pipeline.run_pipeline(c, workdir)
   assert (workdir / ".done" / "prepare_data").exists()
@@ -101,7 +102,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
     resumed.append(cfg.name)
     return real_train(cfg, run_dir) if len(resumed) == 1 else fake_train(cfg, run_dir)
 
-  monkeypatch.setattr(sweep, "train_in_process", resuming)
+  monkeypatch.setattr(runner, "train_in_process", resuming)
   capsys.readouterr()
   times = pipeline.run_pipeline(c, workdir)
   out = capsys.readouterr().out

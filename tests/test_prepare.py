@@ -15,7 +15,9 @@ import corpora
 import numpy as np
 import pytest
 
-from archscale import config_lib, data, prepare, settings, sources, tokenizer
+from archscale.core import config_lib, settings
+from archscale.data import batches as data
+from archscale.data import prepare, sources, tokenizer
 
 
 def test_folder_of_text_files_becomes_eos_separated_documents(tmp_path):
@@ -304,7 +306,8 @@ def test_a_trained_bpe_is_shared_by_partitions(tmp_path, monkeypatch, caplog):
 
 _SLOW_PREPARE = """
 import sys, time
-from archscale import prepare, tokenizer
+from archscale.data import prepare
+from archscale.data import tokenizer
 encode = tokenizer.ByteTokenizer.encode_batch
 tokenizer.ByteTokenizer.encode_batch = lambda self, texts: (time.sleep(0.1), encode(self, texts))[1]
 prepare._CHUNK_CHARS = 1000
@@ -343,7 +346,7 @@ def test_a_killed_preparation_resumes_with_unfinished_units_only(tmp_path):
 
 _PEAK_MEMORY = """
 import resource, sys
-from archscale import prepare
+from archscale.data import prepare
 prepare._CHUNK_CHARS = 1 << 16
 prepare.prepare(sys.argv[1], sys.argv[2], "byte", eval_fraction=0.01)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 from helpers import STEPS, flat, make_config, params_of, subprocess_env, tiny_config, wait_for
 
-from archscale import attempts, checkpoint, config_lib, io, monitor, sweep, train
+from archscale.core import config_lib, exits, io
+from archscale.study import attempts, sweep
+from archscale.train import checkpoint
+from archscale.train import trainer as train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -95,7 +98,7 @@ def test_a_resume_refuses_a_changed_batch_and_an_extension_is_recorded(corpus, t
 
 HOLD = """
 import sys, time
-from archscale import io
+from archscale.core import io
 lock = io.WorkdirLock(__import__("pathlib").Path(sys.argv[1]))
 lock.acquire()
 print("held", flush=True)
@@ -115,7 +118,7 @@ def test_a_second_trainer_stops_at_once_and_a_dead_holder_is_taken_over(corpus, 
     proc = cli(write_config(config, tmp_path.parent / f"{tmp_path.name}.py"), tmp_path,
                subprocess_env(cache_dir))
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == monitor.EXIT_BUSY, out[-3000:]
+    assert proc.returncode == exits.EXIT_BUSY, out[-3000:]
     assert f"pid {holder.pid}" in out and not (tmp_path / "checkpoints").exists()
   finally:
     holder.kill()
@@ -171,7 +174,7 @@ def test_sigterm_exits_with_the_resume_status_and_the_rerun_is_bitwise(reference
   wait_for(lambda: len(list(io.read_jsonl(tmp_path / "metrics.jsonl"))) >= 12, 180, "step 12")
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == monitor.EXIT_PREEMPTED, out[-3000:]
+  assert proc.returncode == exits.EXIT_PREEMPTED, out[-3000:]
   assert not (tmp_path / "summary.json").exists()
   proc = cli(config_path, tmp_path, env)
   out, _ = proc.communicate(timeout=300)

@@ -7,8 +7,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from archscale import config_lib, law, search, throughput, train
-from archscale.arch import ArchSpec
+from archscale.core import config_lib
+from archscale.model.arch import ArchSpec
+from archscale.serve import throughput
+from archscale.study import law, search
+from archscale.train import trainer as train
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 PAPER = {"a0": 2.697, "a1": 0.0974, "a2": 0.0078, "b0": 0.3870, "b1": 0.0063, "b2": 0.0065}
@@ -237,7 +240,7 @@ def test_measured_throughput_times_once_and_caches(tmp_path):
 
 def test_a_measurement_that_fails_other_than_out_of_memory_stops_the_search(tmp_path,
                                                                              monkeypatch):
-  from archscale import decode_bench
+  from archscale.serve import decode_bench
 
   spec = ArchSpec.from_dict(config_lib.ARCHS["demo"])
   source = throughput.MeasuredThroughput(throughput.Scenario(2, 16, 8), "float32", 1,

@@ -5,8 +5,9 @@ import dataclasses
 import ml_collections
 import pytest
 
-from archscale import config_lib, settings, sweep
-from archscale.model import ModelOptions
+from archscale.core import config_lib, settings
+from archscale.core.settings import ModelOptions
+from archscale.study import sweep
 
 
 def test_make_config_takes_every_default_from_the_typed_sections():

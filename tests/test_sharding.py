@@ -10,9 +10,9 @@ import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from archscale import model as model_lib
-from archscale import sharding
-from archscale.arch import ArchSpec
+from archscale.model import sharding
+from archscale.model import transformer as model_lib
+from archscale.model.arch import ArchSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,8 +134,9 @@ def test_initialize_distributed_single_process_is_a_noop_and_fields_are_checked(
 _EIGHT_DEVICES = textwrap.dedent("""
     import jax, ml_collections
     from jax.sharding import PartitionSpec as P
-    from archscale import sharding, model as model_lib
-    from archscale.arch import ArchSpec
+    from archscale.model import sharding
+    from archscale.model import transformer as model_lib
+    from archscale.model.arch import ArchSpec
 
     assert jax.device_count() == 8
     spec = ArchSpec(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_head=8, d_ff=64,
@@ -180,7 +181,8 @@ def test_shardings_on_eight_devices():
 _LOOP_REDUCTIONS = textwrap.dedent("""
 import re
 import jax
-from archscale import config_lib, train
+from archscale.core import config_lib
+from archscale.train import trainer as train
 
 def loop_all_reduces(loss_chunk):
   c = config_lib.make_config("demo")

@@ -14,7 +14,8 @@ import tempfile
 import pytest
 from helpers import REPO, make_config, wait_for, write_tiny_tasks
 
-from archscale import attempts, io, slurm, sweep
+from archscale.core import io
+from archscale.study import attempts, slurm, sweep
 
 # One cluster per machine: the test command distributes whole files (--dist loadfile), so every
 # test here runs on one worker, against the one cluster this module starts.

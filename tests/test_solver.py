@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from archscale import solver
+from archscale.study import solver
 
 TRUTH = np.array([1.5, 2.0, 0.7])  # y = c + a exp(-k t)
 

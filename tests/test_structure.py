@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from archscale import config_lib, train
-from archscale import model as M
-from archscale.arch import ArchSpec
+from archscale.core import config_lib
+from archscale.model import transformer as M
+from archscale.model.arch import ArchSpec
+from archscale.train import trainer as train
 
 # 8 layers, batch 64, 2 KV heads of 64: the cache outweighs the weights at a few thousand positions.
 DECODE_SPEC = ArchSpec(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_head=64, d_ff=2048,

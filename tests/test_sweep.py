@@ -13,7 +13,9 @@ import sys
 import pytest
 from helpers import make_config
 
-from archscale import attempts, config_lib, io, monitor, sweep, train
+from archscale.core import config_lib, exits, io
+from archscale.study import attempts, sweep
+from archscale.train import trainer as train
 
 
 class FakeTrainer:
@@ -162,7 +164,7 @@ def test_a_sigterm_stops_an_in_process_sweep_which_resumes_on_rerun(dataset, tmp
 
   with pytest.raises(SystemExit) as stop:
     sweep.run_sweep(c, tmp_path, trainer=sigterm_at_step_3)
-  assert stop.value.code == monitor.EXIT_PREEMPTED
+  assert stop.value.code == exits.EXIT_PREEMPTED
   assert started == [runs[0].run_id]  # the next run was not started
   (row,) = io.read_jsonl(tmp_path / attempts.RESULTS)
   assert row["status"] == "preempted"

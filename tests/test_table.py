@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from archscale import table
+from archscale.study import table
 
 
 def grid_rows():

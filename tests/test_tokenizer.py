@@ -6,7 +6,8 @@ import corpora
 import numpy as np
 import pytest
 
-from archscale import data, prepare, tokenizer
+from archscale.data import batches as data
+from archscale.data import prepare, tokenizer
 
 
 def test_byte_tokenizer_round_trips_and_reserves_nul_for_eos():

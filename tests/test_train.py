@@ -30,10 +30,11 @@ from helpers import (
   untimed,
 )
 
-from archscale import checkpoint, monitor, train
-from archscale import data as data_lib
-from archscale import model as model_lib
-from archscale import step as step_lib
+from archscale.data import batches as data_lib
+from archscale.model import transformer as model_lib
+from archscale.train import checkpoint, monitor
+from archscale.train import step as step_lib
+from archscale.train import trainer as train
 
 KILL_AT = 15  # the killed run dies after step 15; its last checkpoint is step 10
 
@@ -175,7 +176,7 @@ def test_rerun_of_a_finished_run_returns_its_summary(reference):
 _KILLED_RUN = """
 import json, os, pathlib, signal, sys, time
 import ml_collections
-from archscale import train
+from archscale.train import trainer as train
 
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
 workdir, kill_at, wait_for = pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -211,7 +212,7 @@ def test_killed_and_restarted_run_matches_bitwise(reference, cache_dir, tmp_path
 _PLAIN_RUN = """
 import json, pathlib, sys
 import ml_collections
-from archscale import train
+from archscale.train import trainer as train
 train.train(ml_collections.ConfigDict(json.loads(sys.argv[1])), pathlib.Path(sys.argv[2]))
 """
 
@@ -307,7 +308,7 @@ def test_an_eval_larger_than_the_eval_split_is_reported(corpus, tmp_path, caplog
 _EIGHT_DEVICES = """
 import json, pathlib, sys
 import jax, ml_collections, numpy as np
-from archscale import train
+from archscale.train import trainer as train
 
 assert jax.device_count() == 8
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
@@ -389,7 +390,7 @@ def test_eight_device_meshes_match_one_device(reference, cache_dir, tmp_path):
 _PROCESS = """
 import json, os, signal, sys, time
 import jax, ml_collections
-from archscale import train
+from archscale.train import trainer as train
 
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
 config.distributed.update(coordinator_address=sys.argv[3], num_processes=2,

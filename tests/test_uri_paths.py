@@ -30,8 +30,11 @@ from helpers import (
   wait_for,
 )
 
-from archscale import attempts, io, prepare, sweep, table, train
-from archscale import data as data_lib
+from archscale.core import io
+from archscale.data import batches as data_lib
+from archscale.data import prepare
+from archscale.study import attempts, sweep, table
+from archscale.train import trainer as train
 
 HAS_GCS_EMULATOR = all(importlib.util.find_spec(m) for m in ("gcsfs", "gcp_storage_emulator"))
 needs_gcs = pytest.mark.skipif(not HAS_GCS_EMULATOR,
@@ -177,7 +180,8 @@ def test_modes_that_write_locally_refuse_a_uri_workdir(tmp_path):
 _KILLED_RUN = """
 import json, os, signal, sys
 import ml_collections
-from archscale import io, train
+from archscale.core import io
+from archscale.train import trainer as train
 
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
 workdir, kill_at, wait_for = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

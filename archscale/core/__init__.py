@@ -1,0 +1,4 @@
+"""The base layer: paths and atomic I/O (local or gs:// through etils.epath), workdir locks and
+leases, exit statuses, the typed config schema (`settings`) and the config files built on it
+(`config_lib`), the accelerator table and small figure helpers. It imports no other stage.
+"""

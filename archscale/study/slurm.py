@@ -1,0 +1,306 @@
+"""`sweep.launch="slurm"`: the runs of a sweep as SLURM jobs, and a driver that may go away.
+
+`submit_sweep` reconciles three sources each time it is called: the plan, the scheduler's job
+states (`sacct`, and `squeue` for jobs too new for the accounting database) and the runs' own
+result rows (`runs/<id>/attempts/`). A run with a finished row is done; a run whose last job is
+pending or running is left alone; every other run (never submitted, or whose job ended without a
+finished row: failed, cancelled, timed out, lost with its node) is submitted again, at most
+`sweep.max_attempts` times in all. New jobs go in as one job array (every run of a sweep asks
+for the same `sweep.slurm` resources). The job ids of every run are kept in
+`WORKDIR/slurm/jobs.json`, so the driver may exit (`sweep.wait=False`, the default) and be rerun
+at any time; with `sweep.wait=True` it polls until no job is left, resubmitting as it goes.
+
+Each job runs `SlurmRun` under `srun`: one task per JAX process. Every task starts the training
+child (`python -m archscale.main --mode=train`), which finds the other tasks through SLURM's
+environment (`archscale.sharding`) and initialises `jax.distributed`; task 0 writes the row.
+Jobs are submitted with `--requeue` and SIGUSR2 `sweep.slurm.signal_s` before the time limit:
+on that signal (or the SIGTERM of a preemption or `scontrol requeue`) the child checkpoints and
+exits `exits.EXIT_PREEMPTED`, and the job is requeued, to resume from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from archscale.core import config_lib, io
+from archscale.core.exits import EXIT_PREEMPTED
+from archscale.core.settings import SlurmConfig, SweepConfig
+from archscale.study import attempts, planning, runner
+from archscale.study.planning import Run
+
+JOBS = "jobs.json"
+SLURM_DIR = "slurm"
+ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+                    "COMPLETING", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"})
+STATUSES = ("planned", "queued", "running", "finished", "failed")
+
+
+# ------------------------------------------------------------------------------------ the job
+
+
+@dataclasses.dataclass
+class SlurmRun:
+  """What one SLURM job runs on every task: one sweep run (pickled by submitit)."""
+
+  workdir: str
+  run_id: str
+  config_path: str
+
+  def __post_init__(self):
+    self._child = None
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {k: v for k, v in self.__dict__.items() if k != "_child"}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state, _child=None)
+
+  def __call__(self) -> str:
+    """Trains the run (resuming its checkpoint); task 0 records the row. Returns the status."""
+    config = config_lib.load_config_file(self.config_path)
+    (run,) = [r for r in planning.plan(config)[0] if r.run_id == self.run_id]
+    status = train_as_task(config, run, pathlib.Path(self.workdir),
+                           on_start=lambda child: setattr(self, "_child", child))
+    if status == "failed":
+      raise RuntimeError(f"sweep run {run.run_id} failed; see its train.log")
+    return status
+
+  def checkpoint(self) -> Any:
+    """On SIGUSR2 before the time limit: the child checkpoints and stops; submitit requeues."""
+    import submitit
+
+    child = self._child
+    if child is not None and child.returncode is None:
+      child.send_signal(signal.SIGTERM)
+      # Not child.wait(): this handler interrupted a wait on the same child, which holds its lock.
+      _wait_until_exited(child.pid, timeout_s=600)
+    return submitit.helpers.DelayedSubmission(self)
+
+
+def _wait_until_exited(pid: int, timeout_s: float) -> None:
+  """Waits until process `pid` has exited (a zombie or gone), without reaping it (Linux)."""
+  end = time.time() + timeout_s
+  while time.time() < end:
+    try:
+      state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+      return
+    if state in ("Z", "X"):
+      return
+    time.sleep(0.2)
+
+
+def launched_as_tasks() -> bool:
+  """Whether this process is one of several tasks of a launcher (srun -n 2, a TPU pod)."""
+  from archscale.model import sharding
+
+  return sharding.detect_cluster() is not None
+
+
+def task_rank() -> int:
+  """This process's index among the tasks of a multi-process launch (0 when alone)."""
+  for var in ("SLURM_PROCID", "TPU_WORKER_ID", "OMPI_COMM_WORLD_RANK"):
+    if os.environ.get(var, "").isdigit():
+      return int(os.environ[var])
+  return 0
+
+
+def train_as_task(config: Any, run: Run, workdir: pathlib.Path,
+                  on_start: Callable[[subprocess.Popen], None] | None = None) -> str:
+  """One task's part of a run: every task trains (one `jax.distributed` process each), task 0
+  evaluates it (`sweep.evaluate`) and records the row. No lock: the scheduler runs each run once.
+  Returns the run's status."""
+  rank = task_rank()
+  s = SweepConfig.from_config(config)
+  cfg = planning.run_config(config, run, config.data.path)
+  run_dir = workdir / attempts.RUNS_DIR / run.run_id
+  log = "train.log" if rank == 0 else f"train.task{rank}.log"
+  trainer = lambda c, d: runner.train_in_subprocess(c, d, log, on_start=on_start)
+  outcome = runner.attempt(cfg, run_dir, trainer, "process" if rank == 0 and s.evaluate else None)
+  if outcome.status == "preempted":
+    _requeue_if_running()
+    return "preempted"
+  if rank != 0:
+    return outcome.status
+  row = runner.record(workdir, run, outcome.row(run, cfg, s.loss), slurm_job_id=_job_id())
+  attempts.materialise(workdir)
+  return row["status"]
+
+
+def train_tasks(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
+                say: Callable[[str], None]) -> dict[str, Any]:
+  """`--mode=sweep` started on every task of a multi-process launch (an emitted command under
+  `launch/gpu_slurm.sh` or `launch/tpu_pod.sh`): the selected runs, each by all tasks together.
+
+  Exits with `exits.EXIT_PREEMPTED` when a run was stopped to be resumed, so the launcher
+  requeues the job.
+  """
+  done = {rid for rid, row in attempts.run_states(workdir).items()
+          if row.get("status") == "finished"}
+  counts = {"planned": len(runs), "finished": 0, "failed": 0}
+  for run in runs:
+    status = "finished" if run.run_id in done else train_as_task(config, run, workdir)
+    if status == "preempted":
+      say(f"sweep: {run.run_id} stopped to be resumed; exiting {EXIT_PREEMPTED}")
+      raise SystemExit(EXIT_PREEMPTED)
+    counts["finished" if status == "finished" else "failed"] += 1
+    say(f"sweep: task {task_rank()}: {run.run_id} {status}")
+  return counts
+
+
+def _job_id() -> str:
+  array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+  return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
+
+
+def _requeue_if_running() -> None:
+  """Requeues this job unless the scheduler already is (a preemption or `scontrol requeue`)."""
+  if int(os.environ.get("SLURM_PROCID", "0")) != 0 or "SLURM_JOB_ID" not in os.environ:
+    return
+  job = os.environ["SLURM_JOB_ID"]
+  state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                         text=True, timeout=60).stdout.strip()
+  if state == "RUNNING":
+    subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
+
+
+# -------------------------------------------------------------------------------- scheduler
+
+
+def job_states(job_ids: Sequence[str]) -> dict[str, str]:
+  """The scheduler's state of each job id ("UNKNOWN" for a job neither sacct nor squeue knows)."""
+  ids = sorted(set(job_ids))
+  if not ids:
+    return {}
+  out: dict[str, str] = {}
+  acct = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)],
+                        capture_output=True, text=True, timeout=120)
+  for line in acct.stdout.splitlines():
+    job, _, state = line.partition("|")
+    if job in ids:
+      out[job] = state.split()[0] if state.strip() else "UNKNOWN"
+  queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(ids)],
+                         capture_output=True, text=True, timeout=120)
+  for line in queue.stdout.splitlines():  # Newer than sacct (the database lags the controller).
+    job, _, state = line.partition("|")
+    if job in ids and state.strip():
+      out[job] = state.strip()
+  return {j: out.get(j, "UNKNOWN") for j in ids}
+
+
+def executor(s: SlurmConfig, folder: pathlib.Path, name: str) -> Any:
+  """A submitit SlurmExecutor for the config's resources: requeueable, signalled before the end."""
+  import submitit
+
+  ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=1000)
+  params: dict[str, Any] = dict(
+      job_name=name, time=s.time_min, nodes=s.nodes, ntasks_per_node=s.tasks_per_node,
+      cpus_per_task=s.cpus_per_task, signal_delay_s=s.signal_s, stderr_to_stdout=True,
+      additional_parameters={"requeue": True, **s.sbatch_extra()})
+  for key in ("partition", "account", "qos"):
+    if getattr(s, key):
+      params[key] = getattr(s, key)
+  if s.gpus_per_node:
+    params["gpus_per_node"] = s.gpus_per_node
+  ex.update_parameters(**params)
+  return ex
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def _load_jobs(workdir: pathlib.Path) -> dict[str, list[str]]:
+  path = workdir / SLURM_DIR / JOBS
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def reconcile(runs: Sequence[Run], workdir: pathlib.Path, jobs: dict[str, list[str]],
+              max_attempts: int) -> dict[str, dict[str, Any]]:
+  """Each run's status (planned, queued, running, finished, failed), last job, and whether to
+  submit it now."""
+  rows = attempts.run_states(workdir)
+  states = job_states([ids[-1] for ids in jobs.values() if ids])
+  out = {}
+  for run in runs:
+    ids = jobs.get(run.run_id, [])
+    job = ids[-1] if ids else ""
+    state = states.get(job, "") if job else ""
+    row = rows.get(run.run_id, {})
+    if row.get("status") == "finished":
+      status = "finished"
+    elif state in ACTIVE:
+      status = "running" if state in ("RUNNING", "COMPLETING", "SIGNALING") else "queued"
+    elif not ids:
+      status = "planned"
+    else:
+      status = "failed"
+    submit = status == "planned" or (status == "failed" and len(ids) < max_attempts)
+    out[run.run_id] = {"status": status, "job": job, "state": state, "attempts": len(ids),
+                       "submit": submit, "error": row.get("error", "")}
+  return out
+
+
+def status_table(runs: Sequence[Run], view: dict[str, dict[str, Any]]) -> str:
+  """One line per run (id, status, scheduler state, job id, submissions) and the totals."""
+  lines = [f"{'run':44} {'status':9} {'scheduler':12} {'job':12} submissions"]
+  for run in runs:
+    v = view[run.run_id]
+    lines.append(f"{run.run_id:44} {v['status']:9} {v['state'] or '-':12} {v['job'] or '-':12} "
+                 f"{v['attempts']}")
+  counts = {s: sum(v["status"] == s for v in view.values()) for s in STATUSES}
+  lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+  return "\n".join(lines)
+
+
+def _submit(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
+            data_path: pathlib.Path, jobs: dict[str, list[str]]) -> list[str]:
+  """Submits `runs` as one job array; records and returns their job ids."""
+  s = SweepConfig.from_config(config)
+  calls = []
+  for run in runs:
+    path = config_lib.write_config_py(
+        workdir / attempts.RUNS_DIR / run.run_id / planning.SWEEP_CONFIG,
+        planning.frozen_config(config, data_path, only=run.run_id),
+        f"Sweep run {run.run_id} of the sweep in {workdir}.")
+    calls.append(SlurmRun(str(workdir), run.run_id, str(path)))
+  ex = executor(s.slurm, workdir / SLURM_DIR, f"archscale-{config.name}")
+  with ex.batch():
+    submitted = [ex.submit(call) for call in calls]
+  ids = [str(job.job_id) for job in submitted]
+  for run, job in zip(runs, ids, strict=True):
+    jobs.setdefault(run.run_id, []).append(job)
+  io.write_json_atomic(workdir / SLURM_DIR / JOBS, jobs)
+  return ids
+
+
+def submit_sweep(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
+                 data_path: pathlib.Path, say: Callable[[str], None]) -> dict[str, Any]:
+  """Reconciles and submits what is missing; with `sweep.wait` polls until no job is left."""
+  s = SweepConfig.from_config(config)
+  workdir = workdir.resolve()
+  jobs = _load_jobs(workdir)
+  submitted: list[str] = []
+  while True:
+    view = reconcile(runs, workdir, jobs, s.max_attempts)
+    todo = [r for r in runs if view[r.run_id]["submit"]]
+    if todo:
+      ids = _submit(config, workdir, todo, data_path, jobs)
+      submitted += ids
+      say(f"sweep: submitted {len(todo)} run(s) as SLURM job(s) {', '.join(ids)}")
+      view = reconcile(runs, workdir, jobs, s.max_attempts)
+    active = [v for v in view.values() if v["status"] in ("queued", "running")]
+    if not s.wait or not active:
+      break
+    time.sleep(s.poll_s)
+  attempts.materialise(workdir)
+  say(status_table(runs, view))
+  counts = {status: sum(v["status"] == status for v in view.values()) for status in STATUSES}
+  return {"planned": len(runs), "submitted": len(submitted), "job_ids": submitted, **counts}
