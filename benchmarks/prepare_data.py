@@ -5,7 +5,7 @@ Builds a JSONL corpus (one document per Python standard-library source file, cyc
 BPE on its first megabytes, then in the same process times
   - reference: `tokenizers.Tokenizer.encode_batch_fast` over every document, already in memory
     (no reading, no parsing, no writing), in batches of about `prepare._CHUNK_CHARS` characters;
-  - prepare: `archscale.prepare.prepare` from the JSONL files to a finished dataset (reading,
+  - prepare: `archscale.data.prepare.prepare` from the JSONL files to a finished dataset (reading,
     JSON parsing, held-out split, tokenizing, writing, checksums, final step), for each count of
     `--workers`.
 Prints one JSON object with tokens/s of each and the ratios prepare / reference (1 worker) and

@@ -4,7 +4,7 @@
 #   sbatch --nodes=4 launch/gpu_slurm.sh configs/llama3_2_1b.py runs/llama1b \
 #       --config.compute.dtype=bfloat16 --config.data.path=/data/dolma_llama3
 #
-# jax.distributed is initialised from the SLURM environment (archscale.sharding detects
+# jax.distributed is initialised from the SLURM environment (archscale.model.sharding detects
 # SLURM_JOB_ID / SLURM_NTASKS / SLURM_PROCID), so no addresses are passed. For one process per GPU
 # instead, use --ntasks-per-node=<GPUs> --gpus-per-task=1. The mesh defaults to pure data
 # parallelism over all GPUs; set e.g. --config.mesh.fsdp=-1 --config.mesh.data=<nodes> to shard

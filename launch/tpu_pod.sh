@@ -8,7 +8,7 @@
 # installed (e.g. `gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd archscale &&
 # pip install -e ."`) and the prepared dataset readable at the same path on every host. Each
 # worker runs one JAX process; jax.distributed finds its peers through the TPU metadata
-# (archscale.sharding detects the pod), and each process loads only its own rows of every batch.
+# (archscale.model.sharding detects the pod), and each process loads only its own rows of every batch.
 # The workdir must be one directory seen by all workers (Filestore/NFS, a gcsfuse mount of a
 # bucket, or a gs:// URI with gcsfs installed): checkpoints are written there collectively and
 # restarts resume from them. A gs:// data.path is copied to each worker's local cache once.

@@ -1,4 +1,4 @@
-"""Tests for archscale.data: prepared datasets, token streams across shards, step batches."""
+"""Tests for archscale.data.batches: prepared datasets, token streams across shards, batches."""
 
 import json
 import os

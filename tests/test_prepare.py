@@ -1,4 +1,4 @@
-"""Tests for archscale.prepare and archscale.sources: corpora to resumable, partitioned shards."""
+"""Tests for archscale.data.prepare and .sources: corpora to resumable, partitioned shards."""
 
 import gzip
 import hashlib

@@ -1,4 +1,4 @@
-"""Tests for archscale.tokenizer: byte, Hugging Face and trained BPE tokenizers."""
+"""Tests for archscale.data.tokenizer: byte, Hugging Face and trained BPE tokenizers."""
 
 from pydoc_data.topics import topics
 

@@ -3,9 +3,9 @@
 Config files in `configs/` call `make_config(arch)` and override what they need; every field can be
 overridden from the command line as `--config.section.field=value`. Sections:
 
-  model    ArchSpec fields (archscale.arch.ArchSpec)
-  compute  how the model runs (archscale.model.ModelOptions)
-  data, train, sweep, fit, search, bench, export, eval   typed sections of archscale.settings,
+  model    ArchSpec fields (archscale.model.arch.ArchSpec)
+  compute  how the model runs (archscale.core.settings.ModelOptions)
+  data, train, sweep, fit, search, bench, export, eval   typed sections of archscale.core.settings,
            which hold their defaults, documentation and checks
   mesh     device mesh axis sizes (-1 = the rest) distributed  multi-host initialisation
 """
@@ -63,7 +63,7 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(settings.DataConfig.defaults())
   c.train = ml_collections.ConfigDict(settings.TrainConfig.defaults())
 
-  # Mesh axis sizes (-1 = the rest); rules: overrides of archscale.sharding.LOGICAL_RULES as
+  # Mesh axis sizes (-1 = the rest); rules: overrides of archscale.model.sharding.LOGICAL_RULES as
   # "logical=axis[+axis],...", e.g. "embed=,mlp=fsdp+tensor" (empty right side: replicated).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=""))
 

@@ -351,7 +351,7 @@ FIT_STARTS = ("grid", "random")
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig(Section):
-  """`fit.*`: the scaling-law fitter (archscale.fitting)."""
+  """`fit.*`: the scaling-law fitter (archscale.study.fitting)."""
 
   SECTION: ClassVar[str] = "fit"
 
@@ -485,7 +485,7 @@ class ModelOptions(Section):
   attention: "auto" is "splash" on TPU and "xla" elsewhere; "xla" is the reference einsum path;
   "dpa" calls `jax.nn.dot_product_attention` and lets JAX choose the kernel; "cudnn" forces
   cuDNN flash attention (GPU only); "pallas" runs decode steps with the Pallas decode kernel
-  (GPU; `archscale.kernels`) and everything else with "xla"; "splash" runs causal training and
+  (GPU; `archscale.model.kernels`) and everything else with "xla"; "splash" runs causal training and
   prefill attention with TPU splash attention where the length is a multiple of 128 (else
   "xla"), and decode steps with "xla".
   attention_chunk: "xla" attention over blocks of this many queries, each block rematerialised
@@ -597,7 +597,7 @@ PAPER_TASKS = ("arc_easy", "arc_challenge", "lambada_openai", "hellaswag", "open
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig(Section):
-  """`export.*`: the Hugging Face directory `--mode=export` writes (archscale.hf)."""
+  """`export.*`: the Hugging Face directory `--mode=export` writes (archscale.interop.hf)."""
 
   SECTION: ClassVar[str] = "export"
 
@@ -613,7 +613,7 @@ class ExportConfig(Section):
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(Section):
-  """`eval.*`: zero-shot downstream tasks through lm-evaluation-harness (archscale.evaluate)."""
+  """`eval.*`: zero-shot downstream tasks through lm-evaluation-harness (interop.evaluate)."""
 
   SECTION: ClassVar[str] = "eval"
 

@@ -1,6 +1,6 @@
 """Prepared token datasets and the deterministic batches training reads from them.
 
-A prepared dataset (`data.path`, written by `archscale.prepare`) is a directory:
+A prepared dataset (`data.path`, written by `archscale.data.prepare`) is a directory:
 
   metadata.json   how it was made and what it holds; "shards" is the index: for each split a
                   list of [file, start, tokens] parts whose concatenation is the split's token

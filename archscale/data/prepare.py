@@ -10,7 +10,7 @@ units only, and the temporary files of dead attempts are removed on the next run
 `_CHUNK_CHARS` characters. `data.partition="i/n"` gives this job every n-th unit from the i-th,
 so n jobs (a SLURM array, for instance) fill the same output; whichever job finds every unit
 finished runs the final step: it checks the records against the shards, writes `manifest.json`
-and then `metadata.json` with the index of shards per split (`archscale.data` documents it).
+and then `metadata.json` with the index of shards per split (`archscale.data.batches` documents it).
 Until then each job rewrites `manifest.json` now and then with the records it has seen; the
 records under `shards/` are what counts. Rerunning a finished or partial preparation in one job
 is always safe. Nothing relies on file locks: a unit's files have one writer, and shared files

@@ -114,7 +114,7 @@ def export(params: dict, spec: ArchSpec, out_dir: str | pathlib.Path, tokenizer:
            dtype: str = "float32", max_shard_bytes: int = 5 * 10**9) -> pathlib.Path:
   """Writes an HF LLaMA directory (see the module docstring); replaces `out_dir` when complete.
 
-  `tokenizer` is an `archscale.tokenizer.Tokenizer` (None: weights and configs only).
+  `tokenizer` is an `archscale.data.tokenizer.Tokenizer` (None: weights and configs only).
   """
   import ml_dtypes
 

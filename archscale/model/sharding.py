@@ -2,8 +2,8 @@
 
 The mesh has three axes: `data` (pure data parallelism: parameters replicated), `fsdp` (data
 parallelism with parameters and optimiser state sharded along `embed`) and `tensor` (heads, MLP
-width and vocabulary split across devices). Every parameter and activation in `archscale.model`
-carries logical axis names; `LOGICAL_RULES` maps them onto mesh axes.
+width and vocabulary split across devices). Every parameter and activation of the decoder
+(`transformer`) carries logical axis names; `LOGICAL_RULES` maps them onto mesh axes.
 
 One table serves both parameters and activations. In activations the `batch` dimension owns the
 mesh axes it is mapped to (data and fsdp), so those axes are dropped from the other logical names

@@ -3,7 +3,7 @@
 RMSNorm, rotary embeddings (with LLaMA-3 frequency scaling), grouped-query attention whose width
 n_heads * d_head is independent of d_model, SwiGLU, no biases, tied or untied LM head. Layers run
 under `nn.scan` (or a Python loop) with an optional remat policy. Every parameter and activation
-carries logical axis names; `archscale.sharding` maps them onto a device mesh.
+carries logical axis names; `archscale.model.sharding` maps them onto a device mesh.
 
 The KV cache is an explicit pytree (`KVCache`) passed in and returned, never a mutable collection:
 
@@ -301,7 +301,7 @@ class Transformer(nn.Module):
 
     With `features_only` (training, no cache) it returns the final normalised hidden states
     [B, T, D] and the head [D, V] in the compute dtype instead of logits, for a loss that applies
-    the head itself (`archscale.loss.chunked_cross_entropy`).
+    the head itself (`archscale.train.loss.chunked_cross_entropy`).
     """
     s, o = self.spec, self.options
     t = tokens_BT.shape[1]
@@ -423,7 +423,7 @@ def decode_step(model: Transformer, params: dict, cache: KVCache,
   """Feeds one token per sequence; returns next-token logits [B, V] and the updated cache.
 
   With `scan_layers=True` each step stacks and splits the per-layer caches around `nn.scan`; fast
-  generation decodes unrolled (`archscale.generate.generate` does, unstacking the weights once).
+  generation decodes unrolled (`archscale.serve.generate` does, unstacking the weights once).
   """
   logits_B1V, cache = model.clone(decode=True).apply(
       {"params": params}, tokens_B[:, None], cache)

@@ -1,7 +1,7 @@
 """The decode latency / throughput harness (`--mode=decode_bench`).
 
 It measures, per architecture and batch size (random weights, random-token prompts), with the
-generation program of `archscale.generate`:
+generation program of `archscale.serve.generate`:
 
   compile_s            ahead-of-time compile of the generation program
   prefill_s            generate(n_new=0) at the same shapes: prefill + sampling the first token

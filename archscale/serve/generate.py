@@ -5,7 +5,7 @@
 prompt and the tokens fed back (all generated ones but the last) before the call and donated to
 it. One program is compiled per (spec, options, sampler, batch, prompt length, cache length);
 `n_new` is a runtime value, so prefill-only calls (n_new=0) reuse the program of full
-generations that share the cache length (the decode harness, `archscale.decode_bench`, does).
+generations that share the cache length (the decode harness, `archscale.serve.decode_bench`, does).
 """
 
 from __future__ import annotations

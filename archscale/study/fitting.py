@@ -1,11 +1,11 @@
 """Fitting scaling laws to results tables (`--mode=fit`), with uncertainty and the paper's protocol.
 
 Huber (delta) or squared loss on log or linear residuals, summed over rows, solved by
-`archscale.solver` (Levenberg-Marquardt or optax's L-BFGS, all starts vectorised) from Hoffmann's
+`solver` (Levenberg-Marquardt or optax's L-BFGS, all starts vectorised) from Hoffmann's
 grid for Chinchilla, perturbations of a linear least-squares anchor for the conditional forms, or
 random starts. Bootstrap replicates (row weights drawn from a multinomial, each warm-started from
 the full-data optimum) run through the same program. Rows are read and grouped by
-`archscale.table`; the laws are `archscale.law`'s; figures are drawn by `archscale.plots`.
+`table`; the laws are `law`'s; `fit` (`--mode=fit`) writes fit.json and draws the figures.
 
 Public API:
   fit(rows, config=None, *, l_opt=None, seed=0, log_warnings=True, **options) -> FitResult
@@ -366,7 +366,7 @@ class FitResult:
   settings: dict[str, Any]
   l_opt: str
   intervals: dict[str, list[float]]
-  stderr: dict[str, float]  # from the Jacobian at the optimum (see archscale.diagnostics)
+  stderr: dict[str, float]  # from the Jacobian at the optimum (see archscale.study.diagnostics)
   optimum: dict[str, Any] | None
   starts: dict[str, Any]
   metrics: dict[str, Any]
@@ -602,7 +602,7 @@ def evaluate_progressive(rows: Sequence[Mapping[str, Any]],
   """The paper's protocol: fit on scales 1..k, predict scale k + 1, for every k.
 
   config, options and l_opt as for `fit` (no bootstrap). Scales are the rows' `scale`, else
-  groups of params_nonembed (see archscale.table). With l_opt="empirical" the held-out scale's
+  groups of params_nonembed (see archscale.study.table). With l_opt="empirical" the held-out scale's
   L_opt is its own best loss, so the metrics score the architecture calibration, as in the
   paper. Steps whose training rows cannot support the form are reported with `skipped`; each
   step's fit warnings are kept in the step, not logged.

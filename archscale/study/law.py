@@ -23,7 +23,7 @@ Public API:
   Law.optimum() -> {"d_over_sqrt_n", "r", "closed_form"}
   load_law(path_or_dict) -> Law      a fit.json, hand-written ones (`form`, `params`) too
   The law functions below work on the solver's parameter vectors (theta, last axis) for numpy
-  and jax.numpy alike (`xp`); `archscale.fitting` fits them.
+  and jax.numpy alike (`xp`); `archscale.study.fitting` fits them.
 """
 
 from __future__ import annotations

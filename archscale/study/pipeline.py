@@ -3,10 +3,10 @@
 Steps, in order, each writing into WORKDIR:
 
   prepare_data  tokenized corpus in WORKDIR/data (unless data.path names a prepared one)
-  sweep         WORKDIR/runs/<run_id>/, results.jsonl                    (archscale.sweep)
-  fit           fit.json and its plots, from results.jsonl                (archscale.fitting)
-  decode_bench  decode_bench.json / .png for bench.archs on this machine  (archscale.decode_bench)
-  search        search.json, pareto.png, panda.py, surefire.py            (archscale.search)
+  sweep         WORKDIR/runs/<run_id>/, results.jsonl                    (study.sweep)
+  fit           fit.json and its plots, from results.jsonl                (study.fit)
+  decode_bench  decode_bench.json / .png for bench.archs on this machine  (serve.decode_bench)
+  search        search.json, pareto.png, panda.py, surefire.py            (study.search)
   report        report.md: the key numbers and every plot
 
 A finished step leaves WORKDIR/.done/<step> (its wall time, when it ended, a fingerprint of what

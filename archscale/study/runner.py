@@ -114,7 +114,7 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: Any,
 
 
 def train_in_process(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict[str, Any]:
-  """Trains one run in this process (`archscale.train.train`)."""
+  """Trains one run in this process (`archscale.train.trainer.train`)."""
   from archscale.train import trainer as train_lib
 
   run_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ at any time; with `sweep.wait=True` it polls until no job is left, resubmitting 
 
 Each job runs `SlurmRun` under `srun`: one task per JAX process. Every task starts the training
 child (`python -m archscale.main --mode=train`), which finds the other tasks through SLURM's
-environment (`archscale.sharding`) and initialises `jax.distributed`; task 0 writes the row.
+environment (`archscale.model.sharding`) and initialises `jax.distributed`; task 0 writes the row.
 Jobs are submitted with `--requeue` and SIGUSR2 `sweep.slurm.signal_s` before the time limit:
 on that signal (or the SIGTERM of a preemption or `scontrol requeue`) the child checkpoints and
 exits `exits.EXIT_PREEMPTED`, and the job is requeued, to resume from its checkpoint.

@@ -30,7 +30,7 @@ run unless `sweep.retry_failed` is off. A run being trained by another local swe
 `runs/<run_id>/.sweep.lock` (and its trainer `runs/<run_id>/.lock`) and is skipped. With
 `sweep.launch="local"` the workdir may be a gs:// URI (`io.WorkdirLock` then holds leases).
 
-Row fields (what `archscale.table` reads): `params_nonembed`, `tokens` (tokens actually trained),
+Row fields (what `table` reads): `params_nonembed`, `tokens` (tokens actually trained),
 `loss`, every ArchSpec field, `mlp_attn_ratio`, `d_over_sqrt_n`, `gqa`, plus `run_id`, `status`,
 `eval_loss`, `final_train_loss`, `loss_source`, `scale` (the requested N), `requested` (grid
 point), `steps`, `seq_len`, `global_batch_size`, `seed`, `tokens_requested`, `wall_s`, `error`

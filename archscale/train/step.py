@@ -3,7 +3,7 @@
 `make_train_step` returns `step(state, tokens_BT1) -> (state, metrics)`: gradient accumulation
 over `train.grad_accum` micro-batches, global-norm clipping, AdamW with masked weight decay on a
 warm-up + cosine / WSD schedule, and the loss with the LM head optionally fused in
-(`train.loss_chunk`, `archscale.loss`). `archscale.train` compiles them for a mesh.
+(`train.loss_chunk`, `archscale.train.loss`). `archscale.train.trainer` compiles them for a mesh.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def loss_fn(model: model_lib.Transformer, params: Any, tokens_BT1: jax.Array, z_
   """Mean next-token cross-entropy plus `z_loss * mean(logsumexp^2)`; returns (total, (ce, z)).
 
   `loss_chunk` > 0 fuses the LM head into the loss, `loss_chunk` positions at a time, so the
-  [B, T, V] logits are never materialised (`archscale.loss`; `batch_shards` as there).
+  [B, T, V] logits are never materialised (`archscale.train.loss`; `batch_shards` as there).
   """
   inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
   if loss_chunk:

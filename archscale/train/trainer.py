@@ -20,7 +20,7 @@ holds DIR/.lock for its whole life (`io.WorkdirLock`), and a rerun whose recipe 
 checkpoint's or summary's is refused, naming the changed fields.
 
 Rerunning with the same DIR resumes from the latest checkpoint. Batches are a pure function of
-(data seed, step) (`archscale.data.Batches`), so the step stored in the train state is the whole
+(data seed, step) (`data.batches.Batches`), so the step stored in the train state is the whole
 data-loader state: nothing is replayed, and a resumed run sees exactly the batches an
 uninterrupted one would, whatever the mesh or process count. On CPU resumption is bitwise exact.
 
