@@ -35,6 +35,21 @@ def check(cond: bool, message: str) -> None:
     raise ValueError(message)
 
 
+def items(value: Any) -> list[Any]:
+  """A list-valued field as a list: "a, b,c" (commas, blanks dropped) or a sequence as given.
+
+  The one parser of list-valued fields (grids, seeds, batch sizes, names); each caller casts and
+  checks the items, naming its field.
+  """
+  if value is None:
+    return []
+  if isinstance(value, str):
+    return [v.strip() for v in value.split(",") if v.strip()]
+  if hasattr(value, "__iter__"):
+    return list(value)
+  return [value]
+
+
 def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
@@ -572,14 +587,13 @@ class BenchConfig(Section):
 
   @property
   def arch_names(self) -> list[str]:
-    return [n.strip() for n in str(self.archs).split(",") if n.strip()]
+    return [str(n) for n in items(self.archs)]
 
 
 def _batch_sizes(value: Any) -> tuple[int, ...]:
   """bench.batch_sizes as a sorted tuple of positive ints (from a sequence or "1,16,64")."""
-  items = value.split(",") if isinstance(value, str) else list(value)
   try:
-    sizes = [int(v) for v in items]
+    sizes = [int(v) for v in items(value)]
   except (TypeError, ValueError):
     raise ValueError(f"bench.batch_sizes must be positive integers, got {value!r}") from None
   check(bool(sizes) and all(b > 0 for b in sizes),
@@ -636,7 +650,7 @@ class EvalConfig(Section):
 
   @property
   def task_names(self) -> list[str]:
-    return [t.strip() for t in str(self.tasks).split(",") if t.strip()]
+    return [str(t) for t in items(self.tasks)]
 
 
 def training_recipe(config: Any) -> dict[str, Any]:

@@ -103,9 +103,8 @@ def parse_scales(value: Any, model: Any) -> list[Scale]:
 
 def _grid(s: SweepConfig, name: str, cast: Callable[[Any], Any]) -> list[Any]:
   value = getattr(s, name)
-  items = [v for v in str(value).split(",") if v.strip()] if isinstance(value, str) else value
   try:
-    out = [cast(v) for v in items]
+    out = [cast(v) for v in settings.items(value)]
   except (TypeError, ValueError):
     raise ValueError(f"sweep.{name} must be a list of numbers, got {value!r}") from None
   if not out or any(not (v > 0) for v in out):
@@ -215,7 +214,7 @@ def seeds_of(s: SweepConfig, default: int) -> list[int]:
   """The seeds every grid point is trained with: `sweep.seeds`, else the config's seed."""
   if s.seeds in ((), [], "", None):
     return [int(default)]
-  items = str(s.seeds).split(",") if isinstance(s.seeds, str) else list(s.seeds)
+  items = settings.items(s.seeds)
   try:
     seeds = [int(v) for v in items if float(v) == int(float(v)) and int(float(v)) >= 0]
   except (TypeError, ValueError):
@@ -252,7 +251,7 @@ def frozen_config(config: Any, data_path: str | os.PathLike, only: str = "",
 
 
 def selected(runs: list[Run], only: str) -> list[Run]:
-  ids = [i.strip() for i in str(only).split(",") if i.strip()]
+  ids = [str(i) for i in settings.items(only)]
   if not ids:
     return runs
   known = {r.run_id for r in runs}

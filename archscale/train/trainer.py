@@ -90,16 +90,11 @@ class Setup:
   batch_shards: int  # how many ways a batch is split over devices
 
 
-def _check(cond: bool, message: str) -> None:
-  if not cond:
-    raise ValueError(message)
-
-
 def validate(config: Any) -> TrainConfig:
   """The typed train section, after the checks that span sections (needing no devices or files)."""
   t = TrainConfig.from_config(config)
   seq_len = DataConfig.from_config(config).seq_len
-  _check(seq_len <= config.model.max_seq_len,
+  settings.check(seq_len <= config.model.max_seq_len,
          f"data.seq_len={seq_len} exceeds model.max_seq_len={config.model.max_seq_len}; lower "
          "data.seq_len or raise model.max_seq_len")
   return t
@@ -110,7 +105,7 @@ def _dataset_info(config: Any) -> dict[str, Any]:
   from archscale.data import batches as data_lib
 
   path = str(config.data.path).strip()
-  _check(bool(path),
+  settings.check(bool(path),
          "data.path is empty: training reads a prepared dataset. Run --mode=prepare_data (with "
          "data.source set) and pass its output as --config.data.path, or set data.source and let "
          "--mode=train prepare it into WORKDIR/data")
@@ -434,7 +429,7 @@ def _restore_or_init(config, t, setup, ckpt, log, recipe) -> tuple[Any, dict[str
                     latest)
     meta.update(recipe=dict(recipe, arch=meta["arch"]), steps_requested=[t.steps])
   _check_same_run(meta["recipe"], recipe, f"the checkpoint at step {latest} in {ckpt.directory}")
-  _check(t.steps >= latest,
+  settings.check(t.steps >= latest,
          f"train.steps={t.steps} is below the checkpoint's step {latest}; a run can be extended, "
          "not shortened: raise train.steps or train in a new --workdir")
   if meta["steps_requested"][-1] != t.steps:
