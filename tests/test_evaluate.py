@@ -13,7 +13,7 @@ from archscale.data import tokenizer as tok_lib
 from archscale.interop import evaluate, hf
 from archscale.model import transformer as model_lib
 from archscale.model.arch import ArchSpec
-from archscale.study import attempts, pipeline, search, sweep, table
+from archscale.study import attempts, pipeline, runner, search, sweep, table
 
 # The paper's fitted coefficients (DESIGN.md section 4) as a hand-written law.
 PAPER_LAW = {"a0": 2.697, "a1": 0.0974, "a2": 0.0078, "b0": 0.3870, "b1": 0.0063, "b2": 0.0065}
@@ -165,7 +165,7 @@ def test_sweep_evaluates_its_runs_and_rows_carry_the_results(dataset, tmp_path):
   run_dir = workdir / attempts.RUNS_DIR / lost
   run_cfg = config_lib.load_config_file(run_dir / sweep.RUN_CONFIG)
   run_cfg.eval.limit = 2
-  evaluate.run_evaluate(run_cfg, run_dir)
+  runner.run_evaluate(run_cfg, run_dir)
   again = json.loads((run_dir / "eval.json").read_text())
   assert again["recipe"]["limit"] == 2 and again["step"] == rows[lost]["steps"]
   assert _table(workdir)[lost]["eval"]["recipe"]["limit"] == 2

@@ -17,6 +17,7 @@ from archscale.core import config_lib
 from archscale.data import prepare as prepare_lib
 from archscale.data import tokenizer as tok_lib
 from archscale.interop import hf
+from archscale.model import hf_format
 from archscale.model import transformer as model_lib
 from archscale.model.arch import ArchSpec
 from archscale.serve import generate
@@ -129,7 +130,7 @@ def test_import_then_export_reproduces_transformers_files(tmp_path, dtype):
 
   params = hf.load_params(tmp_path / "orig")
   out = hf.export(params, spec, tmp_path / "again", dtype=dtype)
-  want, got = load_file(str(tmp_path / "orig" / hf.WEIGHTS_FILE)), hf.load_weights(out)
+  want, got = load_file(str(tmp_path / "orig" / hf.WEIGHTS_FILE)), hf_format.load_weights(out)
   assert sorted(want) == sorted(got)
   for name, w in want.items():
     assert got[name].dtype == w.dtype, name
@@ -270,8 +271,8 @@ def test_train_init_from_starts_a_run_from_an_hf_directory(tmp_path):
                       eval_batches=0, checkpoint_every=1, init_from=str(source))
   summary = train.train(config, tmp_path / "run")
   assert summary["arch"] == spec.to_dict()
-  assert train.run_recipe(hf.with_init_from(config), spec)["init_from"] == str(source)
-  state = train.load_checkpoint(tmp_path / "run", hf.with_init_from(config))
+  assert train.run_recipe(hf_format.with_init_from(config), spec)["init_from"] == str(source)
+  state = train.load_checkpoint(tmp_path / "run", hf_format.with_init_from(config))
   for got, want in zip(jax.tree.leaves(state["params"]),
                        jax.tree.leaves(hf.load_params(source, spec)), strict=True):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
