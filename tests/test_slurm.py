@@ -90,12 +90,14 @@ def test_a_sweep_runs_as_jobs_survives_a_scancel_and_never_double_submits(
   assert again["queued"] + again["running"] + again["finished"] == 4
   assert "queued" in lines[-1] and first[runs[0].run_id][0] in lines[-1]
 
-  # Cancel one job while it runs (or waits): the next driver run submits that run, only it.
-  def a_running_job():
+  # Cancel one job once the array runs: the next driver run submits that run, only it. A job
+  # still waiting is the victim when there is one, as a running one may finish before scancel.
+  def a_victim():
     view = slurm.reconcile(runs, tmp_path.resolve(), first, 3)
-    return next((rid for rid, v in view.items() if v["state"] == "RUNNING"), None)
+    by_state = {v["state"]: rid for rid, v in view.items()}
+    return by_state.get("PENDING", by_state.get("RUNNING")) if "RUNNING" in by_state else None
 
-  victim = _wait_for("a running job", a_running_job)
+  victim = _wait_for("a running job", a_victim)
   subprocess.run(["scancel", first[victim][0]], check=True)
   _wait_for("the cancellation", lambda: slurm.job_states([first[victim][0]])[
       first[victim][0]] not in slurm.ACTIVE)
