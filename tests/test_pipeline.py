@@ -169,7 +169,8 @@ def test_the_report_opens_with_whether_the_data_support_a_recommendation(tmp_pat
   fit = {"diagnostics": {"identifiable": {"d_over_sqrt_n": True, "r": False},
                          "warnings": ["the rows do not identify r"]},
          "metrics": {"in_sample": {"r2": 0.31}}}
-  search = {"panda": {"extrapolated": True}, "surefire": {"extrapolated": False},
+  search = {"panda": {"extrapolated": True, "extrapolated_axes": ["gqa", "n_params"]},
+            "surefire": {"extrapolated": True, "extrapolated_axes": ["n_params", "tokens"]},
             "uncertainty": {"panda": {"within_uncertainty": False},
                             "surefire": {"within_uncertainty": True}}}
   (tmp_path / "fit.json").write_text(json.dumps(fit))
@@ -177,10 +178,11 @@ def test_the_report_opens_with_whether_the_data_support_a_recommendation(tmp_pat
   (first, _) = pipeline.verdict(tmp_path)
   assert first.startswith("**The data of this run do not support a recommendation**")
   for reason in ("do not identify the r term", "1 warning(s)", "R^2 0.31",
-                 "panda lies outside the rows' support",
+                 "panda lies outside the rows' support on gqa (extrapolated)",
                  "surefire's predicted difference is within the fit's uncertainty"):
     assert reason in first
   assert "d_over_sqrt_n term" not in first and "panda's predicted difference" not in first
+  assert "surefire lies outside" not in first  # beyond the runs' scale: stated, not a verdict
 
   fit = {"diagnostics": {"identifiable": {"d_over_sqrt_n": True, "r": True}, "warnings": []},
          "metrics": {"in_sample": {"r2": 0.93}}}

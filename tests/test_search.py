@@ -224,6 +224,16 @@ def test_numeric_target_and_absolute_law(tmp_path):
   assert out["surefire"]["predicted_loss"] <= llama_loss
   assert all(math.isfinite(x["predicted_loss"]) and x["predicted_loss"] > 1.8
              for x in out["candidates"])
+  # A target every candidate meets, or none, is refused before any throughput: here a loss given
+  # to a law of L / L_opt factors (about 1), and a loss below the best candidate's.
+  relative = config_lib.load_config_file(CONFIGS / "search.py")
+  relative.search.target = "2.803"
+  with pytest.raises(ValueError, match=r"search.target=2.803 is outside the factors .* meet it"):
+    search.run_search(relative, tmp_path / "units")
+  c.search.target = str(0.9 * min(x["predicted_loss"] for x in out["candidates"]))
+  with pytest.raises(ValueError, match=r"outside the losses .* miss it"):
+    search.run_search(c, tmp_path / "low")
+  assert not (tmp_path / "units" / search.SEARCH_JSON).exists()
 
 
 def test_measured_throughput_times_once_and_caches(tmp_path):
@@ -314,7 +324,7 @@ def test_picks_stay_within_the_support_unless_extrapolating(tmp_path):
   for cand in out["candidates"] + [out["panda"], out["surefire"]]:
     assert 0.1 <= cand["d_over_sqrt_n"] <= 0.2 and 1.5 <= cand["mlp_attn_ratio"] <= 3.0
     assert cand["extrapolated"] is False
-  assert any(k.startswith("outside the law's support") for k in out["stats"]["dropped"])
+  assert any(k.startswith("outside the rows' support") for k in out["stats"]["dropped"])
   c.search.extrapolate = True
   wide = search.run_search(c, tmp_path / "wide")
   assert wide["panda"]["extrapolated"] is True
@@ -326,6 +336,46 @@ def test_picks_stay_within_the_support_unless_extrapolating(tmp_path):
   margin.search.support_margin = 0.5  # log-width of [0.1, 0.2] is ln 2: +-0.5 ln 2 each side
   assert search.run_search(margin, tmp_path / "margin")["support"]["d_over_sqrt_n"] == \
       pytest.approx([0.1 / 2**0.5, 0.2 * 2**0.5])
+
+
+WIDE = {"d_over_sqrt_n": [0.02, 0.5], "r": [0.3, 6.0]}
+
+
+def test_gqa_the_rows_never_varied_is_refused_or_marked(tmp_path):
+  """Rows all at GQA 4 (the baseline's): the walk stays there, saying why; with
+  search.extrapolate its picks may leave it, marked `gqa`; a GQA the rows lack is refused."""
+  c = _fit_json(tmp_path, support={**WIDE, "gqa": [4, 4]})
+  out = search.run_search(c, tmp_path / "held")
+  assert {cand["gqa"] for cand in out["candidates"]} == {4}
+  assert out["stats"]["gqa_stops"].get("support", 0) > 0
+  assert any("GQA 4 only" in line for line in out["uncertainty"]["statements"])
+  c.search.extrapolate = True
+  free = search.run_search(c, tmp_path / "free")
+  assert free["surefire"]["gqa"] != 4 and free["surefire"]["extrapolated_axes"] == ["gqa"]
+  assert all(("gqa" in cand["extrapolated_axes"]) is (cand["gqa"] != 4)
+             for cand in free["candidates"])
+  other = _fit_json(tmp_path, support={**WIDE, "gqa": [1, 1]})
+  with pytest.raises(ValueError, match=r"search.gqa=4 .*\(1\).*sweep.gqa.*search.extrapolate"):
+    search.run_search(other, tmp_path / "refused")
+
+
+def test_a_budget_beyond_the_trained_runs_is_flagged_with_its_factor(tmp_path):
+  rows = {"n_params": [1e7, 1.25e8], "tokens": [2e8, 2.5e9], "gqa": [1, 8]}
+  progressive = [{"test_scale": 1.25e8, "mse": 4e-4}]
+  c = _fit_json(tmp_path, support={**WIDE, **rows}, metrics={"progressive": progressive})
+  out = search.run_search(c, tmp_path / "far")
+  n, d = out["budget"]["n_nonembed"], out["budget"]["tokens"]
+  lines = out["uncertainty"]["statements"]
+  assert any(f"{n / 1.25e8:.3g}x the largest trained run" in line for line in lines)
+  assert any(f"{d / 2.5e9:.3g}x the largest trained run" in line for line in lines)
+  assert any("RMSE 0.02" in line for line in lines)
+  assert all({"n_params", "tokens"} <= set(cand["extrapolated_axes"])
+             for cand in out["candidates"])
+  c.search.n_nonembed, c.search.tokens = 1e8, 2e9  # inside: nothing flagged on N or D
+  near = search.run_search(c, tmp_path / "near")
+  assert not any("trained run" in line for line in near["uncertainty"]["statements"])
+  assert not any({"n_params", "tokens"} & set(cand["extrapolated_axes"])
+                 for cand in near["candidates"])
 
 
 def test_picks_say_whether_their_advantage_exceeds_the_fit_uncertainty(tmp_path):

@@ -311,16 +311,34 @@ def seed_noise(table: table_lib.Table,
 # What a search may rely on: the rows' support and the uncertainty of predictions.
 
 
-def widened_support(doc: Mapping[str, Any], margin: float) -> dict[str, list[float]] | None:
-  """A fit.json's `support` (the rows' d_over_sqrt_n and r ranges) widened on each side by
-  `margin` times its width in log space; None when the law carries no support (hand-written)."""
+# The axes of a fit's `support`: the two shape regressors, GQA (which the law does not model), and
+# the scale of the runs (N, D), which it does model, so that going beyond them is extrapolation.
+SUPPORT_AXES = (*law_lib.REGRESSORS, "gqa", "n_params", "tokens")
+
+
+def support_of(table: table_lib.Table) -> dict[str, list[float] | None]:
+  """The rows' range on every `SUPPORT_AXES` axis; `gqa` is None when no row records its GQA."""
+  gqa = [float(row["gqa"]) for row in table.rows if table_lib.is_finite_number(row.get("gqa"))]
+  span = lambda v: [float(np.min(v)), float(np.max(v))]
+  return {"d_over_sqrt_n": span(table.x), "r": span(table.r),
+          "gqa": span(gqa) if len(gqa) == len(table.rows) else None,
+          "n_params": span(table.n), "tokens": span(table.d)}
+
+
+def widened_support(doc: Mapping[str, Any], margin: float) -> dict[str, list[float] | None] | None:
+  """A fit.json's `support` with the shape ranges (d_over_sqrt_n, r) widened on each side by
+  `margin` times their width in log space; GQA, N and D stay as the rows have them (None where
+  the fit did not record an axis). None when the law carries no support (hand-written)."""
   support = doc.get("support")
   if not support:
     return None
-  out = {}
-  for name in law_lib.REGRESSORS:
+  out: dict[str, list[float] | None] = {}
+  for name in SUPPORT_AXES:
+    if support.get(name) is None:
+      out[name] = None
+      continue
     lo, hi = (float(v) for v in support[name])
-    pad = margin * math.log(hi / lo)
+    pad = margin * math.log(hi / lo) if name in law_lib.REGRESSORS else 0.0
     out[name] = [lo * math.exp(-pad), hi * math.exp(pad)]
   return out
 

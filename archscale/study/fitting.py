@@ -25,7 +25,8 @@ when not identified or not inside the rows' range, with `reasons`, `range`, clos
 interior; null for chinchilla), diagnostics (converged_fraction, convergence, identifiable
 {"d_over_sqrt_n": bool, "r": bool}, identifiability reasons, condition_numbers, bootstrap_used,
 bootstrap_total, bootstrap_note, grouping, torn_lines, warnings), covariance (of the fitted
-solver parameters, from the Jacobian), support (the rows' d_over_sqrt_n and r ranges), objective,
+solver parameters, from the Jacobian), support (the rows' d_over_sqrt_n, r, gqa, n_params and
+tokens ranges; gqa null when the rows do not record it), objective,
 starts (total, converged, at_best, status counts, remedy), settings, metrics (in_sample;
 progressive steps), timings, l_opt_groups (N, D, L_opt, rows and N spread per budget),
 rows_used (each row plus d_over_sqrt_n, l_opt, predicted, predicted_interval, scale_index,
@@ -524,9 +525,7 @@ def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
       rows_used=_rows_used(form, table, pred, l_opt_R), rows_excluded=table.excluded,
       l_opt_groups=[], samples=samples, timings=sol.timings, per_start=sol.per_start,
       diagnostics=diag, covariance=dict(params=list(free), matrix=cov_PP),
-      support=None if form == "chinchilla" else {
-          "d_over_sqrt_n": [float(table.x.min()), float(table.x.max())],
-          "r": [float(table.r.min()), float(table.r.max())]},
+      support=None if form == "chinchilla" else diagnostics_lib.support_of(table),
       bootstrap_stderr={k: float(np.nanstd(s, ddof=1)) for k, s in samples.items()
                         if np.isfinite(s).sum() > 1})
   if samples:

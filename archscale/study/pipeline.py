@@ -53,6 +53,7 @@ STEP_INPUTS = {"sweep": ("prepare_data",), "fit": ("sweep",), "search": ("fit", 
                "report": ("sweep", "fit", "decode_bench", "search")}
 DONE_DIR = ".done"
 UNSUPPORTED = "**The data of this run do not support a recommendation**"
+SCALE_AXES = ("n_params", "tokens")
 REPORT = "report.md"
 SWEEP_PNG = "sweep.png"
 
@@ -216,9 +217,11 @@ def _search_support(s: dict[str, Any]) -> list[str]:
   uncertainty (predicted losses whose differences are within it are not findings)."""
   sup = s.get("support")
   if sup:
-    out = [f"Searched within the fit rows' support: d_model/sqrt(N) in "
-           f"[{sup['d_over_sqrt_n'][0]:.3g}, {sup['d_over_sqrt_n'][1]:.3g}], r in "
-           f"[{sup['r'][0]:.3g}, {sup['r'][1]:.3g}] (margin {sup['margin']:g}"
+    names = {"d_over_sqrt_n": "d_model/sqrt(N)", "r": "r", "gqa": "GQA"}
+    ranges = ", ".join(f"{label} in [{sup[k][0]:.3g}, {sup[k][1]:.3g}]"
+                       for k, label in names.items() if sup.get(k))
+    out = [f"Searched within the fit rows' support: {ranges} (margin {sup['margin']:g} on "
+           "d_model/sqrt(N) and r"
            + ("; extrapolating, outside candidates marked" if sup["extrapolate"] else "")
            + ").", ""]
   else:
@@ -306,8 +309,12 @@ def verdict(workdir: pathlib.Path) -> list[str]:
         reasons.append(f"whether {name}'s predicted difference is real is untested")
       elif tested[name].get("within_uncertainty"):
         reasons.append(f"{name}'s predicted difference is within the fit's uncertainty")
-      if s[name].get("extrapolated"):
-        reasons.append(f"{name} lies outside the rows' support (extrapolated)")
+      # Scale (N, D) beyond the runs is the law's purpose: stated in the support section, with
+      # the progressive error to expect; a shape or GQA beyond the rows is no finding.
+      axes = [a for a in s[name].get("extrapolated_axes", ["shape"]) if a not in SCALE_AXES]
+      if s[name].get("extrapolated") and axes:
+        reasons.append(f"{name} lies outside the rows' support on {', '.join(axes)} "
+                       "(extrapolated)")
   if reasons:
     return [UNSUPPORTED + ": " + "; ".join(reasons)
             + ". The picks and speedups below are what the fitted law says, not findings.", ""]

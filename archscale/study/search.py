@@ -75,6 +75,7 @@ STOPS = {
     "infeasible": "the next variant was infeasible (r outside search.r_range, or N off budget)",
     "patience": "search.patience steps without a throughput gain",
     "gqa_max": "the next GQA exceeds search.gqa_max",
+    "support": "the next variant leaves the rows' support (its GQA or r; search.extrapolate)",
     "exhausted": "no divisor of n_heads left in that direction",
 }
 
@@ -101,18 +102,35 @@ class Space:
   d_ff_multiple: int = 256
   r_range: tuple[float, float] = (0.5, 5.0)
   n_tolerance: float = 0.05
-  # The fit rows' (x, r) ranges, widened by search.support_margin (None: unknown, no limit), and
-  # whether candidates outside are kept (marked extrapolated) rather than dropped.
-  support: tuple[tuple[float, float], tuple[float, float]] | None = None
+  # The fit rows' range per axis (`diagnostics.SUPPORT_AXES`; x and r widened by
+  # search.support_margin; None: unknown, no limit), and whether candidates outside the shape
+  # axes are kept (marked extrapolated) rather than dropped.
+  support: dict[str, tuple[float, float] | None] | None = None
   extrapolate: bool = False
 
 
-def in_support(space: Space, spec: ArchSpec) -> bool:
-  """Whether the spec's d_model/sqrt(N) and r lie within the law's (widened) support."""
-  if space.support is None:
-    return True
-  (x_lo, x_hi), (r_lo, r_hi) = space.support
-  return x_lo <= spec.d_over_sqrt_n <= x_hi and r_lo <= spec.mlp_attn_ratio <= r_hi
+# Axes the law cannot be trusted beyond: a candidate outside the rows on one of them is dropped
+# unless search.extrapolate is set. N and D (the law models them) are only marked.
+SHAPE_AXES = ("d_over_sqrt_n", "r", "gqa")
+OUTSIDE = "outside the rows' support (search.support_margin, search.extrapolate)"
+
+
+def axis_values(spec: ArchSpec, tokens: float) -> dict[str, float]:
+  """The spec's coordinates on the support's axes."""
+  return {"d_over_sqrt_n": spec.d_over_sqrt_n, "r": spec.mlp_attn_ratio, "gqa": spec.gqa,
+          "n_params": spec.params_nonembed, "tokens": tokens}
+
+
+def outside_axes(space: Space, spec: ArchSpec, tokens: float, n_slack: float = 0.0) -> list[str]:
+  """The axes on which the spec (trained on `tokens`) lies outside the law's support. N counts
+  as outside only beyond `n_slack` (the budget's tolerance) of the rows' range."""
+  out = []
+  for axis, v in axis_values(spec, tokens).items():
+    limits = (space.support or {}).get(axis)
+    slack = 1e-9 + (n_slack if axis == "n_params" else 0.0)
+    if limits is not None and not limits[0] * (1 - slack) <= v <= limits[1] * (1 + slack):
+      out.append(axis)
+  return out
 
 
 def fill_d_ff(budget: Budget, space: Space, d_model: int, n_heads: int,
@@ -142,8 +160,8 @@ def make_spec(budget: Budget, space: Space, d_model: int, n_heads: int,
   lo, hi = space.r_range
   if not lo <= spec.mlp_attn_ratio <= hi:
     return None, "r outside search.r_range"
-  if not space.extrapolate and not in_support(space, spec):
-    return None, "outside the law's support (search.support_margin, search.extrapolate)"
+  if not space.extrapolate and set(SHAPE_AXES) & set(outside_axes(space, spec, budget.tokens)):
+    return None, OUTSIDE
   return spec, None
 
 
@@ -198,7 +216,11 @@ class Candidate:
   throughput: float | None = None
   fits: bool | None = None
   meets_target: bool = False
-  extrapolated: bool = False  # outside the law's support (kept under search.extrapolate)
+  extrapolated_axes: list[str] = dataclasses.field(default_factory=list)  # outside the support
+
+  @property
+  def extrapolated(self) -> bool:
+    return bool(self.extrapolated_axes)
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -208,6 +230,7 @@ class Candidate:
         "fits": self.fits,
         "meets_target": self.meets_target,
         "extrapolated": self.extrapolated,
+        "extrapolated_axes": self.extrapolated_axes,
         "origin": self.origin,
     }
 
@@ -247,7 +270,8 @@ class Evaluator:
       loss = float(loss)
       self.cache[spec] = Candidate(spec, loss, origin,
                                    meets_target=bool(math.isfinite(loss) and loss <= self.target),
-                                   extrapolated=not in_support(self.space, spec))
+                                   extrapolated_axes=outside_axes(self.space, spec, self.tokens,
+                                                                  self.space.n_tolerance))
     return [self.cache[s] for s in specs]
 
   def rate(self, cand: Candidate) -> Candidate:
@@ -290,7 +314,7 @@ def gqa_walk(start: Candidate, budget: Budget, space: Space, evaluator: Evaluato
         break
       variant, reason = make_spec(budget, space, spec.d_model, spec.n_heads, spec.n_heads // g)
       if variant is None:
-        stop = "infeasible"
+        stop = "support" if reason == OUTSIDE else "infeasible"
         break
       cand = evaluator(variant, "gqa")
       visited.append(cand)
@@ -350,19 +374,23 @@ def search(law: Any, budget: Budget, space: Space, target: float,
            throughput: Callable[[ArchSpec], tuple[float | None, bool]], d_models: Sequence[int],
            gqa: int, patience: int = 2, top_k: int = 0, gqa_max: int = 0,
            baseline: ArchSpec | None = None,
-           rate_all: bool = True, max_rated: int = 0,
+           rate_all: bool = True, max_rated: int = 0, check_target: bool = False,
            progress: Callable[[str], None] | None = None) -> SearchResult:
   """Algorithm 1 on an enumerated space (no files): see the module docstring for the steps.
 
   `throughput(spec) -> (output tokens/s or None, fits)`. With `rate_all` every candidate gets a
   throughput (cheap sources such as the cost model); otherwise only those meeting the target,
   Panda and the baseline (a measured source), and `max_rated` > 0 caps how many may be rated.
+  `check_target` refuses a target outside the losses predicted over the enumeration (a number
+  given in the wrong units), before any throughput is measured.
   """
   say = progress or (lambda msg: logging.info("%s", msg))
   start_time = time.time()
   specs, dropped = enumerate_specs(budget, space, d_models, gqa)
   ev = Evaluator(law, budget.tokens, target, throughput, space)
   grid = ev.add(specs, "grid")
+  if check_target:
+    _check_target(target, [c.predicted_loss for c in grid], loss_units(law))
   meeting = [c for c in grid if c.meets_target]
   say(f"search: {len(grid)} feasible architectures over {len(d_models)} d_model values at GQA "
       f"{gqa} ({sum(dropped.values())} dropped); {len(meeting)} meet the target {target:.5g}")
@@ -416,6 +444,18 @@ def search(law: Any, budget: Budget, space: Space, target: float,
     say("search: no feasible candidate meets the target; Surefire is empty (raise the target, "
         "widen search.width_range or check search.r_range)")
   return SearchResult(cands, pareto_front(rated), panda, surefire, base, target, stats)
+
+
+def _check_target(target: float, losses: Sequence[float], units: str) -> None:
+  finite = [v for v in losses if math.isfinite(v)]
+  if finite and not min(finite) <= target <= max(finite):
+    lo, hi = min(finite), max(finite)
+    raise ValueError(
+        f"search.target={target:.5g} is outside the {units.replace('ss', 'sse')}s the law "
+        "predicts over the searched "
+        f"architectures ({lo:.5g} to {hi:.5g}), so every candidate would "
+        f"{'meet' if target > hi else 'miss'} it: give a target in that range, in the law's "
+        f"units ({units}), or 'baseline:<architecture>'")
 
 
 # ------------------------------------------------------------------------------ the mode
@@ -497,8 +537,49 @@ def _with_support(law_path: str, space: Space, s: SearchConfig) -> tuple[dict[st
     logging.warning("search: the law %s carries no support (the rows it was fitted on): "
                     "candidates are not checked against the data's range", law_path)
     return doc, dataclasses.replace(space, extrapolate=s.extrapolate)
-  return doc, dataclasses.replace(space, support=(tuple(support["d_over_sqrt_n"]),
-                                                  tuple(support["r"])), extrapolate=s.extrapolate)
+  limits = {k: None if v is None else (float(v[0]), float(v[1])) for k, v in support.items()}
+  return doc, dataclasses.replace(space, support=limits, extrapolate=s.extrapolate)
+
+
+def check_gqa(gqa: int, space: Space) -> None:
+  """Refuses an enumeration at a GQA the rows never trained (the law has no GQA term), unless
+  search.extrapolate is set."""
+  limits = (space.support or {}).get("gqa")
+  if limits is None or space.extrapolate or limits[0] <= gqa <= limits[1]:
+    return
+  held = f"{limits[0]:g}" if limits[0] == limits[1] else f"{limits[0]:g}..{limits[1]:g}"
+  raise ValueError(
+      f"search.gqa={gqa} (0 takes the baseline's) is outside the GQA of the rows the law was "
+      f"fitted on ({held}), and the law has no GQA term: set search.gqa to a GQA the sweep "
+      "trained, train that GQA too (sweep.gqa), or set search.extrapolate=True")
+
+
+def scale_statements(space: Space, budget: Budget, doc: dict[str, Any]) -> list[str]:
+  """How far the budget's N and D lie beyond the trained runs, with the error the progressive
+  protocol measured at its largest step (the error to expect there); and what GQA rests on."""
+  support, out = space.support or {}, []
+  for axis, name, value in (("n_params", "N", budget.n_nonembed), ("tokens", "D", budget.tokens)):
+    limits = support.get(axis)
+    if limits is None or limits[0] <= value * (1 + 1e-9) and value <= limits[1] * (1 + 1e-9):
+      continue
+    factor, edge = (value / limits[1], "largest") if value > limits[1] else (
+        value / limits[0], "smallest")
+    out.append(f"{name} = {value:.4g} is {factor:.3g}x the {edge} trained run ({name} "
+               f"{limits[1] if edge == 'largest' else limits[0]:.4g}): the law extrapolates")
+  steps = [p for p in ((doc.get("metrics") or {}).get("progressive") or []) if p.get("mse")]
+  if out and steps:
+    out.append(f"the progressive protocol's error at its largest step (predicting N "
+               f"{steps[-1]['test_scale']:.3g} from smaller scales) is RMSE "
+               f"{math.sqrt(steps[-1]['mse']):.3g}: the least error to expect here")
+  elif out:
+    out.append("no progressive step (fitting smaller scales, predicting a larger one) measured "
+               "how well this law extrapolates in scale")
+  if support and support.get("gqa") is None:
+    out.append("the rows do not record GQA, so every GQA is assumed to leave the loss unchanged")
+  elif support and support["gqa"][0] == support["gqa"][1]:
+    out.append(f"the rows hold GQA {support['gqa'][0]:g} only: the law has no GQA term, so "
+               "another GQA is assumed to leave the loss unchanged")
+  return out
 
 
 def _uncertainty(law: Any, doc: dict[str, Any], result: SearchResult, budget: Budget,
@@ -560,6 +641,7 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   source = throughput.source(config, workdir, scenario)
   law, law_path = load_or_fit_law(config, workdir)
   doc, space = _with_support(law_path, space, s)
+  check_gqa(inputs["gqa"], space)
   units = loss_units(law)
   if inputs["target_value"] is not None:
     target = inputs["target_value"]
@@ -579,7 +661,7 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   if not centers:
     centers = [ArchSpec.from_config(config).d_over_sqrt_n]
   if space.support and not space.extrapolate:  # the grid around what the rows support
-    lo, hi = space.support[0]
+    lo, hi = space.support["d_over_sqrt_n"]
     centers = [min(max(c, lo), hi) for c in centers]
   d_models = d_model_grid(budget.n_nonembed, centers, inputs["width_range"],
                           space.d_model_multiple)
@@ -588,7 +670,8 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
                d_models[-1], target, units, source.name)
   result = search(law, budget, space, target, source, d_models, inputs["gqa"], s.patience,
                   s.top_k, s.gqa_max, baseline, rate_all=source.cheap,
-                  max_rated=0 if source.cheap else s.max_measure)
+                  max_rated=0 if source.cheap else s.max_measure,
+                  check_target=inputs["target_value"] is not None)
   out = result.to_json()
   out.update({
       "budget": {"n_nonembed": budget.n_nonembed, "tokens": budget.tokens,
@@ -604,14 +687,14 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
                                       "r": _law_optimum(law, doc, "r")}},
       "loss_units": units,
       "support": space.support and {
-          "d_over_sqrt_n": list(space.support[0]), "r": list(space.support[1]),
+          **{k: v and list(v) for k, v in space.support.items()},
           "rows": doc.get("support"), "margin": s.support_margin, "extrapolate": s.extrapolate},
       "provenance": io.provenance(config),
   })
   out["uncertainty"], statements = _uncertainty(law, doc, result, budget, baseline)
   out["measured"] = measured_runs(config, {k: out[k] for k in ("panda", "surefire", "baseline")})
-  out["uncertainty"]["statements"] = statements
-  for line in statements:
+  out["uncertainty"]["statements"] = statements + scale_statements(space, budget, doc)
+  for line in out["uncertainty"]["statements"]:
     logging.info("search: %s", line)
   workdir.mkdir(parents=True, exist_ok=True)
   io.write_json_atomic(workdir / SEARCH_JSON, out)
