@@ -308,6 +308,30 @@ def test_degenerate_data_is_refused():
     fitting.fit([], form="chinchilla")
 
 
+def test_fit_json_records_the_support_on_every_axis_and_what_intervals_hold_fixed():
+  result = fitting.fit(_rows(), form="multiplicative", l_opt=CHINCHILLA, bootstrap=8)
+  support = result.to_json()["support"]
+  assert support["gqa"] == [4, 4] and support["n_params"] == [80e6, 297e6]
+  assert support["tokens"] == [20 * 80e6, 20 * 297e6]
+  assert support["d_over_sqrt_n"] == pytest.approx([0.03, 0.25])
+  assert result.diagnostics["intervals_hold_fixed"] == ["l_opt"]
+  no_gqa = [{k: v for k, v in r.items() if k != "gqa"} for r in _rows()]
+  assert fitting.fit(no_gqa, form="multiplicative", l_opt=CHINCHILLA).support["gqa"] is None
+  chin = fitting.fit(chinchilla_rows(), form="chinchilla", starts="grid", bootstrap=4)
+  assert chin.diagnostics["intervals_hold_fixed"] == []
+
+
+def test_a_chinchilla_l_opt_on_budgets_whose_d_follows_n_is_refused():
+  scales = np.geomspace(5e7, 1e9, 7)
+  rows = synthetic_rows("multiplicative", PAPER_MULT, scales=scales, n_x=3, n_r=3)
+  with pytest.raises(ValueError, match=r"R\^2 1.0000; about 20 tokens .*fit.l_opt=empirical"):
+    fitting.fit(rows, form="multiplicative", l_opt="chinchilla")
+  # The same budgets at tokens per parameter that vary with N: separable, so fitted.
+  tpp = dict(zip(scales, [5, 80, 10, 40, 20, 160, 8], strict=True))
+  spread = [dict(r, tokens=tpp[r["params_nonembed"]] * r["params_nonembed"]) for r in rows]
+  assert fitting.fit(spread, form="multiplicative", l_opt="chinchilla").l_opt == "chinchilla"
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(form="quadratic"), r"form='quadratic' is not allowed"),
     (dict(loss="l1"), r"loss='l1'"),

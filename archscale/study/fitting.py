@@ -24,7 +24,8 @@ bootstrap_stderr (standard deviations of the replicates), optimum (d_over_sqrt_n
 when not identified or not inside the rows' range, with `reasons`, `range`, closed_form,
 interior; null for chinchilla), diagnostics (converged_fraction, convergence, identifiable
 {"d_over_sqrt_n": bool, "r": bool}, identifiability reasons, condition_numbers, bootstrap_used,
-bootstrap_total, bootstrap_note, grouping, torn_lines, warnings), covariance (of the fitted
+bootstrap_total, bootstrap_note, intervals_hold_fixed (["l_opt"] when the bootstrap keeps
+L_opt at its full-data values), grouping, torn_lines, warnings), covariance (of the fitted
 solver parameters, from the Jacobian), support (the rows' d_over_sqrt_n, r, gqa, n_params and
 tokens ranges; gqa null when the rows do not record it), objective,
 starts (total, converged, at_best, status counts, remedy), settings, metrics (in_sample;
@@ -300,6 +301,22 @@ def _feats(table: table_lib.Table, l_opt: np.ndarray | None = None) -> _Feats:
   return _Feats(np.log(table.n), np.log(table.d), l_opt, table.x, table.r)
 
 
+# Above this R^2 of log D on log N the budgets' D follows N, and A/alpha cannot be told from
+# B/beta: any split of the scale term between them fits the budgets alike.
+COLLINEAR_R2 = 0.99
+
+
+def _check_separable(n: np.ndarray, d: np.ndarray) -> None:
+  """Refuses a Chinchilla L_opt on budgets whose log N and log D are nearly collinear."""
+  r2 = float(np.corrcoef(np.log(n), np.log(d))[0, 1] ** 2)
+  if r2 > COLLINEAR_R2:
+    ratio = np.median(d / n)
+    raise ValueError(
+        f"l_opt='chinchilla' cannot separate N's term from D's: the budgets' log D follows log N "
+        f"(R^2 {r2:.4f}; about {ratio:.3g} tokens per parameter throughout). Set "
+        "fit.l_opt=empirical, or train some budgets at other tokens per parameter")
+
+
 def _resolve_l_opt(l_opt: Any, table: table_lib.Table, cfg: settings.FitConfig,
                    rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float] | None, str]:
   """L_opt per row, the Chinchilla params behind it (if any), and a description."""
@@ -320,6 +337,7 @@ def _resolve_l_opt(l_opt: Any, table: table_lib.Table, cfg: settings.FitConfig,
           f"N, {table_lib.distinct(table.d[first])} distinct D); it needs at least 6 with two or "
           "more of each. "
           "Use l_opt='empirical', or the path of a fit.json with Chinchilla params.")
+    _check_separable(table.n[first], table.d[first])
     sub = table_lib.Table([], [], table.n[first], table.d[first], mins, table.x[first],
                           table.r[first], table.scale[first], np.arange(n_budgets),
                           np.arange(n_budgets))
@@ -508,6 +526,9 @@ def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
   diag, optimum = diagnostics_lib.diagnose(
       law, cfg, table, sol.starts, (len(sol.theta_samples), sol.bootstrap_total), se_P,
       jac_RP, intervals, boot_note)
+  # Replicates refit the law's own parameters; L_opt (the budgets' best losses or their
+  # Chinchilla fit) stays as the full data gave it, so intervals leave out its uncertainty.
+  diag["intervals_hold_fixed"] = ["l_opt"] if l_opt_R is not None else []
   for k in law_lib.REGRESSORS:  # no interval for an optimum that is not reported
     if optimum is not None and optimum[k] is None:
       intervals.pop(k, None)

@@ -271,7 +271,10 @@ def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
                       for k, ok in (diag.get("identifiable") or {}).items())
     out += [f"Terms identified by the rows: {named}; starts converged: "
             f"{diag.get('converged_fraction', 0):.0%}; bootstrap replicates used: "
-            f"{diag.get('bootstrap_used')} of {diag.get('bootstrap_total')}.", ""]
+            f"{diag.get('bootstrap_used')} of {diag.get('bootstrap_total')}"
+            + ("; intervals hold L_opt fixed at its full-data values, so its own uncertainty is "
+               "not in them" if "l_opt" in diag.get("intervals_hold_fixed", []) else "")
+            + ".", ""]
     out += [f"- **warning**: {w}" for w in diag.get("warnings", [])]
     out += [""] if diag.get("warnings") else []
   return out
