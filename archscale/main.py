@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from archscale.core import io
+from archscale.core import exits, io
 
 # mode -> "module:function"; each function takes (config, workdir) and does the whole job.
 MODES = {
@@ -63,13 +63,17 @@ def main(argv):
   logging.info("archscale: mode=%s workdir=%s", mode, workdir)
   module_name, fn_name = MODES[mode].split(":")
   try:
-    getattr(importlib.import_module(module_name), fn_name)(config, workdir)
-  except Exception as e:  # noqa: BLE001 - I/O failures end in one line; everything else raises.
-    message = io.one_line_error(e)
+    result = getattr(importlib.import_module(module_name), fn_name)(config, workdir)
+  except Exception as e:  # noqa: BLE001 - reported in one line; other errors raise.
+    # ValueError is how every check of a config or an input says what to fix; I/O failures and
+    # ReportedErrors say it too. The traceback stays available with --verbosity=1.
+    message = str(e) if isinstance(e, ValueError) else io.one_line_error(e)
     if message is None:
       raise
+    logging.debug("archscale: %s failed", mode, exc_info=True)
     logging.error("archscale: %s failed: %s", mode, message)
-    sys.exit(1)
+    sys.exit(exits.EXIT_FAILED)
+  sys.exit(exits.status_of(result))
 
 
 if __name__ == "__main__":

@@ -157,6 +157,29 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
   assert "redoing" not in capsys.readouterr().out
 
 
+def test_a_pipeline_stops_before_the_fit_when_runs_failed_unless_allowed(corpus, tmp_path,
+                                                                        monkeypatch):
+  c = tiny_config(corpus)
+  broken = sweep.plan(c)[0][3].run_id
+
+  def one_fails(cfg, run_dir):
+    if cfg.name == broken:
+      raise RuntimeError("CUDA error: an illegal memory access")
+    return fake_train(cfg, run_dir)
+
+  monkeypatch.setattr(runner, "train_in_process", one_fails)
+  workdir = tmp_path / "work"
+  with pytest.raises(ValueError, match=rf"11 of 12 runs finished; not finished: {broken} "
+                                       r"\(failed\).*pipeline.allow_failed_runs=True"):
+    pipeline.run_pipeline(c, workdir)
+  assert not (workdir / "fit.json").exists() and not (workdir / ".done" / "sweep").exists()
+  c.pipeline.allow_failed_runs = True
+  pipeline.run_pipeline(c, workdir)
+  fit = json.loads((workdir / "fit.json").read_text())
+  assert len(fit["rows_used"]) == 11 and broken not in {r["run_id"] for r in fit["rows_used"]}
+  assert not (workdir / ".done" / "sweep").exists()  # the next call retries the failed run
+
+
 def test_pipeline_rejects_an_emitting_sweep_before_training(corpus, tmp_path):
   c = tiny_config(corpus)
   c.sweep.launch = "emit"

@@ -9,12 +9,13 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
 from helpers import REPO, make_config, wait_for, write_tiny_tasks
 
-from archscale.core import io
+from archscale.core import config_lib, exits, io
 from archscale.study import attempts, slurm, sweep
 
 # One cluster per machine: the test command distributes whole files (--dist loadfile), so every
@@ -213,6 +214,50 @@ def test_a_run_that_always_fails_is_submitted_max_attempts_times(cluster, datase
   assert again["submitted"] == 0 and again["failed"] == 1 and _jobs(workdir)[run.run_id] == jobs
   line = next(x for x in lines[-1].splitlines() if x.startswith(run.run_id)).split()
   assert line[1] == "failed" and line[-1] == "2", lines[-1]
+  assert exits.status_of(again) == exits.EXIT_FAILED
+
+
+FLAKY = """#!/bin/sh
+# The first {fails} calls fail as when the controller does not answer; later ones are real.
+n=$(cat "{counter}" 2>/dev/null || echo 0)
+echo $((n + 1)) > "{counter}"
+if [ "$n" -lt {fails} ]; then
+  echo "{name}: error: Unable to contact slurm controller (connect failure)" >&2
+  exit 1
+fi
+exec "{real}" "$@"
+"""
+
+
+def test_a_scheduler_that_does_not_answer_is_waited_out_never_resubmitted(
+    cluster, dataset, tmp_path):
+  """sacct and squeue fail their first calls after the submission: the runs are unknown, not
+  failed; the driver (the command line, as a script runs it) waits, then exits 0 with each run
+  finished by its one job."""
+  wrappers = tmp_path / "bin"
+  wrappers.mkdir()
+  for name in ("sacct", "squeue"):
+    script = wrappers / name
+    script.write_text(FLAKY.format(fails=4, counter=tmp_path / f"{name}.calls", name=name,
+                                   real=shutil.which(name)))
+    script.chmod(0o755)
+  c = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(0.7, 1.5))
+  c.sweep.wait = True
+  config = config_lib.write_config_py(tmp_path / "sweep_config.py", c, "A flaky-scheduler sweep.")
+  workdir = tmp_path / "sweep"
+  env = dict(os.environ, PATH=f"{wrappers}:{os.environ['PATH']}")
+  proc = subprocess.run([sys.executable, "-m", "archscale.main", f"--config={config}",
+                         "--mode=sweep", f"--workdir={workdir}"], env=env, capture_output=True,
+                        text=True, timeout=DEADLINE_S)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  assert "the scheduler did not answer for 2 job(s)" in out
+  assert int((tmp_path / "squeue.calls").read_text()) > 4
+  jobs = _jobs(workdir)
+  assert len(jobs) == 2 and all(len(ids) == 1 for ids in jobs.values())
+  rows = list(io.read_jsonl(workdir / attempts.RESULTS))
+  assert sorted(r["run_id"] for r in rows) == sorted(jobs)
+  assert all(r["status"] == "finished" for r in rows)
 
 
 def test_a_job_evaluates_its_run_and_the_row_carries_the_eval(cluster, dataset, tmp_path):

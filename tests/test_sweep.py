@@ -318,6 +318,33 @@ def test_a_failing_training_process_is_recorded_with_its_error(dataset, tmp_path
   assert loaded.model.max_seq_len == c.model.max_seq_len
 
 
+def test_a_sweep_with_a_failed_run_exits_non_zero_naming_it(dataset, tmp_path):
+  """The command line, as a script or `afterok` sees it: one run failed before (and is not
+  retried), the other trains; the sweep prints which run did not finish and exits 1."""
+  c = make_config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(0.7, 1.5))
+  c.sweep.retry_failed = False
+  c.sweep.isolation = "none"
+  c.train.eval_every = 0
+  workdir = tmp_path / "sweep"
+  broken, good = sweep.plan(c)[0]
+  run_cfg = sweep.run_config(c, broken, dataset)
+  attempts.record_attempt(workdir, attempts.failed_row(
+      broken, "failed", "RuntimeError: out of memory\ntrace", run_cfg, 1.0))
+  config = config_lib.write_config_py(tmp_path / "sweep_config.py", c, "One failed run.")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "archscale.main", f"--config={config}",
+                         "--mode=sweep", f"--workdir={workdir}"], env=env, capture_output=True,
+                        text=True, timeout=600)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == exits.EXIT_FAILED, out[-3000:]
+  assert "1 run(s) not finished" in out
+  assert any(line.split()[:2] == [broken.run_id, "failed"] and "out of memory" in line
+             for line in out.splitlines()), out[-3000:]
+  rows = {r["run_id"]: r["status"] for r in io.read_jsonl(workdir / attempts.RESULTS)}
+  assert rows == {broken.run_id: "failed", good.run_id: "finished"}
+  assert exits.status_of({"failed": 0, "unknown": 0, "skipped": 1}) == exits.EXIT_BUSY
+
+
 def test_emitted_commands_run_from_a_workdir_with_spaces(dataset, tmp_path):
   workdir = tmp_path / "my sweep's dir"
   c = make_config(dataset, launch="emit", scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,))

@@ -5,7 +5,8 @@ overridden from the command line as `--config.section.field=value`. Sections:
 
   model    ArchSpec fields (archscale.model.arch.ArchSpec)
   compute  how the model runs (archscale.core.settings.ModelOptions)
-  data, train, sweep, fit, search, bench, export, eval   typed sections of archscale.core.settings,
+  data, train, sweep, fit, search, bench, export, eval, pipeline   typed sections of
+           archscale.core.settings,
            which hold their defaults, documentation and checks
   mesh     device mesh axis sizes (-1 = the rest) distributed  multi-host initialisation
 """
@@ -79,6 +80,7 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
       slurm=dataclasses.asdict(settings.SlurmConfig())))
   c.export = ml_collections.ConfigDict(settings.ExportConfig.defaults())
   c.eval = ml_collections.ConfigDict(settings.EvalConfig.defaults())
+  c.pipeline = ml_collections.ConfigDict(settings.PipelineConfig.defaults())
   return c
 
 

@@ -666,3 +666,16 @@ def training_recipe(config: Any) -> dict[str, Any]:
 
 SECTIONS: tuple[type[Section], ...] = (TrainConfig, DataConfig, SweepConfig, FitConfig,
                                        SearchConfig, BenchConfig, ExportConfig, EvalConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig(Section):
+  """`pipeline.*`: how `--mode=pipeline` treats what its steps leave undone (study.pipeline)."""
+
+  SECTION: ClassVar[str] = "pipeline"
+
+  allow_failed_runs: bool = False  # fit on the finished runs when some of the sweep's failed
+
+  def __post_init__(self):
+    check(isinstance(self.allow_failed_runs, bool), "pipeline.allow_failed_runs must be true or "
+          f"false, got {self.allow_failed_runs!r}")

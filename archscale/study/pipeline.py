@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from archscale.core import io, settings
-from archscale.core.settings import DataConfig, SweepConfig
+from archscale.core.settings import DataConfig, PipelineConfig, SweepConfig
 from archscale.study import attempts, plots, sweep
 
 STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
@@ -98,13 +98,21 @@ def _prepare_data(config: Any, workdir: pathlib.Path, say: Callable[[str], None]
       f"({info['tokenizer']} tokenizer, vocab {info['vocab_size']}) in {config.data.path}")
 
 
-def _sweep(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
+def _sweep(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> bool:
+  """Trains the sweep; False (not done: a rerun retries them) when runs failed but the pipeline
+  may go on without them."""
   counts = sweep.run_sweep(config, workdir, progress=say)
-  if counts["finished"] < counts["planned"]:
-    raise RuntimeError(
-        f"sweep: only {counts['finished']} of {counts['planned']} runs finished "
-        f"({counts['failed']} failed, {counts['skipped']} held by another process); see "
-        f"{workdir / attempts.RESULTS} and the runs' train.log, then rerun the pipeline")
+  if counts["finished"] == counts["planned"]:
+    return True
+  missing = ", ".join(f"{u['run_id']} ({u['status']})" for u in counts.get("unfinished", []))
+  if PipelineConfig.from_config(config).allow_failed_runs:
+    say(f"sweep: going on with the {counts['finished']} finished runs, without {missing} "
+        "(pipeline.allow_failed_runs); the next pipeline call retries them")
+    return False
+  raise ValueError(
+      f"sweep: {counts['finished']} of {counts['planned']} runs finished; not finished: "
+      f"{missing}. See {workdir / attempts.RESULTS} and the runs' train.log, then rerun the "
+      "pipeline to retry them, or set pipeline.allow_failed_runs=True to fit without them")
 
 
 def _fit(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
@@ -152,7 +160,8 @@ def run_pipeline(config: Any, workdir: pathlib.Path) -> dict[str, float]:
   if SweepConfig.from_config(c).launch != "local":
     raise ValueError("the pipeline trains its sweep here: set sweep.launch='local' (or run "
                      "--mode=sweep with launch='emit' on a cluster, then --mode=fit and search)")
-  steps: dict[str, Callable[[Any, pathlib.Path, Callable[[str], None]], None]] = {
+  # A step that returns False did not finish its work: it is not marked done, so it runs again.
+  steps: dict[str, Callable[[Any, pathlib.Path, Callable[[str], None]], bool | None]] = {
       "prepare_data": _prepare_data, "sweep": _sweep, "fit": _fit,
       "decode_bench": _decode_bench, "search": _search, "report": write_report,
   }
@@ -176,8 +185,10 @@ def run_pipeline(config: Any, workdir: pathlib.Path) -> dict[str, float]:
       marker.unlink()
     _say(f"[{i}/{len(STEPS)}] {name} ...")
     t0 = time.time()
-    steps[name](c, workdir, lambda msg, i=i: _say(f"[{i}/{len(STEPS)}] {msg}"))
+    complete = steps[name](c, workdir, lambda msg, i=i: _say(f"[{i}/{len(STEPS)}] {msg}"))
     times[name] = time.time() - t0
+    if complete is False:
+      continue
     io.write_json_atomic(marker, {
         "seconds": times[name], "config": fp, "inputs": inputs, "id": uuid.uuid4().hex,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -40,7 +40,10 @@ JOBS = "jobs.json"
 SLURM_DIR = "slurm"
 ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                     "COMPLETING", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"})
-STATUSES = ("planned", "queued", "running", "finished", "failed")
+STATUSES = ("planned", "queued", "running", "finished", "failed", "unknown")
+# A job whose state could not be read: squeue failed (the controller did not answer) and sacct
+# did not know it. Its run is "unknown": waited on, never resubmitted on that basis.
+NO_ANSWER = "NO_ANSWER"
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -175,25 +178,33 @@ def _requeue_if_running() -> None:
 # -------------------------------------------------------------------------------- scheduler
 
 
+def _ask(cmd: list[str]) -> str | None:
+  """A scheduler command's output, or None when it failed (controller down, no accounting)."""
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  return done.stdout if done.returncode == 0 else None
+
+
 def job_states(job_ids: Sequence[str]) -> dict[str, str]:
-  """The scheduler's state of each job id ("UNKNOWN" for a job neither sacct nor squeue knows)."""
+  """The scheduler's state of each job id: "UNKNOWN" for a job neither sacct nor squeue knows
+  (gone), `NO_ANSWER` when squeue failed and sacct did not know it either."""
   ids = sorted(set(job_ids))
   if not ids:
     return {}
   out: dict[str, str] = {}
-  acct = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)],
-                        capture_output=True, text=True, timeout=120)
-  for line in acct.stdout.splitlines():
+  acct = _ask(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)])
+  for line in (acct or "").splitlines():
     job, _, state = line.partition("|")
     if job in ids:
       out[job] = state.split()[0] if state.strip() else "UNKNOWN"
-  queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(ids)],
-                         capture_output=True, text=True, timeout=120)
-  for line in queue.stdout.splitlines():  # Newer than sacct (the database lags the controller).
+  queue = _ask(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(ids)])
+  for line in (queue or "").splitlines():  # Newer than sacct (the database lags the controller).
     job, _, state = line.partition("|")
     if job in ids and state.strip():
       out[job] = state.strip()
-  return {j: out.get(j, "UNKNOWN") for j in ids}
+  return {j: out.get(j, "UNKNOWN" if queue is not None else NO_ANSWER) for j in ids}
 
 
 def executor(s: SlurmConfig, folder: pathlib.Path, name: str) -> Any:
@@ -224,8 +235,8 @@ def _load_jobs(workdir: pathlib.Path) -> dict[str, list[str]]:
 
 def reconcile(runs: Sequence[Run], workdir: pathlib.Path, jobs: dict[str, list[str]],
               max_attempts: int) -> dict[str, dict[str, Any]]:
-  """Each run's status (planned, queued, running, finished, failed), last job, and whether to
-  submit it now."""
+  """Each run's status (planned, queued, running, finished, failed, unknown), last job, and
+  whether to submit it now."""
   rows = attempts.run_states(workdir)
   states = job_states([ids[-1] for ids in jobs.values() if ids])
   out = {}
@@ -238,6 +249,8 @@ def reconcile(runs: Sequence[Run], workdir: pathlib.Path, jobs: dict[str, list[s
       status = "finished"
     elif state in ACTIVE:
       status = "running" if state in ("RUNNING", "COMPLETING", "SIGNALING") else "queued"
+    elif state == NO_ANSWER:
+      status = "unknown"
     elif not ids:
       status = "planned"
     else:
@@ -288,6 +301,7 @@ def submit_sweep(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
   workdir = workdir.resolve()
   jobs = _load_jobs(workdir)
   submitted: list[str] = []
+  said_unknown = 0
   while True:
     view = reconcile(runs, workdir, jobs, s.max_attempts)
     todo = [r for r in runs if view[r.run_id]["submit"]]
@@ -296,7 +310,12 @@ def submit_sweep(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
       submitted += ids
       say(f"sweep: submitted {len(todo)} run(s) as SLURM job(s) {', '.join(ids)}")
       view = reconcile(runs, workdir, jobs, s.max_attempts)
-    active = [v for v in view.values() if v["status"] in ("queued", "running")]
+    active = [v for v in view.values() if v["status"] in ("queued", "running", "unknown")]
+    unknown = sum(v["status"] == "unknown" for v in view.values())
+    if unknown and unknown != said_unknown:
+      say(f"sweep: the scheduler did not answer for {unknown} job(s) (squeue failed); "
+          + ("waiting" if s.wait else "their runs are unknown, not resubmitted"))
+    said_unknown = unknown
     if not s.wait or not active:
       break
     time.sleep(s.poll_s)

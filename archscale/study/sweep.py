@@ -136,9 +136,13 @@ def _data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
 
 def _train_here(config: Any, s: SweepConfig, workdir: pathlib.Path, selected: Sequence[Run],
                 data_path: str | os.PathLike, trainer: Trainer,
-                say: Callable[[str], None]) -> dict[str, int]:
-  """Trains the unfinished runs one after another; a SIGTERM stops the sweep (exit 75)."""
-  counts = {"finished": 0, "failed": 0, "skipped": 0}
+                say: Callable[[str], None]) -> dict[str, Any]:
+  """Trains the unfinished runs one after another; a SIGTERM stops the sweep (exit 75).
+  Returns the counts and, in `unfinished`, each run that did not finish: run_id, status, error."""
+  counts: dict[str, Any] = {"finished": 0, "failed": 0, "skipped": 0, "unfinished": []}
+  missed = lambda run, status, error: counts["unfinished"].append(
+      {"run_id": run.run_id, "status": status, "error": error.strip().splitlines()[0][:200]
+       if error.strip() else ""})
   start, trained = time.time(), 0
   for i, run in enumerate(selected, 1):
     tag = f"sweep: [{i}/{len(selected)}] {run.run_id}"
@@ -149,6 +153,7 @@ def _train_here(config: Any, s: SweepConfig, workdir: pathlib.Path, selected: Se
     if prior and not s.retry_failed:
       say(f"{tag} {prior['status']} before; not retried (sweep.retry_failed=False)")
       counts["failed"] += 1
+      missed(run, prior["status"], prior.get("error") or "")
       continue
     say(f"sweep: [{i}/{len(selected)}] training {run.run_id} (N={run.spec.params_nonembed:,}, "
         f"x={run.spec.d_over_sqrt_n:.3f}, r={run.spec.mlp_attn_ratio:.2f}, gqa={run.spec.gqa}, "
@@ -160,6 +165,7 @@ def _train_here(config: Any, s: SweepConfig, workdir: pathlib.Path, selected: Se
     eta = elapsed / trained * (len(selected) - i)
     if row is None:
       counts["skipped"] += 1
+      missed(run, "held", "another process is training it")
       say(f"{tag} is held by another process; skipped")
     elif row["status"] == "finished":
       counts["finished"] += 1
@@ -171,8 +177,8 @@ def _train_here(config: Any, s: SweepConfig, workdir: pathlib.Path, selected: Se
       raise SystemExit(EXIT_PREEMPTED)
     else:
       counts["failed"] += 1
-      first = row["error"].strip().splitlines()[0] if row["error"].strip() else ""
-      say(f"{tag} {row['status']}: {first[:200]} (recorded; continuing)")
+      missed(run, row["status"], row["error"])
+      say(f"{tag} {row['status']}: {counts['unfinished'][-1]['error']} (recorded; continuing)")
   return counts
 
 
@@ -231,4 +237,13 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   table = materialise(workdir)
   say(f"sweep: {counts['finished']}/{len(chosen)} runs finished, {counts['failed']} failed, "
       f"{counts['skipped']} held elsewhere; table {table}")
+  if counts["unfinished"]:
+    say(unfinished_table(counts["unfinished"]))
   return counts
+
+
+def unfinished_table(unfinished: Sequence[dict[str, Any]]) -> str:
+  """The runs a sweep did not finish, one line each: run id, status and the error's first line."""
+  lines = [f"sweep: {len(unfinished)} run(s) not finished (the mode exits non-zero):"]
+  lines += [f"  {u['run_id']:44} {u['status']:9} {u['error']}" for u in unfinished]
+  return "\n".join(lines)
