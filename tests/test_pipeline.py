@@ -189,9 +189,10 @@ def test_pipeline_rejects_an_emitting_sweep_before_training(corpus, tmp_path):
 
 
 def test_the_report_opens_with_whether_the_data_support_a_recommendation(tmp_path):
-  fit = {"diagnostics": {"identifiable": {"d_over_sqrt_n": True, "r": False},
-                         "warnings": ["the rows do not identify r"]},
-         "metrics": {"in_sample": {"r2": 0.31}}}
+  tests = {"tested": True, "terms": ["d_over_sqrt_n", "r"], "shape_effect_p": 1e-9,
+           "explained": 0.93, "lack_of_fit_p": 0.4}
+  fit = {"verdict": {"supported": False, "reasons": ["the rows identify none of the fitted terms"],
+                     "caveats": [], "tests": tests}}
   search = {"panda": {"extrapolated": True, "extrapolated_axes": ["gqa", "n_params"]},
             "surefire": {"extrapolated": True, "extrapolated_axes": ["n_params", "tokens"]},
             "uncertainty": {"panda": {"within_uncertainty": False},
@@ -200,23 +201,30 @@ def test_the_report_opens_with_whether_the_data_support_a_recommendation(tmp_pat
   (tmp_path / "search.json").write_text(json.dumps(search))
   (first, _) = pipeline.verdict(tmp_path)
   assert first.startswith("**The data of this run do not support a recommendation**")
-  for reason in ("do not identify the r term", "1 warning(s)", "R^2 0.31",
+  for reason in ("identify none of the fitted terms",
                  "panda lies outside the rows' support on gqa (extrapolated)",
                  "surefire's predicted difference is within the fit's uncertainty"):
     assert reason in first
-  assert "d_over_sqrt_n term" not in first and "panda's predicted difference" not in first
+  assert "panda's predicted difference" not in first
   assert "surefire lies outside" not in first  # beyond the runs' scale: stated, not a verdict
 
-  fit = {"diagnostics": {"identifiable": {"d_over_sqrt_n": True, "r": True}, "warnings": []},
-         "metrics": {"in_sample": {"r2": 0.93}}}
+  fit["verdict"].update(supported=True, reasons=[],
+                        caveats=["the rows do not identify the r term, so ..."])
   search["panda"]["extrapolated"] = False
   search["uncertainty"]["surefire"]["within_uncertainty"] = False
   (tmp_path / "fit.json").write_text(json.dumps(fit))
   (tmp_path / "search.json").write_text(json.dumps(search))
-  first = pipeline.verdict(tmp_path)[0]
-  assert "do not support" not in first and "seed noise was not measured" in first
+  lines = pipeline.verdict(tmp_path)
+  assert lines[0].startswith("The data support a recommendation: the shapes' losses differ "
+                             "beyond each budget's seed noise (combined p = 1e-09), the law's "
+                             "shape term explains 93%")
+  assert "- caveat: the rows do not identify the r term, so ..." in lines
   assert pipeline.verdict(tmp_path / "empty") == []
+  (tmp_path / "fit.json").write_text(json.dumps({"form": "chinchilla"}))
+  assert "the fit carries no verdict" in pipeline.verdict(tmp_path)[0]
 
+  fit = {"diagnostics": {"identifiable": {"d_over_sqrt_n": True, "r": True}, "warnings": []},
+         "metrics": {"in_sample": {"r2": 0.93}}}
   budgets = [{"params_nonembed": n, "tokens": 4e5, "points": 5, "spread": s, "f": f, "p": p,
               "beyond_noise": p <= 0.05}
              for n, s, f, p in ((6e4, 0.3, 40.0, 1e-6), (1.2e5, 0.01, 0.9, 0.5))]
@@ -224,8 +232,6 @@ def test_the_report_opens_with_whether_the_data_support_a_recommendation(tmp_pat
                                  "replicated_points": 10, "points": 10, "budgets": budgets,
                                  "fit_rms": 0.03, "fit_rms_over_noise": 1.5}
   (tmp_path / "fit.json").write_text(json.dumps(fit))
-  first = pipeline.verdict(tmp_path)[0]
-  assert "in 1 of 2 budget(s) the shapes' losses do not differ beyond seed noise" in first
   (tmp_path / "search.json").unlink()
   report = pipeline.write_report(config_lib.make_config("demo"), tmp_path, lambda _: None)
   text = report.read_text()

@@ -358,8 +358,8 @@ class SweepConfig(Section):
 FIT_FORMS = ("multiplicative", "additive", "joint", "chinchilla")
 FIT_TERMS = ("both", "width", "ratio")
 FIT_L_OPTS = ("chinchilla", "empirical")
-FIT_LOSSES = ("huber", "squared")
-FIT_SPACES = ("log", "linear")
+FIT_LOSSES = ("auto", "huber", "squared")
+FIT_SPACES = ("auto", "log", "linear")
 FIT_SOLVERS = ("lm", "lbfgs")
 FIT_STARTS = ("grid", "random")
 
@@ -375,9 +375,9 @@ class FitConfig(Section):
   terms: str = "both"          # both | width | ratio: which architecture terms to fit
   l_opt: str = "empirical"     # empirical (best loss per (N, D)) | chinchilla | a fit.json path
   r_range: Any = (0.5, 5.0)    # keep rows with lo <= mlp_attn_ratio <= hi; () keeps all
-  loss: str = "huber"          # huber | squared, summed over rows
+  loss: str = "auto"           # auto (squared; huber for chinchilla) | huber | squared
   delta: float = 1e-3          # Huber threshold, in the units of the residuals
-  space: str = "log"           # residuals of log loss | linear loss
+  space: str = "auto"          # auto (linear; log for chinchilla) | log | linear loss residuals
   solver: str = "lm"           # lm (Levenberg-Marquardt) | lbfgs (optax)
   starts: str = "grid"         # grid (Hoffmann's for Chinchilla, around an anchor else) | random
   n_starts: int = 256          # random starts (the joint form always draws them)
@@ -408,6 +408,14 @@ class FitConfig(Section):
       check(ok, f"fit.{name}={getattr(self, name)!r} is out of range (delta, tol > 0; "
             "n_starts, max_iter >= 1; bootstrap >= 0; 0 < level < 1)")
     _ = self.r_bounds  # checks r_range
+
+  def objective(self) -> FitConfig:
+    """These settings with `auto` resolved: the paper's least squares on the loss for the
+    conditional forms, Hoffmann's Huber on log loss for Chinchilla."""
+    chinchilla = self.form == "chinchilla"
+    return dataclasses.replace(
+        self, loss=self.loss if self.loss != "auto" else ("huber" if chinchilla else "squared"),
+        space=self.space if self.space != "auto" else ("log" if chinchilla else "linear"))
 
   @property
   def r_bounds(self) -> tuple[float, float] | None:

@@ -94,13 +94,22 @@ def basis_condition(z: np.ndarray) -> float:
   return float(np.linalg.cond(basis / np.linalg.norm(basis, axis=0)))
 
 
+def t_quantile(level: float, dof: int | None) -> float:
+  """The two-sided `level` quantile of Student's t on `dof` degrees of freedom (normal without
+  them): with few rows or seeds, normal quantiles make intervals too narrow."""
+  if dof is None:
+    return float(stats.norm.ppf((1 + level) / 2))
+  return float(stats.t.ppf((1 + level) / 2, max(int(dof), 1)))
+
+
 def identifiability(form: str, free: Sequence[str], theta_P: np.ndarray, se_P: np.ndarray,
                     jac_RP: np.ndarray, values: Mapping[str, np.ndarray],
                     boot_intervals: Mapping[str, Sequence[float]], level: float,
                     terms: str) -> tuple[dict[str, bool], dict[str, str | None], dict[str, float]]:
-  """Per regressor: whether the rows identify its terms, why not, and the condition number."""
+  """Per regressor: whether the rows identify its terms, why not, and the condition number.
+  Intervals use t quantiles on the residual degrees of freedom (rows less parameters)."""
   roles = law_lib.term_keys(form)
-  z = stats.norm.ppf((1 + level) / 2)
+  z = t_quantile(level, jac_RP.shape[0] - len(free))
   col = {k: i for i, k in enumerate(free)}
   ok, reasons = {}, {}
   norms = np.linalg.norm(jac_RP, axis=0)
@@ -370,7 +379,7 @@ def compare(law: law_lib.Law, doc: Mapping[str, Any], a: Sequence[float],
   matrix = np.asarray(cov.get("matrix") or [], np.float64)
   if not matrix.size or not np.all(np.isfinite(matrix)) or law.form == "chinchilla":
     return None
-  z = float(stats.norm.ppf((1 + level) / 2))
+  z = t_quantile(level, cov.get("dof"))
   shapes = [a] + ([b] if b is not None else [])
   n, d, x, r = (np.array([float(s[i]) for s in shapes]) for i in range(4))
   l_opt = law.l_opt(n, d) if law.has_chinchilla else None

@@ -12,7 +12,7 @@ import ml_collections
 from absl import logging
 
 from archscale.core import io, settings
-from archscale.study import fitting, plots
+from archscale.study import fitting, plots, verdict
 from archscale.study import table as table_lib
 
 
@@ -32,6 +32,11 @@ def run_fit(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   n_scales = max(row["scale_index"] for row in result.rows_used) + 1
   result.metrics["progressive"] = (fitting.evaluate_progressive(rows, fc, seed=config.seed)
                                    if n_scales > 1 else [])
+  if result.verdict is not None:  # the out-of-sample test joins the verdict
+    result.verdict = verdict.decide(result.verdict["tests"], result.diagnostics["identifiable"],
+                                    result.metrics["progressive"])
+    for reason in result.verdict["reasons"]:
+      logging.info("fit: not supported: %s", reason)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   doc = dict(result.to_json(), results=str(fc.results),

@@ -1,6 +1,7 @@
 """Fitting scaling laws to results tables (`--mode=fit`), with uncertainty and the paper's protocol.
 
-Huber (delta) or squared loss on log or linear residuals, summed over rows, solved by
+Squared (the default for the conditional forms, as in the paper) or Huber (delta; Chinchilla's
+default, Hoffmann's choice) loss on linear or log residuals, summed over rows, solved by
 `solver` (Levenberg-Marquardt or optax's L-BFGS, all starts vectorised) from Hoffmann's
 grid for Chinchilla, perturbations of a linear least-squares anchor for the conditional forms, or
 random starts. Bootstrap replicates (row weights drawn from a multinomial, each warm-started from
@@ -26,7 +27,8 @@ interior; null for chinchilla), diagnostics (converged_fraction, convergence, id
 {"d_over_sqrt_n": bool, "r": bool}, identifiability reasons, condition_numbers, bootstrap_used,
 bootstrap_total, bootstrap_note, intervals_hold_fixed (["l_opt"] when the bootstrap keeps
 L_opt at its full-data values), grouping, torn_lines, warnings), covariance (of the fitted
-solver parameters, from the Jacobian), support (the rows' d_over_sqrt_n, r, gqa, n_params and
+solver parameters, from the Jacobian, with its residual degrees of freedom `dof` for t
+quantiles), support (the rows' d_over_sqrt_n, r, gqa, n_params and
 tokens ranges; gqa null when the rows do not record it), objective,
 starts (total, converged, at_best, status counts, remedy), settings, metrics (in_sample;
 progressive steps), timings, l_opt_groups (N, D, L_opt, rows and N spread per budget),
@@ -53,6 +55,7 @@ from archscale.study import diagnostics as diagnostics_lib
 from archscale.study import law as law_lib
 from archscale.study import solver as solver_lib
 from archscale.study import table as table_lib
+from archscale.study import verdict as verdict_lib
 
 L_OPTS = settings.FIT_L_OPTS
 # Starts whose objective is within this relative distance of the best count as reaching it.
@@ -341,7 +344,9 @@ def _resolve_l_opt(l_opt: Any, table: table_lib.Table, cfg: settings.FitConfig,
     sub = table_lib.Table([], [], table.n[first], table.d[first], mins, table.x[first],
                           table.r[first], table.scale[first], np.arange(n_budgets),
                           np.arange(n_budgets))
-    chin = dataclasses.replace(cfg, form="chinchilla", terms="both", starts="grid", bootstrap=0)
+    # Hoffmann's objective (Huber on log loss), whatever the conditional fit's.
+    chin = dataclasses.replace(cfg, form="chinchilla", terms="both", starts="grid", bootstrap=0,
+                               loss="huber", space="log")
     sol = _fit_arrays(chin, _feats(sub), mins, rng)
     params = {k: float(v) for k, v in law_lib.theta_to_params("chinchilla", sol.theta).items()}
     return law_lib.Law("chinchilla", params).l_opt(table.n, table.d), params, "chinchilla"
@@ -400,6 +405,8 @@ class FitResult:
   # The fitted (solver) parameters' covariance from the Jacobian, and the rows' x and r ranges.
   covariance: dict[str, Any] = dataclasses.field(default_factory=dict)
   support: dict[str, list[float]] | None = None
+  # Whether the rows support a recommendation (archscale.study.verdict); None for chinchilla.
+  verdict: dict[str, Any] | None = None
 
   def predict_interval(self, n: Any = None, d: Any = None, x: Any = None, r: Any = None,
                        l_opt: Any = None, level: float | None = None) -> np.ndarray:
@@ -438,6 +445,7 @@ class FitResult:
         intervals=self.intervals, interval_level=self.settings["level"], stderr=self.stderr,
         bootstrap_stderr=self.bootstrap_stderr, optimum=self.optimum,
         diagnostics=self.diagnostics, covariance=self.covariance, support=self.support,
+        verdict=self.verdict,
         objective=self.objective, starts=self.starts,
         settings=self.settings, metrics=self.metrics, timings=self.timings,
         l_opt_groups=self.l_opt_groups, rows_used=self.rows_used,
@@ -507,8 +515,8 @@ def _config(config: settings.FitConfig | None, l_opt: Any,
   if isinstance(l_opt, (str, pathlib.Path)):
     options = dict(options, l_opt=str(l_opt))
   if config is None:
-    return settings.FitConfig(**{"bootstrap": 0, **options})
-  return dataclasses.replace(config, **options)
+    return settings.FitConfig(**{"bootstrap": 0, **options}).objective()
+  return dataclasses.replace(config, **options).objective()
 
 
 def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table, f: _Feats,
@@ -545,10 +553,13 @@ def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
       starts=sol.starts, metrics=dict(in_sample=prediction_metrics(pred, table.loss)),
       rows_used=_rows_used(form, table, pred, l_opt_R), rows_excluded=table.excluded,
       l_opt_groups=[], samples=samples, timings=sol.timings, per_start=sol.per_start,
-      diagnostics=diag, covariance=dict(params=list(free), matrix=cov_PP),
+      diagnostics=diag, covariance=dict(params=list(free), matrix=cov_PP,
+                                        dof=len(table.loss) - len(free)),
       support=None if form == "chinchilla" else diagnostics_lib.support_of(table),
       bootstrap_stderr={k: float(np.nanstd(s, ddof=1)) for k, s in samples.items()
-                        if np.isfinite(s).sum() > 1})
+                        if np.isfinite(s).sum() > 1},
+      verdict=None if form == "chinchilla" else verdict_lib.decide(
+          verdict_lib.shape_tests(table, pred, form, free), diag["identifiable"]))
   if samples:
     lo, hi = result.predict_interval(table.n, table.d, table.x, table.r, l_opt=l_opt_R)
     for row, lo_i, hi_i in zip(result.rows_used, lo, hi, strict=True):

@@ -276,6 +276,17 @@ def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
     known = [f"{k} {v:.3g}" for k, v in fit["stderr"].items() if v is not None]
     out += ["Standard errors (Jacobian): "
             + (", ".join(known) if known else "undefined (see the warnings)") + ".", ""]
+  tests = (fit.get("verdict") or {}).get("tests") or {}
+  if tests.get("tested"):
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+    out += ["Verdict tests (each budget against its own seed noise, budgets combined): shape "
+            f"effect p = {tests['shape_effect_p']:.2g}; shape term explains "
+            f"{tests['explained']:.0%} of the variation between shapes; lack of fit p = "
+            f"{fmt(tests.get('lack_of_fit_p'), '.2g')}; noise differs by up to "
+            f"{tests['noise_ratio']:.2g}x between budgets (equal-variance p = "
+            f"{fmt(tests.get('equal_variance_p'), '.2g')})"
+            + (f"; progressive error {tests['out_of_sample_over_noise']:.2g}x the noise"
+               if "out_of_sample_over_noise" in tests else "") + ".", ""]
   if diag:
     out += _noise_lines(diag)
     named = ", ".join(f"{k} {'yes' if ok else '**no**'}"
@@ -292,50 +303,56 @@ def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
 
 
 def verdict(workdir: pathlib.Path) -> list[str]:
-  """The report's first lines: whether the fit and the search support a recommendation, and if
-  not, why (so no pick or speedup below reads as a finding)."""
+  """The report's first lines: fit.json's verdict (archscale.study.verdict) with the search's own
+  reasons added, and if not supported why, so no pick or speedup below reads as a finding."""
   fit_path, search_path = workdir / "fit.json", workdir / "search.json"
   if not fit_path.exists() and not search_path.exists():
     return []
-  reasons = []
+  reasons, caveats, tests = [], [], {}
   if fit_path.exists():
-    fit = json.loads(fit_path.read_text())
-    diag = fit.get("diagnostics") or {}
-    reasons += [f"the rows do not identify the {k} term" for k, ok in
-                (diag.get("identifiable") or {}).items() if not ok]
-    if diag.get("warnings"):
-      reasons.append(f"the fit has {len(diag['warnings'])} warning(s), listed below")
-    noise = diag.get("noise")
-    flat = [b for b in (noise or {}).get("budgets", []) if not b["beyond_noise"]]
-    if flat:
-      reasons.append(f"in {len(flat)} of {len(noise['budgets'])} budget(s) the shapes' losses do "
-                     "not differ beyond seed noise")
-    r2 = ((fit.get("metrics") or {}).get("in_sample") or {}).get("r2")
-    if r2 is not None and r2 < 0.5:
-      reasons.append(f"the law explains little of the loss (in-sample R^2 {r2:.2f})")
+    found = json.loads(fit_path.read_text()).get("verdict")
+    if found is None:
+      reasons.append("the fit carries no verdict (a Chinchilla fit, or one from an older "
+                     "archscale: rerun --mode=fit)")
+    else:
+      reasons += found["reasons"]
+      caveats, tests = found.get("caveats", []), found.get("tests", {})
   if search_path.exists():
-    s = json.loads(search_path.read_text())
-    tested = (s.get("uncertainty") or {})
-    for name in ("panda", "surefire"):
-      if not s.get(name):
-        continue
-      if name not in tested:
-        reasons.append(f"whether {name}'s predicted difference is real is untested")
-      elif tested[name].get("within_uncertainty"):
-        reasons.append(f"{name}'s predicted difference is within the fit's uncertainty")
-      # Scale (N, D) beyond the runs is the law's purpose: stated in the support section, with
-      # the progressive error to expect; a shape or GQA beyond the rows is no finding.
-      axes = [a for a in s[name].get("extrapolated_axes", ["shape"]) if a not in SCALE_AXES]
-      if s[name].get("extrapolated") and axes:
-        reasons.append(f"{name} lies outside the rows' support on {', '.join(axes)} "
-                       "(extrapolated)")
+    reasons += _search_reasons(json.loads(search_path.read_text()))
+  notes = [f"- caveat: {c}" for c in caveats] + ([""] if caveats else [])
   if reasons:
     return [UNSUPPORTED + ": " + "; ".join(reasons)
-            + ". The picks and speedups below are what the fitted law says, not findings.", ""]
-  unmeasured = fit_path.exists() and not (fit.get("diagnostics") or {}).get("noise")
-  return ["The fit identifies its terms and the picks' predicted differences exceed its "
-          "uncertainty" + ("; seed noise was not measured (`sweep.seeds`), so that uncertainty "
-                           "is the fit's alone" if unmeasured else "") + ".", ""]
+            + ". The picks and speedups below are what the fitted law says, not findings.",
+            ""] + notes
+  evidence = ""
+  if tests.get("tested"):
+    evidence = (f": the shapes' losses differ beyond each budget's seed noise (combined p = "
+                f"{tests['shape_effect_p']:.2g}), the law's shape term explains "
+                f"{tests['explained']:.0%} of that variation"
+                + (f" without lack of fit (p = {tests['lack_of_fit_p']:.2g})"
+                   if tests.get("lack_of_fit_p") is not None else ""))
+  return ["The data support a recommendation" + evidence + ", and the picks' predicted "
+          "differences exceed the fit's uncertainty.", ""] + notes
+
+
+def _search_reasons(s: dict[str, Any]) -> list[str]:
+  """Why the search's picks are no findings: untested or within the uncertainty, or outside the
+  rows' support on a shape axis or GQA."""
+  reasons, tested = [], (s.get("uncertainty") or {})
+  for name in ("panda", "surefire"):
+    if not s.get(name):
+      continue
+    if name not in tested:
+      reasons.append(f"whether {name}'s predicted difference is real is untested")
+    elif tested[name].get("within_uncertainty"):
+      reasons.append(f"{name}'s predicted difference is within the fit's uncertainty")
+    # Scale (N, D) beyond the runs is the law's purpose: stated in the support section, with
+    # the progressive error to expect; a shape or GQA beyond the rows is no finding.
+    axes = [a for a in s[name].get("extrapolated_axes", ["shape"]) if a not in SCALE_AXES]
+    if s[name].get("extrapolated") and axes:
+      reasons.append(f"{name} lies outside the rows' support on {', '.join(axes)} "
+                     "(extrapolated)")
+  return reasons
 
 
 def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> pathlib.Path:
