@@ -10,7 +10,7 @@ import pytest
 from archscale.core import config_lib
 from archscale.model.arch import ArchSpec
 from archscale.serve import throughput
-from archscale.study import law, search
+from archscale.study import candidates, law, search
 from archscale.train import trainer as train
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -33,7 +33,7 @@ def paper_search(tmp_path_factory):
 
 def budget_1b():
   fixed = tuple((k, getattr(LLAMA, k)) for k in search.FIXED_FIELDS)
-  return search.Budget(LLAMA.params_nonembed, 100 * LLAMA.params_nonembed, 16, 64, fixed)
+  return candidates.Budget(LLAMA.params_nonembed, 100 * LLAMA.params_nonembed, 16, 64, fixed)
 
 
 def test_paper_coefficients_give_panda_1b(paper_search):
@@ -49,10 +49,10 @@ def test_paper_coefficients_give_panda_1b(paper_search):
 
 def test_with_64_wide_steps_the_optimum_is_panda_1b_s_nearest_neighbour():
   model = law.load_law({"form": "multiplicative", "params": PAPER})
-  space = search.Space(d_model_multiple=64, d_ff_multiple=256)
+  space = candidates.Space(d_model_multiple=64, d_ff_multiple=256)
   budget = budget_1b()
-  specs, _ = search.enumerate_specs(budget, space, range(1984, 3200, 64), 4)
-  best = specs[int(np.argmin(search.predict_losses(model, specs, budget.tokens)))]
+  specs, _ = candidates.enumerate_specs(budget, space, range(1984, 3200, 64), 4)
+  best = specs[int(np.argmin(candidates.predict_losses(model, specs, budget.tokens)))]
   assert abs(best.d_over_sqrt_n / 0.080 - 1) < 0.05
   assert abs(best.mlp_attn_ratio / 1.03 - 1) < 0.05
   assert abs(best.d_model - PANDA.d_model) <= 64 and best.d_ff == PANDA.d_ff
@@ -117,17 +117,17 @@ def test_written_configs_are_accepted_by_train_and_decode_bench(paper_search):
 
 
 def test_make_spec_enforces_integer_heads_dividing_gqa_and_budget():
-  budget, space = budget_1b(), search.Space(128, 256)
-  spec, why = search.make_spec(budget, space, 2560, 72, 18)
+  budget, space = budget_1b(), candidates.Space(128, 256)
+  spec, why = candidates.make_spec(budget, space, 2560, 72, 18)
   assert why is None and spec == PANDA
   for heads, kv in ((72, 16), (72, 0), (0, 1)):
-    spec, why = search.make_spec(budget, space, 2560, heads, kv)
+    spec, why = candidates.make_spec(budget, space, 2560, heads, kv)
     assert spec is None and why.startswith("heads")
-  spec, why = search.make_spec(budget, space, 2560, 8, 8)  # almost no attention: r far above 5
+  spec, why = candidates.make_spec(budget, space, 2560, 8, 8)  # almost no attention: r far above 5
   assert spec is None and "r outside" in why
-  spec, why = search.make_spec(budget, space, 2560, 400, 400)  # attention alone is over budget
+  spec, why = candidates.make_spec(budget, space, 2560, 400, 400)  # attention alone is over budget
   assert spec is None and "exceeds the budget" in why
-  specs, dropped = search.enumerate_specs(budget, space, [2048, 2560], 4)
+  specs, dropped = candidates.enumerate_specs(budget, space, [2048, 2560], 4)
   assert specs and all(s.n_heads == 4 * s.n_kv_heads for s in specs)
   assert sum(dropped.values()) > 0
   assert len({(s.d_model, s.n_kv_heads) for s in specs}) == len(specs)
@@ -144,17 +144,17 @@ class RatioLaw:
 
 def walk(target, throughput, patience=2, gqa_max=0):
   budget = budget_1b()
-  space = search.Space(128, 256, (0.5, 50.0), 0.05)
+  space = candidates.Space(128, 256, (0.5, 50.0), 0.05)
   calls = []
 
   def rate(spec):
     calls.append(spec)
     return throughput(spec), True
 
-  ev = search.Evaluator(RatioLaw(), budget.tokens, target, rate)
+  ev = candidates.Evaluator(RatioLaw(), budget.tokens, target, rate)
   start = ev(PANDA, "grid")
   calls.clear()
-  visited, stops = search.gqa_walk(start, budget, space, ev, patience, gqa_max)
+  visited, stops = candidates.gqa_walk(start, budget, space, ev, patience, gqa_max)
   return start, visited, stops, calls
 
 
@@ -185,10 +185,10 @@ def test_gqa_walk_patience_and_ceiling():
 
 def test_pareto_front_keeps_only_undominated_points():
   spec = PANDA
-  cands = [search.Candidate(spec, loss, "grid", speed, True)
+  cands = [candidates.Candidate(spec, loss, "grid", speed, True)
            for loss, speed in ((1.0, 10.0), (1.1, 20.0), (1.05, 5.0), (1.2, 20.0), (1.3, 30.0))]
-  cands.append(search.Candidate(spec, 0.9, "grid", 100.0, False))  # does not fit: excluded
-  front = search.pareto_front(cands)
+  cands.append(candidates.Candidate(spec, 0.9, "grid", 100.0, False))  # does not fit: excluded
+  front = candidates.pareto_front(cands)
   assert [(c.predicted_loss, c.throughput) for c in front] == [(1.0, 10.0), (1.1, 20.0),
                                                                 (1.3, 30.0)]
 
@@ -278,15 +278,15 @@ def test_measure_refuses_to_time_too_many_candidates(tmp_path):
 
 def test_a_measured_source_times_only_candidates_that_can_be_chosen():
   model = law.load_law({"form": "multiplicative", "params": PAPER})
-  budget, space = budget_1b(), search.Space(128, 256)
+  budget, space = budget_1b(), candidates.Space(128, 256)
   timed = []
 
   def source(spec):
     timed.append(spec)
     return 1e4 / spec.n_kv_heads, True
 
-  d_models = search.d_model_grid(budget.n_nonembed, [0.08], (0.8, 1.25), 128)
-  result = search.search(model, budget, space, 1.0032, source, d_models, 4, top_k=2,
+  d_models = candidates.d_model_grid(budget.n_nonembed, [0.08], (0.8, 1.25), 128)
+  result = candidates.search(model, budget, space, 1.0032, source, d_models, 4, top_k=2,
                          rate_all=False)
   meeting = [c for c in result.candidates if c.origin == "grid" and c.meets_target]
   assert 0 < len(meeting) < result.stats["enumerated"] / 4
