@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -142,13 +143,52 @@ def append_text(path: PathLike, text: str) -> None:
   write_text_atomic(path, (path.read_text(encoding="utf-8") if path.exists() else "") + text)
 
 
+def private_dir(name: str) -> pathlib.Path:
+  """`<$XDG_RUNTIME_DIR or the temporary folder>/<name>-<uid>`: this user's own folder (mode 0700),
+  created if missing. One that exists but is a link, another user's, or open to others is refused,
+  since a process may execute what it finds there (configs are Python)."""
+  base = pathlib.Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+  folder = base / f"{name}-{os.getuid()}"
+  try:
+    folder.mkdir(mode=0o700)
+  except FileExistsError:
+    pass
+  st = os.lstat(folder)
+  if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() \
+      or st.st_mode & 0o077:
+    raise ReportedError(
+        f"{folder} is not this user's private folder (a link, another owner, or open to others: "
+        f"mode {stat.S_IMODE(st.st_mode):o}); something else created it. Remove it, or set "
+        "XDG_RUNTIME_DIR to a folder only you can write")
+  return folder
+
+
 def local_mirror(path: Any) -> pathlib.Path:
   """A local folder standing in for remote directory `path`, for files a process must read or
-  write through local file APIs (a child's config file and log); the same folder every time."""
+  write through local file APIs (a child's config file and log): the same folder every time,
+  inside this user's `private_dir`."""
   key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-  folder = pathlib.Path(tempfile.gettempdir()) / "archscale-mirror" / f"{path.name}-{key}"
-  folder.mkdir(parents=True, exist_ok=True)
+  folder = private_dir("archscale-mirror") / f"{path.name}-{key}"
+  folder.mkdir(exist_ok=True)
   return folder
+
+
+def contained(base: Any, name: Any, what: str) -> Any:
+  """`base / name` for a `name` read from a file someone else may have written (a dataset's shard
+  index, an HF weight index). Refuses an empty or absolute name, `..`, and, for a local `base`,
+  a path that resolves outside it (symlinks included); `what` names the file and field."""
+  text = str(name)
+  parts = pathlib.PurePosixPath(text.replace("\\", "/")).parts
+  if not text.strip() or text.startswith(("/", "\\")) or ".." in parts or ":" in text.split("/")[0]:
+    raise ValueError(f"{what} names {text!r}, which is not a file inside {base}: the file is "
+                     "corrupt or crafted; do not use it (prepare or export it again)")
+  path = base / text
+  if is_local(base):
+    root = pathlib.Path(base).resolve()
+    if root not in pathlib.Path(path).resolve().parents:
+      raise ValueError(f"{what} names {text!r}, which resolves outside {root} (a link?): the "
+                       "file is corrupt or crafted; do not use it")
+  return path
 
 
 def append_jsonl(path: PathLike, row: dict[str, Any]) -> None:

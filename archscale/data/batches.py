@@ -86,14 +86,15 @@ def local_copy(path: Any) -> pathlib.Path:
   names = [part[0] for parts in index.values() for part in parts]
   names += [info["tokenizer_file"]] if info.get("tokenizer_file") else []
   for name in names:
-    target = local / name
+    where = f"data.path={str(path)!r}: {METADATA}"
+    source, target = io.contained(path, name, where), io.contained(local, name, where)
     if not target.exists():
       target.parent.mkdir(parents=True, exist_ok=True)
       tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
-      if not (path / name).exists():
+      if not source.exists():
         raise ValueError(f"data.path={str(path)!r}: {name} is missing; delete the dataset and "
                          "prepare it again")
-      with (path / name).open("rb") as src, open(tmp, "wb") as dst:
+      with source.open("rb") as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 24)
       os.replace(tmp, target)
   io.write_text_atomic(local / METADATA, text)
@@ -149,7 +150,9 @@ class TokenStream:
     root = pathlib.Path(self.info["path"])
     index = self.info.get("shards") or {s: [[f"{s}.bin", 0, self.info["tokens"][s]]]
                                         for s in SPLITS}
-    self._parts = [(root / file, int(start), int(count)) for file, start, count in index[split]]
+    where = f"data.path={self.info['path']!r}: {METADATA} shards.{split}"
+    self._parts = [(io.contained(root, file, where), int(start), int(count))
+                   for file, start, count in index[split]]
     for file, start, count in self._parts:
       if not file.is_file() or file.stat().st_size < (start + count) * self.dtype.itemsize:
         raise ValueError(

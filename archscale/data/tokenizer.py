@@ -146,7 +146,8 @@ def load_tokenizer(spec: str, *, eos_token: str = "") -> Tokenizer:
       info = data.dataset_info(path)
       if info["tokenizer"] == "byte":
         return ByteTokenizer()
-      return _load_hf(path / info["tokenizer_file"], info["eos_token"], info["tokenizer"])
+      file = io.contained(path, info["tokenizer_file"], f"{path / data.METADATA} tokenizer_file")
+      return _load_hf(file, info["eos_token"], info["tokenizer"])
     if (path / TOKENIZER_FILE).exists():
       return _load_hf(path / TOKENIZER_FILE, eos_token)
   elif path.is_file():

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from archscale.core import settings
+from archscale.core import io, settings
 from archscale.model import transformer as model_lib
 from archscale.model.arch import ArchSpec
 
@@ -234,7 +234,7 @@ def load_weights(path: str | pathlib.Path) -> dict[str, np.ndarray]:
                      "safetensors checkpoints only")
   tensors: dict[str, np.ndarray] = {}
   for name in files:
-    tensors.update(load_file(str(path / name)))
+    tensors.update(load_file(str(io.contained(path, name, f"{path / INDEX_FILE} weight_map"))))
   return tensors
 
 
