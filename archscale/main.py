@@ -19,6 +19,7 @@ MODES = {
     "sweep": "archscale.study.sweep:run_sweep",
     "fit": "archscale.study.fit:run_fit",
     "search": "archscale.study.search:run_search",
+    "verify": "archscale.study.verify:run_verify",
     "pipeline": "archscale.study.pipeline:run_pipeline",
     "export": "archscale.interop.hf:run_export",
     "evaluate": "archscale.study.runner:run_evaluate",

@@ -106,7 +106,7 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
   capsys.readouterr()
   times = pipeline.run_pipeline(c, workdir)
   out = capsys.readouterr().out
-  assert "prepare_data: done before" in out and "[2/6] sweep" in out
+  assert "prepare_data: done before" in out and "[2/7] sweep" in out
   assert resumed == [r.run_id for r in runs if r.run_id not in trained]
   assert set(times) == set(pipeline.STEPS)
 

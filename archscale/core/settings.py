@@ -683,7 +683,9 @@ class PipelineConfig(Section):
   SECTION: ClassVar[str] = "pipeline"
 
   allow_failed_runs: bool = False  # fit on the finished runs when some of the sweep's failed
+  verify: bool = False             # train the search's picks and baseline (--mode=verify)
 
   def __post_init__(self):
-    check(isinstance(self.allow_failed_runs, bool), "pipeline.allow_failed_runs must be true or "
-          f"false, got {self.allow_failed_runs!r}")
+    for name in ("allow_failed_runs", "verify"):
+      check(isinstance(getattr(self, name), bool), f"pipeline.{name} must be true or false, got "
+            f"{getattr(self, name)!r}")

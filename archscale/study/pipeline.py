@@ -37,7 +37,7 @@ from archscale.core import io, settings
 from archscale.core.settings import DataConfig, PipelineConfig, SweepConfig
 from archscale.study import attempts, plots, sweep
 
-STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "report")
+STEPS = ("prepare_data", "sweep", "fit", "decode_bench", "search", "verify", "report")
 # What each step reads of the config (bookkeeping such as log cadence or sweep.only left out) and
 # the steps whose outputs it reads.
 STEP_READS = {
@@ -47,10 +47,14 @@ STEP_READS = {
     "fit": lambda c: {"fit": c.fit.to_dict(), "seed": c.seed},
     "decode_bench": lambda c: {"bench": c.bench.to_dict(), "seed": c.seed},
     "search": lambda c: {"search": c.search.to_dict(), "bench": c.bench.to_dict()},
+    "verify": lambda c: {"verify": PipelineConfig.from_config(c).verify,
+                         "recipe": settings.training_recipe(c),
+                         "seeds": SweepConfig.from_config(c).seeds, "seed": c.seed},
     "report": lambda c: {},
 }
 STEP_INPUTS = {"sweep": ("prepare_data",), "fit": ("sweep",), "search": ("fit", "decode_bench"),
-               "report": ("sweep", "fit", "decode_bench", "search")}
+               "verify": ("search",),
+               "report": ("sweep", "fit", "decode_bench", "search", "verify")}
 DONE_DIR = ".done"
 UNSUPPORTED = "**The data of this run do not support a recommendation**"
 SCALE_AXES = ("n_params", "tokens")
@@ -151,6 +155,27 @@ def _search(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> N
       say(f"search: {name:8s} {_arch_line(out[name])}")
 
 
+def _verify(config: Any, workdir: pathlib.Path, say: Callable[[str], None]) -> None:
+  if not PipelineConfig.from_config(config).verify:
+    say("verify: off (pipeline.verify=true trains the picks and the baseline to check them)")
+    return
+  from archscale.study import verify
+
+  for e in verify.run_verify(config, workdir)["picks"]:
+    say(f"verify: {e['name']:8s} measured {e['measured_mean']:.4f} over "
+        f"{len(e['measured_losses'])} seed(s), predicted {_num(e['predicted_loss'])}; meets the "
+        f"target: {_verdict_word(e['meets_target'])}; prediction held: "
+        f"{_verdict_word(e['prediction_held'])}")
+
+
+def _num(v: Any) -> str:
+  return "n/a" if v is None else f"{v:.4f}"
+
+
+def _verdict_word(v: bool | None) -> str:
+  return {True: "yes", False: "**no**", None: "undecided (noise)"}[v]
+
+
 def run_pipeline(config: Any, workdir: pathlib.Path) -> dict[str, float]:
   """`--mode=pipeline`: every step not yet done, in order; returns each step's seconds."""
   workdir = pathlib.Path(workdir)
@@ -163,7 +188,8 @@ def run_pipeline(config: Any, workdir: pathlib.Path) -> dict[str, float]:
   # A step that returns False did not finish its work: it is not marked done, so it runs again.
   steps: dict[str, Callable[[Any, pathlib.Path, Callable[[str], None]], bool | None]] = {
       "prepare_data": _prepare_data, "sweep": _sweep, "fit": _fit,
-      "decode_bench": _decode_bench, "search": _search, "report": write_report,
+      "decode_bench": _decode_bench, "search": _search, "verify": _verify,
+      "report": write_report,
   }
   start = time.time()
   times: dict[str, float] = {}
@@ -319,6 +345,13 @@ def verdict(workdir: pathlib.Path) -> list[str]:
       caveats, tests = found.get("caveats", []), found.get("tests", {})
   if search_path.exists():
     reasons += _search_reasons(json.loads(search_path.read_text()))
+  if (workdir / "verify.json").exists():
+    for e in json.loads((workdir / "verify.json").read_text()):
+      if e["prediction_held"] is False:
+        reasons.append(f"{e['name']}'s measured loss {e['measured_mean']:.4g} lies outside its "
+                       "predicted interval (verify)")
+      if e["meets_target"] is False:
+        reasons.append(f"{e['name']} measured worse than the target (verify)")
   notes = [f"- caveat: {c}" for c in caveats] + ([""] if caveats else [])
   if reasons:
     return [UNSUPPORTED + ": " + "; ".join(reasons)
@@ -371,11 +404,31 @@ def write_report(config: Any, workdir: pathlib.Path, say: Callable[[str], None])
             + f" (total {sum(times.values()):.0f}s).", ""]
   for part in (_report_sweep, _report_fit, _report_bench):
     out += part(workdir)
-  out += _report_search(workdir, supported)
+  out += _report_search(workdir, supported) + _report_verify(workdir)
   path = workdir / REPORT
   io.write_text_atomic(path, "\n".join(out))
   say(f"report: {path}")
   return path
+
+
+def _report_verify(workdir: pathlib.Path) -> list[str]:
+  """report.md's verification: each pick trained, measured against its prediction."""
+  path = workdir / "verify.json"
+  if not path.exists():
+    return []
+  rows = []
+  for e in json.loads(path.read_text()):
+    interval = e["predicted_interval"]
+    pred = _num(e["predicted_loss"]) + (f" [{interval[0]:.4f}, {interval[1]:.4f}]"
+                                         if interval else "")
+    se = e["measured_stderr"]
+    rows.append([e["name"], pred, f"{e['measured_mean']:.4f}" + (f" +- {se:.4f}" if se else ""),
+                 len(e["measured_losses"]), _verdict_word(e["meets_target"]),
+                 _verdict_word(e["prediction_held"])])
+  return ["## Verification", "", "The picks and the baseline trained at the search's budget "
+          "(`verify.json`); measured +- standard error over seeds.", "",
+          _table(["model", "predicted loss [interval]", "measured", "seeds", "meets target",
+                  "prediction held"], rows), ""]
 
 
 def _report_support(workdir: pathlib.Path) -> list[str]:

@@ -119,7 +119,7 @@ def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
   return path
 
 
-def _data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
+def prepared_data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
   """The prepared dataset the runs read, preparing it (once) from `data.source` if needed."""
   from archscale.data import batches as data_lib
   from archscale.data import prepare
@@ -218,7 +218,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
   say(f"sweep: {len(runs)} runs planned over {len({r.scale for r in runs})} scale(s), "
       f"{len(dropped)} grid points dropped (see {workdir / PLAN})")
 
-  data_path = _data_path(config, workdir)
+  data_path = prepared_data_path(config, workdir)
   if s.launch == "emit":
     path = emit_commands(config, workdir, runs, data_path)
     say(f"sweep: wrote {len(runs)} launch commands to {path}")
