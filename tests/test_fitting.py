@@ -471,7 +471,7 @@ def test_a_best_start_that_cannot_converge_fails_with_the_reason():
                                        r"still max_iter after \d+ further iterations.*Raise "
                                        r"fit.max_iter"):
     fitting.fit(rows, form="multiplicative", l_opt=CHINCHILLA, starts="random", n_starts=8,
-                max_iter=3)
+                max_iter=3, loss="huber", space="log")
 
 
 def test_an_optimum_outside_the_rows_range_is_not_reported():
