@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from scipy import stats
 
-from archscale.core import io
+from archscale.core import io, settings
 from archscale.core.settings import SweepConfig
 from archscale.model.arch import ArchSpec
 from archscale.study import attempts, planning, runner
@@ -55,7 +55,7 @@ def plan_runs(config: Any, doc: dict[str, Any]) -> dict[str, list[Run]]:
   budget, with the sweep's training recipe."""
   tokens = int(doc["budget"]["tokens"])
   seeds = planning.seeds_of(SweepConfig.from_config(config), config.seed)
-  recipe = planning.settings.training_recipe(config)
+  recipe = settings.training_recipe(config)
   out = {}
   for name in PICKS:
     pick = doc.get(name)
