@@ -146,7 +146,8 @@ def test_pipeline_runs_end_to_end_and_resumes_after_an_interruption(corpus, tmp_
   out = capsys.readouterr().out
   assert resumed == []
   assert "fit: redoing: the config it reads changed" in out
-  assert "search: redoing: fit redone" in out and "report: redoing: fit, search redone" in out
+  assert "search: redoing: fit redone" in out and "verify: redoing: search redone" in out
+  assert "report: redoing: fit, search, verify redone" in out
   for step in ("prepare_data", "sweep", "decode_bench"):
     assert f"{step}: done before" in out
   assert json.loads((workdir / "fit.json").read_text())["settings"]["delta"] == 2e-3
