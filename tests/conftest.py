@@ -13,6 +13,16 @@ from helpers import metrics, params_of, tiny_config  # noqa: E402
 from archscale.data import prepare  # noqa: E402
 from archscale.train import trainer as train  # noqa: E402
 
+# The longest files, started first: `--dist loadfile` hands out whole files in collection order,
+# so one collected last (the SLURM file, mostly waiting on its jobs) would run alone at the end.
+FIRST = ("test_slurm.py", "test_train.py", "test_evaluate.py", "test_sweep.py",
+         "test_run_safety.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: files stay whole
+
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
