@@ -94,14 +94,19 @@ def axis_values(spec: ArchSpec, tokens: float) -> dict[str, float]:
           "n_params": spec.params_nonembed, "tokens": tokens}
 
 
+def within(limits: tuple[float, float], value: float, slack: float = 0.0) -> bool:
+  """Whether `value` lies in [lo, hi], each edge widened by the relative `slack` (and rounding)."""
+  slack += 1e-9
+  return limits[0] * (1 - slack) <= value <= limits[1] * (1 + slack)
+
+
 def outside_axes(space: Space, spec: ArchSpec, tokens: float, n_slack: float = 0.0) -> list[str]:
   """The axes on which the spec (trained on `tokens`) lies outside the law's support. N counts
   as outside only beyond `n_slack` (the budget's tolerance) of the rows' range."""
   out = []
   for axis, v in axis_values(spec, tokens).items():
     limits = (space.support or {}).get(axis)
-    slack = 1e-9 + (n_slack if axis == "n_params" else 0.0)
-    if limits is not None and not limits[0] * (1 - slack) <= v <= limits[1] * (1 + slack):
+    if limits is not None and not within(limits, v, n_slack if axis == "n_params" else 0.0):
       out.append(axis)
   return out
 

@@ -54,6 +54,7 @@ from archscale.study.candidates import (
   d_model_grid,
   loss_units,
   search,
+  within,
 )
 
 SEARCH_JSON = "search.json"
@@ -164,7 +165,7 @@ def scale_statements(space: Space, budget: Budget, doc: dict[str, Any]) -> list[
   support, out = space.support or {}, []
   for axis, name, value in (("n_params", "N", budget.n_nonembed), ("tokens", "D", budget.tokens)):
     limits = support.get(axis)
-    if limits is None or limits[0] <= value * (1 + 1e-9) and value <= limits[1] * (1 + 1e-9):
+    if limits is None or within(limits, value):
       continue
     factor, edge = (value / limits[1], "largest") if value > limits[1] else (
         value / limits[0], "smallest")
