@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from archscale.core import exits, io
+from archscale.core import exits, io, schema
 
 # mode -> "module:function"; each function takes (config, workdir) and does the whole job.
 MODES = {
@@ -53,6 +53,7 @@ def main(argv):
   for handler in py_logging.getLogger().handlers:
     handler.addFilter(_LibraryInfoFilter())
   try:
+    schema.safe_name(config.get("name"), "config.name")
     workdir = io.as_path(_WORKDIR.value or pathlib.Path("runs") / config.name, "--workdir")
     if mode not in URI_MODES:
       workdir = io.local_only(workdir, "--workdir", f"--mode={mode} writes through local file "

@@ -22,7 +22,8 @@ config=${3:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=v 
 workdir=${4:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.x=v ...]}
 shift 4
 
-overrides=$(printf ' %q' "$@")
-gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="cd ~/archscale && \
-  python -m archscale.main --mode=train --config=$config --workdir=$workdir \
-  --config.distributed.initialize=always$overrides"
+# Every word is quoted for the remote shell, so a path or override holding blanks, quotes or $(...)
+# reaches archscale as text.
+remote=$(printf ' %q' python -m archscale.main --mode=train "--config=$config" \
+  "--workdir=$workdir" --config.distributed.initialize=always "$@")
+gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="cd ~/archscale &&$remote"

@@ -7,6 +7,7 @@ started by tests/slurm/start-slurm.sh, which needs root; without root these test
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -282,3 +283,35 @@ def test_bad_slurm_fields_fail_before_submitting(dataset, tmp_path):
       sweep.run_sweep(c, tmp_path)
   assert not (tmp_path / slurm.SLURM_DIR).exists()
   assert pathlib.Path(tmp_path).exists()
+
+
+def test_a_job_that_never_starts_ends_the_wait_with_an_error(cluster, dataset, tmp_path):
+  """A held job stays PENDING: after sweep.wait_s with no run changing, the driver stops waiting
+  with an error naming the job and the setting, and leaves the job in the queue."""
+  c = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), wait=True, wait_s=3.0)
+  c.sweep.slurm.extra = {"hold": True}
+  workdir = tmp_path / "sweep"
+  with pytest.raises(io.ReportedError, match=r"no run changed status for 3s \(sweep.wait_s\)"):
+    sweep.run_sweep(c, workdir)
+  ((job,),) = _jobs(workdir).values()
+  try:
+    state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True,
+                           text=True, timeout=60).stdout.strip()
+    assert state == "PENDING"
+  finally:
+    subprocess.run(["scancel", job], timeout=60)
+
+
+def test_bad_sbatch_options_fail_before_submitting(dataset, tmp_path):
+  for extra, field in (({"mem 4G": "1"}, "'mem 4G'"), ({"mem;reboot": "1"}, "'mem;reboot'"),
+                       ({"mem": "4G\n#SBATCH --uid=0"}, "sweep.slurm.extra.mem"),
+                       ({"comment": "$(id)"}, "sweep.slurm.extra.comment")):
+    c = _config(dataset)
+    c.sweep.slurm.extra = extra
+    with pytest.raises(ValueError, match=re.escape(field)):
+      sweep.run_sweep(c, tmp_path)
+  c = _config(dataset)
+  c.sweep.slurm.account = "lab\nreboot"
+  with pytest.raises(ValueError, match=r"sweep.slurm.account="):
+    sweep.run_sweep(c, tmp_path)
+  assert not (tmp_path / slurm.SLURM_DIR).exists()

@@ -13,6 +13,7 @@ overridden from the command line as `--config.section.field=value`. Sections:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import pathlib
@@ -98,12 +99,27 @@ def write_config_py(path: str | os.PathLike, config: Any, doc: str, *, base: str
     lines = ["import ml_collections", "", "", "def get_config():",
              f"  c = ml_collections.ConfigDict(\n{_indent(body, 6)}  )"]
   else:
+    changed = _differences(make_config(base), config)
+    bad = [key for key, _ in changed if not all(k.isidentifier() for k in key.split("."))]
+    settings.check(not bad, f"config keys {bad} are not Python names; rename them")
     lines = ["import pathlib", "", "from archscale.core import config_lib", "", "",
              "def get_config():", f"  c = config_lib.make_config({base!r})",
-             *(f"  c.{key} = {value!r}" for key, value in _differences(make_config(base), config))]
+             *(f"  c.{key} = {value!r}" for key, value in changed)]
   lines += [f"  {line}" for line in tail] + ["  return c"]
-  io.write_text_atomic(path, f'"""{doc}"""\n\n' + "\n".join(lines) + "\n")
+  io.write_text_atomic(path, _docstring(doc) + "\n\n" + "\n".join(lines) + "\n")
   return path
+
+
+def _docstring(doc: str) -> str:
+  """`doc` as a module docstring: triple-quoted where that reads back as exactly `doc`, else its
+  repr (a doc holding quotes or backslashes, e.g. from a folder's name, never becomes code)."""
+  quoted = f'"""{doc}"""'
+  try:
+    if ast.literal_eval(quoted) == doc:
+      return quoted
+  except (SyntaxError, ValueError):
+    pass
+  return repr(doc)
 
 
 def _differences(base: Any, config: Any, prefix: str = "") -> list[tuple[str, Any]]:

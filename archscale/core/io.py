@@ -44,9 +44,13 @@ def as_path(path: Any, field: str) -> Any:
   Local paths (and file://) become pathlib.Path. A URI becomes an `etils.epath.Path` when the
   backend for its scheme is installed, and otherwise raises ValueError naming the field before
   any work starts. A URI is never turned into a local folder: pathlib would collapse "gs://b/x"
-  into a directory "gs:" holding "b/x", so such a collapsed path is refused as well.
+  into a directory "gs:" holding "b/x", so such a collapsed path is refused as well, and so is
+  one holding a control character (a newline would start a new line of an sbatch script).
   """
   text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+  if not text.isprintable():
+    raise ValueError(f"{field}={text!r} holds a newline or another control character, which "
+                     "would break the scripts and logs that name it; choose another path")
   match = _URI.match(text)
   if match is None:
     mangled = _MANGLED_URI.match(text)
@@ -330,6 +334,7 @@ class _Lease:
 
   LEASE_S = 300.0
   SETTLE_S = 2.0
+  JOIN_S = 30.0  # release waits this long for a refresh in progress
 
   def __init__(self, path: Any):
     self.path = path
@@ -366,14 +371,16 @@ class _Lease:
                 and held["slurm_job"] != job)
 
   def _refresh(self) -> None:
+    record = self.record
     while not self._stop.wait(self.LEASE_S / 5):
       try:
-        if _read_holder(self.path).get("token") != self.record["token"]:
+        if _read_holder(self.path).get("token") != record["token"]:
           logging.error("the lease on %s was taken over; stop this trainer", self.path.parent)
           return
-        self.record["heartbeat"] = time.time()
-        self.path.write_text(json.dumps(self.record))
-      except OSError as e:  # A transient storage error: the next refresh tries again.
+        record["heartbeat"] = time.time()
+        self.path.write_text(json.dumps(record))
+      except Exception as e:  # noqa: BLE001 - storage errors of any client: the next refresh
+        # tries again, and a lease that keeps failing expires by itself.
         logging.warning("could not refresh the lease on %s: %s", self.path.parent, e)
 
   def release(self) -> None:
@@ -381,7 +388,13 @@ class _Lease:
       return
     self._stop.set()
     if self._thread is not None:
-      self._thread.join()
+      self._thread.join(timeout=self.JOIN_S)
+      if self._thread.is_alive():  # Stuck in a storage call: leave it (a daemon) and move on.
+        logging.error("the lease refresh on %s did not stop within %gs (its storage is not "
+                      "answering); the lease expires by itself %.0fs after its last refresh",
+                      self.path.parent, self.JOIN_S, self.LEASE_S)
+        self.record = None
+        return
     with contextlib.suppress(OSError):
       if _read_holder(self.path).get("token") == self.record["token"]:
         self.path.unlink()

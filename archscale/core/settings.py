@@ -14,116 +14,10 @@ so a new training field can never drop out of the hash unnoticed.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
+import re
 from typing import Any, ClassVar
 
-_BOOKKEEPING = "bookkeeping"
-
-
-def bookkeeping(default: Any) -> Any:
-  """A field that does not change what a run learns, so it is left out of the run id."""
-  return dataclasses.field(default=default, metadata={_BOOKKEEPING: True})
-
-
-# ------------------------------------------------------------------------------------ checks
-
-
-def check(cond: bool, message: str) -> None:
-  """Raises ValueError(message) unless `cond`."""
-  if not cond:
-    raise ValueError(message)
-
-
-def items(value: Any) -> list[Any]:
-  """A list-valued field as a list: "a, b,c" (commas, blanks dropped) or a sequence as given.
-
-  The one parser of list-valued fields (grids, seeds, batch sizes, names); each caller casts and
-  checks the items, naming its field.
-  """
-  if value is None:
-    return []
-  if isinstance(value, str):
-    return [v.strip() for v in value.split(",") if v.strip()]
-  if hasattr(value, "__iter__"):
-    return list(value)
-  return [value]
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
-class Section:
-  """Mixin of the typed sections: construction from a config and shared checks."""
-
-  SECTION: ClassVar[str]
-
-  @classmethod
-  def from_config(cls, config: Any) -> Any:
-    """The section `cls.SECTION` of `config` (a ConfigDict or a dict) as a checked dataclass."""
-    section = config[cls.SECTION]
-    values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    check(not unknown, f"{cls.SECTION}: unknown field(s) {unknown}; the fields are {known}")
-    return cls(**values)
-
-  @classmethod
-  def defaults(cls) -> dict[str, Any]:
-    """Every field's default, as `config_lib.make_config` puts them in the ConfigDict."""
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-  def identity(self) -> dict[str, Any]:
-    """The fields that define a trained run (everything not marked `bookkeeping`)."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if not f.metadata.get(_BOOKKEEPING)}
-
-  def _field(self, name: str) -> str:
-    return f"{self.SECTION}.{name}"
-
-  def _positive_ints(self, *names: str) -> None:
-    for name in names:
-      value = getattr(self, name)
-      check(_is_int(value) and value >= 1,
-            f"{self._field(name)} must be a positive integer, got {value!r}")
-
-  def _non_negative_ints(self, *names: str, meaning: str = "0 = off") -> None:
-    for name in names:
-      value = getattr(self, name)
-      check(_is_int(value) and value >= 0,
-            f"{self._field(name)} must be a non-negative integer ({meaning}), got {value!r}")
-
-  def _positive_numbers(self, *names: str) -> None:
-    for name in names:
-      value = getattr(self, name)
-      check(_is_number(value) and value > 0,
-            f"{self._field(name)} must be a positive number, got {value!r}")
-
-  def _non_negative_numbers(self, *names: str) -> None:
-    for name in names:
-      value = getattr(self, name)
-      check(_is_number(value) and value >= 0,
-            f"{self._field(name)} must be a number >= 0 (0 = off), got {value!r}")
-
-  def _one_of(self, name: str, choices: Sequence[str]) -> None:
-    value = getattr(self, name)
-    check(value in choices, f"{self._field(name)} must be one of {tuple(choices)}, got {value!r}")
-
-  def _in_range(self, name: str, low: float, high: float, *, low_open: bool = False,
-                high_open: bool = False) -> None:
-    value = getattr(self, name)
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    check(_is_number(value) and above and below,
-          f"{self._field(name)} must be in {interval}, got {value!r}")
-
+from archscale.core.schema import Section, bookkeeping, check, is_int, is_number, items
 
 # ---------------------------------------------------------------------------------- training
 
@@ -210,9 +104,11 @@ class DataConfig(Section):
   seq_len: int = 128
   workers: int = bookkeeping(1)        # prepare_data: tokenizing processes on this machine
   partition: str = bookkeeping("0/1")  # prepare_data: "i/n" = job i of n filling one data.path
+  wait_s: float = bookkeeping(3600.0)  # prepare_data: partitions' wait for partition 0's BPE
 
   def __post_init__(self):
     self._positive_ints("seq_len", "workers")
+    self._positive_numbers("wait_s")
     parse_partition(self.partition)
 
   @property
@@ -236,6 +132,8 @@ def parse_partition(partition: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------- sweep
 
 LAUNCHES = ("local", "emit", "slurm")
+_SBATCH_KEY = re.compile(r"[a-z][a-z0-9-]*")
+_SBATCH_VALUE = re.compile(r"[\w.,:=@%/+*&|!-]*")
 ISOLATIONS = ("process", "none")
 LOSS_SOURCES = ("eval", "train")
 DESIGNS = ("grid", "cross")
@@ -277,28 +175,42 @@ class SlurmConfig(Section):
     self._positive_ints("time_min", "nodes", "tasks_per_node", "cpus_per_task")
     for name in ("gpus_per_node", "signal_s"):
       value = getattr(self, name)
-      check(_is_int(value) and value >= 0,
+      check(is_int(value) and value >= 0,
             f"{self._field(name)} must be a non-negative integer, got {value!r}")
     check(self.signal_s < 60 * self.time_min,
           f"sweep.slurm.signal_s={self.signal_s} must be shorter than sweep.slurm.time_min="
           f"{self.time_min} minutes")
+    for name in ("partition", "account", "qos"):
+      value = getattr(self, name)
+      check(isinstance(value, str) and _SBATCH_VALUE.fullmatch(value) is not None,
+            f"{self._field(name)}={value!r} may hold only letters, digits and "
+            "'_.,:=@%/+*&|!-' (it becomes an #SBATCH line)")
     object.__setattr__(self, "extra", self.sbatch_extra())
 
   def sbatch_extra(self) -> dict[str, Any]:
-    """`extra` as a dict of sbatch options (without leading dashes)."""
-    if isinstance(self.extra, str):
-      items = [p.split("=", 1) for p in self.extra.split(",") if p.strip()]
-      check(all(len(i) == 2 and i[0].strip() for i in items),
-            f"sweep.slurm.extra={self.extra!r} must be 'key=value,key=value' or a dict")
-      return {k.strip(): v.strip() for k, v in items}
-    if hasattr(self.extra, "to_dict"):
-      return self.extra.to_dict()
-    if isinstance(self.extra, (list, tuple)):
-      check(not self.extra, f"sweep.slurm.extra={self.extra!r} must be a dict of sbatch options")
-      return {}
-    check(isinstance(self.extra, dict),
-          f"sweep.slurm.extra={self.extra!r} must be a dict of sbatch options")
-    return dict(self.extra)
+    """`extra` as a dict of sbatch options (without leading dashes), each key and value checked:
+    they become `#SBATCH --key=value` lines."""
+    extra = self.extra
+    if isinstance(extra, str):
+      pairs = [p.split("=", 1) for p in extra.split(",") if p.strip()]
+      check(all(len(i) == 2 and i[0].strip() for i in pairs),
+            f"sweep.slurm.extra={extra!r} must be 'key=value,key=value' or a dict")
+      extra = {k.strip(): v.strip() for k, v in pairs}
+    elif hasattr(extra, "to_dict"):
+      extra = extra.to_dict()
+    elif isinstance(extra, (list, tuple)):
+      check(not extra, f"sweep.slurm.extra={extra!r} must be a dict of sbatch options")
+      extra = {}
+    check(isinstance(extra, dict), f"sweep.slurm.extra={extra!r} must be a dict of sbatch options")
+    for key, value in extra.items():
+      check(isinstance(key, str) and _SBATCH_KEY.fullmatch(key) is not None,
+            f"sweep.slurm.extra: {key!r} is not an sbatch option name (lower-case letters, digits "
+            "and '-', without the leading dashes, e.g. mem or gres)")
+      check(isinstance(value, (bool, int)) or (
+          isinstance(value, str) and _SBATCH_VALUE.fullmatch(value) is not None),
+            f"sweep.slurm.extra.{key}={value!r} must be a number, a bool or text of letters, "
+            "digits and '_.,:=@%/+*&|!-' (it becomes an #SBATCH line)")
+    return dict(extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,13 +248,16 @@ class SweepConfig(Section):
   max_attempts: int = bookkeeping(3)  # slurm: submissions per run before it counts as failed
   wait: bool = bookkeeping(False)  # slurm: wait for the jobs (resubmitting failures) or return
   poll_s: float = bookkeeping(10.0)  # slurm: seconds between scheduler polls while waiting
+  wait_s: float = bookkeeping(86400.0)  # slurm: stop waiting after this long with no run changing
+  stall_s: float = bookkeeping(3600.0)  # process isolation: stop a run silent this long (0 = never)
   slurm: Any = bookkeeping(SlurmConfig())  # slurm: the jobs' resources (a dict in the config)
 
   def __post_init__(self):
     self._one_of("launch", LAUNCHES)
     self._one_of("isolation", ISOLATIONS)
     self._positive_ints("max_attempts")
-    self._positive_numbers("poll_s")
+    self._positive_numbers("poll_s", "wait_s")
+    self._non_negative_numbers("stall_s")
     slurm = self.slurm
     if not isinstance(slurm, SlurmConfig):
       slurm = SlurmConfig.from_config({"sweep": {"slurm": slurm}})
@@ -399,12 +314,12 @@ class FitConfig(Section):
     check(isinstance(self.l_opt, str) and bool(self.l_opt.strip()),
           f"fit.l_opt must be one of {list(FIT_L_OPTS)} or the path of a fit.json with "
           f"Chinchilla params, got {self.l_opt!r}")
-    for name, ok in (("delta", _is_number(self.delta) and self.delta > 0),
-                     ("tol", _is_number(self.tol) and self.tol > 0),
-                     ("n_starts", _is_int(self.n_starts) and self.n_starts >= 1),
-                     ("max_iter", _is_int(self.max_iter) and self.max_iter >= 1),
-                     ("bootstrap", _is_int(self.bootstrap) and self.bootstrap >= 0),
-                     ("level", _is_number(self.level) and 0 < self.level < 1)):
+    for name, ok in (("delta", is_number(self.delta) and self.delta > 0),
+                     ("tol", is_number(self.tol) and self.tol > 0),
+                     ("n_starts", is_int(self.n_starts) and self.n_starts >= 1),
+                     ("max_iter", is_int(self.max_iter) and self.max_iter >= 1),
+                     ("bootstrap", is_int(self.bootstrap) and self.bootstrap >= 0),
+                     ("level", is_number(self.level) and 0 < self.level < 1)):
       check(ok, f"fit.{name}={getattr(self, name)!r} is out of range (delta, tol > 0; "
             "n_starts, max_iter >= 1; bootstrap >= 0; 0 < level < 1)")
     _ = self.r_bounds  # checks r_range

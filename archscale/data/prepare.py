@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -66,7 +67,8 @@ class Tokenization:
 def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
             text_field: str = "text", eval_fraction: float = 0.01, bpe_vocab_size: int = 1024,
             seed: int = 0, text_docs: str = "file", eos_token: str = "", workers: int = 1,
-            partition: str = "0/1", unit_bytes: int = UNIT_BYTES) -> dict[str, Any] | None:
+            partition: str = "0/1", unit_bytes: int = UNIT_BYTES,
+            wait_s: float = 3600.0) -> dict[str, Any] | None:
   """Tokenizes `source` into shards under `out_dir`; returns the metadata once all are done.
 
   Returns None when this job's share is done but other partitions' units are not. Idempotent: a
@@ -99,7 +101,7 @@ def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
     _remove_leftovers(out_dir, {u.key for u in plan}, root=True)
   if not (out_dir / data.MANIFEST).exists():
     _write_manifest(out_dir, recipe, plan, {})
-  tok = _install_tokenizer(out_dir, tok, recipe, plan, part)
+  tok = _install_tokenizer(out_dir, tok, recipe, plan, part, wait_s)
   how = Tokenization(
       str(out_dir), None if tok.kind == "byte" else str(out_dir / tok_lib.TOKENIZER_FILE),
       tok.eos_token or "", _token_dtype(tok.vocab_size).name, int(seed), float(eval_fraction),
@@ -200,7 +202,8 @@ def _write_manifest(out_dir: pathlib.Path, recipe: dict, plan: Sequence[sources.
 
 
 def _install_tokenizer(out_dir: pathlib.Path, tok: tok_lib.Tokenizer | None, recipe: dict,
-                       plan: Sequence[sources.Unit], part: tuple[int, int]) -> tok_lib.Tokenizer:
+                       plan: Sequence[sources.Unit], part: tuple[int, int],
+                       wait_s: float) -> tok_lib.Tokenizer:
   """Puts the tokenizer beside the shards; a BPE is trained by partition 0, the others wait."""
   target = out_dir / tok_lib.TOKENIZER_FILE
   if isinstance(tok, tok_lib.HFTokenizer):
@@ -211,23 +214,74 @@ def _install_tokenizer(out_dir: pathlib.Path, tok: tok_lib.Tokenizer | None, rec
     return tok
   if tok is not None:
     return tok
-  if not target.exists() and part[0] == 0:
+  if part[0] == 0:
+    _train_bpe_once(target, plan, recipe)
+  else:
+    _wait_for_bpe(target, wait_s)
+  bpe = tok_lib.load_tokenizer(str(target), eos_token=recipe["eos_token"])
+  bpe.kind = "bpe"
+  return bpe
+
+
+def _train_bpe_once(target: pathlib.Path, plan: Sequence[sources.Unit], recipe: dict) -> None:
+  """Partition 0 trains the BPE into `target`, holding a flock on `.<target>.lock` meanwhile, so a
+  waiting partition can tell a partition 0 that is training from one that died. The lock file is
+  made fresh, locked, then moved into place: it is never seen unlocked while training."""
+  if target.exists():
+    return
+  lock = target.with_name(f".{target.name}.lock")
+  tmp = lock.with_name(f"{lock.name}.tmp-{uuid.uuid4().hex[:12]}")
+  fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.replace(tmp, lock)
     start = time.time()
     logging.info("data: training a byte-level BPE (vocab %d) on the train split",
                  recipe["bpe_vocab_size"])
     bpe = tok_lib.train_bpe(_train_texts(plan, recipe), recipe["bpe_vocab_size"],
                             recipe["eos_token"])
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-    bpe.hf.save(str(tmp))
-    os.replace(tmp, target)
+    out = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    bpe.hf.save(str(out))
+    os.replace(out, target)
     logging.info("data: BPE trained in %.1fs, vocab %d", time.time() - start, bpe.vocab_size)
+  finally:
+    os.close(fd)
+
+
+def _wait_for_bpe(target: pathlib.Path, wait_s: float) -> None:
+  """Waits for partition 0's BPE; an io.ReportedError when partition 0 stopped without writing it
+  (its lock exists but is free) or after `wait_s` seconds."""
+  lock, end = target.with_name(f".{target.name}.lock"), time.monotonic() + wait_s
   if not target.exists():
     logging.info("data: waiting for partition 0 to train the BPE into %s", target)
   while not target.exists():
+    if _lock_is_free(lock) and not target.exists():
+      raise io.ReportedError(f"partition 0 stopped before it wrote the BPE to {target}; run "
+                             "partition 0 (data.partition=0/n) again, then this one")
+    if time.monotonic() > end:
+      raise io.ReportedError(f"waited {wait_s:g}s for partition 0 to write the BPE to {target}; "
+                             "start partition 0 (data.partition=0/n), or raise data.wait_s if it "
+                             "is still training")
     time.sleep(_WAIT_FOR_TOKENIZER_S)
-  bpe = tok_lib.load_tokenizer(str(target), eos_token=recipe["eos_token"])
-  bpe.kind = "bpe"
-  return bpe
+
+
+def _lock_is_free(path: pathlib.Path) -> bool:
+  """True when the file at `path` exists and no process holds a flock on it."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except FileNotFoundError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return False
+  else:  # Free, unless a newly locked file replaced the one opened here.
+    try:
+      return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      return False
+  finally:
+    os.close(fd)
 
 
 def _train_texts(plan: Iterable[sources.Unit], recipe: dict) -> Iterable[str]:
@@ -549,7 +603,7 @@ def run_prepare_data(config: Any, workdir: pathlib.Path) -> None:
     info = prepare(d.source, path, d.tokenizer, text_field=d.text_field,
                    eval_fraction=d.eval_fraction, bpe_vocab_size=d.bpe_vocab_size,
                    text_docs=d.text_docs, eos_token=d.eos_token, workers=d.workers,
-                   partition=d.partition)
+                   partition=d.partition, wait_s=d.wait_s)
   if info is not None and info["vocab_size"] > config.model.vocab_size:
     logging.warning("data: the tokenizer has %d ids but model.vocab_size=%d; training will refuse",
                     info["vocab_size"], config.model.vocab_size)

@@ -39,6 +39,9 @@ from archscale.study.attempts import (
 )
 from archscale.study.planning import RUN_CONFIG, Run, run_config
 
+_POLL_S = 5.0        # how often a waiting sweep looks at its child's log
+_STOP_GRACE_S = 60.0  # a stalled child's time to stop on SIGTERM before SIGKILL
+
 # trainer(run_config, run_dir) -> the train summary (dict with "status"); raises on failure.
 Trainer = Callable[[ml_collections.ConfigDict, pathlib.Path], dict[str, Any]]
 
@@ -97,7 +100,7 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: Any,
                              preexec_fn=_die_with_parent)
     if on_start is not None:
       on_start(child)
-    rc = child.wait()
+    rc = _wait_while_talking(child, log_path, SweepConfig.from_config(cfg).stall_s, mode)
   if local is not run_dir:  # This attempt's part of the log joins the remote log.
     with open(log_path, "rb") as f:
       f.seek(log_start)
@@ -111,6 +114,31 @@ def train_in_subprocess(cfg: ml_collections.ConfigDict, run_dir: Any,
                        f"{run_dir / log_name}:\n"
                        f"{_tail(log_path)}")
   return json.loads((run_dir / {"train": "summary.json"}.get(mode, evaluate.EVAL_FILE)).read_text())
+
+
+def _wait_while_talking(child: subprocess.Popen, log_path: pathlib.Path, stall_s: float,
+                        mode: str) -> int:
+  """The child's exit status; a child whose log has not grown for `stall_s` seconds (a hung
+  collective, a dead peer) is stopped (SIGTERM, then SIGKILL) and a RuntimeError says so."""
+  size, changed = -1, time.monotonic()
+  while True:
+    try:
+      return child.wait(timeout=min(_POLL_S, stall_s or _POLL_S))
+    except subprocess.TimeoutExpired:
+      pass
+    now_size = log_path.stat().st_size
+    if now_size != size:
+      size, changed = now_size, time.monotonic()
+    elif stall_s and time.monotonic() - changed > stall_s:
+      child.terminate()
+      try:
+        child.wait(timeout=_STOP_GRACE_S)
+      except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+      raise RuntimeError(
+          f"--mode={mode} (pid {child.pid}) wrote nothing to {log_path} for {stall_s:g}s and "
+          "was stopped; if it was only slow, raise sweep.stall_s (0 = wait forever)")
 
 
 def train_in_process(cfg: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict[str, Any]:

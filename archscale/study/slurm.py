@@ -294,6 +294,12 @@ def _submit(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
   return ids
 
 
+def _stuck(view: dict[str, dict[str, Any]]) -> str:
+  jobs = [f"{v['job']} ({v['state'] or v['status']})" for v in view.values()
+          if v["status"] in ("queued", "running", "unknown")]
+  return ", ".join(jobs[:10]) + (f" and {len(jobs) - 10} more" if len(jobs) > 10 else "")
+
+
 def submit_sweep(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
                  data_path: pathlib.Path, say: Callable[[str], None]) -> dict[str, Any]:
   """Reconciles and submits what is missing; with `sweep.wait` polls until no job is left."""
@@ -301,9 +307,18 @@ def submit_sweep(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
   workdir = workdir.resolve()
   jobs = _load_jobs(workdir)
   submitted: list[str] = []
-  said_unknown = 0
+  said_unknown, seen, changed = 0, None, time.monotonic()
   while True:
     view = reconcile(runs, workdir, jobs, s.max_attempts)
+    now = {run_id: (v["status"], v["state"], v["job"]) for run_id, v in view.items()}
+    if now != seen:
+      seen, changed = now, time.monotonic()
+    elif time.monotonic() - changed > s.wait_s:
+      say(status_table(runs, view))
+      raise io.ReportedError(
+          f"sweep: no run changed status for {s.wait_s:g}s (sweep.wait_s) while waiting on "
+          f"SLURM; jobs still queued or running: {_stuck(view)}. They stay in the queue; raise "
+          "sweep.wait_s to wait longer, or rerun the sweep later to pick up where they are")
     todo = [r for r in runs if view[r.run_id]["submit"]]
     if todo:
       ids = _submit(config, workdir, todo, data_path, jobs)
