@@ -19,6 +19,7 @@ module computes
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -44,16 +45,25 @@ NOISE_TEST_LEVEL = 0.05
 LACK_OF_FIT_RATIO = 3.0
 
 
+@functools.cache
+def _jacobian(model: Callable[[Any, Any], Any]) -> Callable[..., tuple[Any, Any]]:
+  """jit of theta, feats -> (Jacobian (R, P), prediction (R,)), one per model: a fit's
+  standard errors compile one small program instead of dispatching each operation."""
+  def jac_and_pred(theta_P, f):
+    pred_R, vjp_cols = jax.linearize(lambda t: model(t, f), theta_P)
+    return jax.vmap(vjp_cols, out_axes=1)(jnp.eye(theta_P.shape[0], dtype=theta_P.dtype)), pred_R
+  return jax.jit(jac_and_pred)
+
+
 def jacobian_errors(model: Callable[[Any, Any], Any], theta_P: np.ndarray, feats: Any,
                     y_R: np.ndarray, loss: str,
                     delta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(standard errors (P,), covariance (P, P), Jacobian (R, P)) of the fitted parameters at the
   optimum theta_P; NaN where J^T J is singular or (Huber) no residual is within delta."""
   with solver_lib.float64():
-    f = type(feats)(*(jnp.asarray(a, jnp.float64) for a in feats))
-    theta = jnp.asarray(theta_P, jnp.float64)
-    jac_RP = np.asarray(jax.jacfwd(lambda t: model(t, f))(theta))
-    resid_R = np.asarray(model(theta, f)) - np.asarray(y_R, np.float64)
+    f = type(feats)(*(np.asarray(a, np.float64) for a in feats))
+    jac_RP, pred_R = map(np.asarray, _jacobian(model)(np.asarray(theta_P, np.float64), f))
+  resid_R = pred_R - np.asarray(y_R, np.float64)
   n_rows, n_p = jac_RP.shape
   nan, nan_PP = np.full(n_p, np.nan), np.full((n_p, n_p), np.nan)
   if n_rows <= n_p or not np.all(np.isfinite(jac_RP)) or not np.all(np.isfinite(resid_R)):

@@ -224,7 +224,7 @@ def _fit_arrays(cfg: settings.FitConfig, f: _Feats, loss: np.ndarray,
   logging.info("fit: %s, %d rows, %d starts, solver %s", form, len(loss), len(theta0_IP),
                cfg.solver)
   t0 = time.perf_counter()
-  (theta_EIP, obj_EI, status_EI, iters_EI), compile_s, _ = solver_lib.solve(
+  (theta_EIP, obj_EI, status_EI, iters_EI), compile_s, solve_s = solver_lib.solve(
       spec, theta0_IP[None], np.ones((1, len(loss))), f, y)
   theta_IP, obj_I, status_I, iters_I = theta_EIP[0], obj_EI[0], status_EI[0], iters_EI[0]
   finite = np.isfinite(obj_I)
@@ -240,9 +240,12 @@ def _fit_arrays(cfg: settings.FitConfig, f: _Feats, loss: np.ndarray,
                 at_best=int(at_best.sum()), at_best_rtol=AT_BEST_RTOL,
                 status={s: int(np.sum(status_I == i)) for i, s in enumerate(status_names) if i},
                 iterations_of_best=int(iters_I[best]))
+  t1 = time.perf_counter()
   theta, objective = _converge_best(spec, form, theta_IP[best], objective, int(status_I[best]),
                                     starts, f, y)
-  timings = dict(compile_seconds=compile_s, seconds=time.perf_counter() - t0)
+  timings = dict(compile_seconds=compile_s, solve_seconds=solve_s,
+                 converge_best_seconds=time.perf_counter() - t1,
+                 seconds=time.perf_counter() - t0)
   logging.info("fit: objective %.6g; %d/%d starts converged, %d at the best (%.1f s)", objective,
                starts["converged"], starts["total"], starts["at_best"], timings["seconds"])
   samples = np.zeros((0, len(theta0_IP[0])))
@@ -486,6 +489,7 @@ def fit(rows: Sequence[Mapping[str, Any]], config: settings.FitConfig | None = N
   the config's.
   log_warnings: log the diagnostics' warnings (they are in `diagnostics["warnings"]` always).
   """
+  start = time.perf_counter()
   cfg = _config(config, l_opt, options)
   l_opt = cfg.l_opt if l_opt is None or isinstance(l_opt, str) else l_opt
   form = cfg.form
@@ -495,7 +499,9 @@ def fit(rows: Sequence[Mapping[str, Any]], config: settings.FitConfig | None = N
   if form != "chinchilla":
     l_opt_R, chin_params, l_opt_desc = _resolve_l_opt(l_opt, table, cfg, rng)
   f = _feats(table, l_opt_R)
+  prepared = time.perf_counter()
   sol = _fit_arrays(cfg, f, table.loss, rng)
+  solved = time.perf_counter()
   params = {k: float(v) for k, v in
             law_lib.theta_to_params(form, _full_theta(form, cfg.terms, sol.theta)).items()}
   box = None
@@ -504,6 +510,9 @@ def fit(rows: Sequence[Mapping[str, Any]], config: settings.FitConfig | None = N
            (float(table.r.min()), float(table.r.max())))
   law = law_lib.Law(form, dict(params, **(chin_params or {})), box=box)
   result = _assemble(law, cfg, table, f, sol, l_opt_R, l_opt_desc)
+  now = time.perf_counter()
+  result.timings.update(prepare_seconds=prepared - start, total_seconds=now - start,
+                        diagnostics_seconds=now - solved - result.timings["stderr_seconds"])
   if log_warnings:
     log_diagnostics(result)
   return result
@@ -525,8 +534,10 @@ def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
   form, terms = law.form, cfg.terms
   free = law_lib.free_keys(form, terms)
   y = np.log(table.loss) if cfg.space == "log" else table.loss
+  t0 = time.perf_counter()
   se_P, cov_PP, jac_RP = diagnostics_lib.jacobian_errors(_model(cfg), sol.theta, f, y,
                                                          cfg.loss, cfg.delta)
+  sol.timings["stderr_seconds"] = time.perf_counter() - t0
   samples, boot_note = _bootstrap_samples(form, terms, sol, law.box)
   q = 100 * np.array([(1 - cfg.level) / 2, (1 + cfg.level) / 2])
   intervals = {k: [float(v) for v in np.nanpercentile(s, q)] for k, s in samples.items()

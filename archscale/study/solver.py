@@ -247,10 +247,12 @@ def solve(spec: Spec, theta0_EIP: np.ndarray, w_ER: np.ndarray, f: Any,
     lane_job = np.where(np.arange(n_lanes) < len(theta0_JP), np.arange(n_lanes), -1)
     theta0_WP = theta0_JP[np.maximum(lane_job, 0) % len(theta0_JP)].copy()
     rep_W = rep_J[np.maximum(lane_job, 0) % len(theta0_JP)].copy()
-    state = jax.vmap(init)(jnp.asarray(theta0_WP))
-    state["status"] = jnp.where(jnp.asarray(lane_job) >= 0, state["status"],  # idle lanes
-                                STATUS.index("nonfinite"))
-    fresh = np.zeros(n_lanes, bool)
+    # Every busy lane starts fresh inside the compiled program; the state it replaces is zeros
+    # of the right shapes (no operation runs outside that program), and idle lanes are done.
+    state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
+                         jax.eval_shape(jax.vmap(init), theta0_WP))
+    state["status"] = np.where(lane_job >= 0, 0, STATUS.index("nonfinite"))
+    fresh = lane_job >= 0
     key = (spec, n_lanes, n_p, w_ER.shape)
     compile_s = 0.0
     if key not in _COMPILED:
