@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 
@@ -242,3 +243,18 @@ def test_a_full_disk_fails_the_save_in_one_line_and_the_last_checkpoint_restores
   resumed, ref = flat(params_of(workdir, config)), flat(reference["params"])
   for k in ref:
     np.testing.assert_array_equal(resumed[k], ref[k], err_msg=k)
+
+
+def test_temporary_names_are_unique_across_hosts_and_processes(tmp_path):
+  target = tmp_path / "results.jsonl"
+  a, b = io.temporary_name(target), io.temporary_name(target)
+  assert a != b and a.parent == tmp_path
+  assert a.name.startswith(".results.jsonl.tmp-") and socket.gethostname()[:4] in a.name
+  assert f"-{os.getpid()}-" in a.name
+  # A leftover of a process that is gone is found; a live process's file is not.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  left = tmp_path / a.name.replace(f"-{os.getpid()}-", f"-{dead}-")
+  left.mkdir()
+  a.mkdir()
+  assert io.dead_temporaries(target) == [left]

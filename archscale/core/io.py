@@ -118,6 +118,24 @@ def write_json_atomic(path: PathLike, obj: Any, indent: int = 2) -> None:
   write_text_atomic(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
 
 
+def temporary_name(path: Any) -> Any:
+  """A sibling `.<name>.tmp-<host>-<pid>-<random>` of `path`: unique across the hosts and
+  processes that share a filesystem, and matched by the `.*.tmp-*` clean-ups."""
+  host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32]
+  return path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def dead_temporaries(path: Any) -> list[Any]:
+  """`temporary_name`s of `path` left by processes of this host that are gone."""
+  host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32]
+  out = []
+  for tmp in path.parent.glob(f".{path.name}.tmp-{host}-*"):
+    pid = tmp.name[len(f".{path.name}.tmp-{host}-"):].split("-")[0]
+    if pid.isdigit() and not _alive(pid):
+      out.append(tmp)
+  return out
+
+
 def write_text_atomic(path: PathLike, text: str) -> None:
   """Replaces `path` with `text` atomically.
 
@@ -129,7 +147,7 @@ def write_text_atomic(path: PathLike, text: str) -> None:
   if not is_local(path):
     path.write_text(text, encoding="utf-8")
     return
-  tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+  tmp = temporary_name(path)
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
     f.flush()

@@ -90,7 +90,7 @@ def local_copy(path: Any) -> pathlib.Path:
     source, target = io.contained(path, name, where), io.contained(local, name, where)
     if not target.exists():
       target.parent.mkdir(parents=True, exist_ok=True)
-      tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
+      tmp = io.temporary_name(target)
       if not source.exists():
         raise ValueError(f"data.path={str(path)!r}: {name} is missing; delete the dataset and "
                          "prepare it again")

@@ -32,7 +32,6 @@ import os
 import pathlib
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -187,7 +186,7 @@ def _existing_dataset(out_dir: pathlib.Path, recipe: dict) -> dict | None:
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
   """Atomic write under a name no other process uses (jobs may share the directory)."""
-  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+  tmp = io.temporary_name(path)
   tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
   os.replace(tmp, path)
 
@@ -208,7 +207,7 @@ def _install_tokenizer(out_dir: pathlib.Path, tok: tok_lib.Tokenizer | None, rec
   target = out_dir / tok_lib.TOKENIZER_FILE
   if isinstance(tok, tok_lib.HFTokenizer):
     if not target.exists():
-      tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+      tmp = io.temporary_name(target)
       shutil.copyfile(tok.path, tmp)
       os.replace(tmp, target)
     return tok
@@ -230,7 +229,7 @@ def _train_bpe_once(target: pathlib.Path, plan: Sequence[sources.Unit], recipe: 
   if target.exists():
     return
   lock = target.with_name(f".{target.name}.lock")
-  tmp = lock.with_name(f"{lock.name}.tmp-{uuid.uuid4().hex[:12]}")
+  tmp = io.temporary_name(lock)
   fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -240,7 +239,7 @@ def _train_bpe_once(target: pathlib.Path, plan: Sequence[sources.Unit], recipe: 
                  recipe["bpe_vocab_size"])
     bpe = tok_lib.train_bpe(_train_texts(plan, recipe), recipe["bpe_vocab_size"],
                             recipe["eos_token"])
-    out = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    out = io.temporary_name(target)
     bpe.hf.save(str(out))
     os.replace(out, target)
     logging.info("data: BPE trained in %.1fs, vocab %d", time.time() - start, bpe.vocab_size)
@@ -308,7 +307,7 @@ class _ShardWriter:
 
   def __init__(self, path: pathlib.Path, dtype: np.dtype, eos_id: int):
     self.path, self.dtype = path, dtype
-    self.tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    self.tmp = io.temporary_name(path)
     self._eos = np.asarray([eos_id], dtype)
     self._file = open(self.tmp, "wb")
     self._hash = hashlib.sha256()

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from archscale.core import settings
+from archscale.core import io, settings
 from archscale.model.arch import ArchSpec
 from archscale.model.hf_format import (  # noqa: F401 - the import side of the HF interface
   CONFIG_FILE,
@@ -124,8 +124,9 @@ def export(params: dict, spec: ArchSpec, out_dir: str | pathlib.Path, tokenizer:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                      f"{spec.vocab_size}")
   out_dir = pathlib.Path(out_dir)
-  tmp = out_dir.with_name(out_dir.name + ".tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
+  for stale in io.dead_temporaries(out_dir):  # left by an export that was killed
+    shutil.rmtree(stale, ignore_errors=True)
+  tmp = io.temporary_name(out_dir)
   tmp.mkdir(parents=True)
   np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
   tensors = {k: v.astype(np_dtype) for k, v in to_hf_state_dict(params, spec).items()}
