@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -13,7 +14,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from archscale.core import config_lib
+from archscale.core import config_lib, exits
 from archscale.data import prepare as prepare_lib
 from archscale.data import tokenizer as tok_lib
 from archscale.interop import hf
@@ -231,8 +232,12 @@ def test_export_mode_writes_a_run_checkpoint_that_transformers_reproduces(tmp_pa
                       checkpoint_every=2, log_every=1)
   config.export.dtype = "float32"
   workdir = tmp_path / "run"
-  train.train(config, workdir)
+  trained = config.copy_and_resolve_references()
+  trained.model.rope_theta = 500.0  # an override the export's config below leaves out
+  train.train(trained, workdir)
   hf.run_export(config, workdir)
+  assert json.loads((workdir / "hf" / hf.CONFIG_FILE).read_text())["rope_theta"] == 500.0
+  config = trained
 
   spec = ArchSpec.from_config(config)
   params = jax.tree.map(np.asarray, train.load_checkpoint(workdir, config)["params"])
@@ -255,6 +260,26 @@ def test_export_mode_writes_a_run_checkpoint_that_transformers_reproduces(tmp_pa
   config.export.dtype = "int4"
   with pytest.raises(ValueError, match="export.dtype"):
     hf.run_export(config, workdir)
+
+
+def test_export_refuses_a_model_override_the_run_was_not_trained_with(dataset, tmp_path):
+  config = config_lib.make_config("demo")
+  config.model.update(d_model=32, d_ff=64, n_layers=1, n_heads=4, n_kv_heads=2, d_head=8,
+                      max_seq_len=32)
+  config.data.path, config.data.seq_len = str(dataset), 16
+  config.train.update(steps=2, global_batch_size=2, warmup_steps=1, eval_batches=0,
+                      checkpoint_every=2)
+  workdir = tmp_path / "run"
+  train.train(config, workdir)
+  path = config_lib.write_config_py(tmp_path / "c.py", config, "The run's config.")
+  proc = subprocess.run(
+      [sys.executable, "-m", "archscale.main", f"--config={path}", "--mode=export",
+       f"--workdir={workdir}", "--config.model.rope_theta=20000.0", "--config.model.d_ff=64"],
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == exits.EXIT_FAILED
+  (line,) = [x for x in proc.stderr.splitlines() if "another architecture" in x]
+  assert "model.rope_theta=20000.0 (trained: 10000.0)" in line and "d_ff" not in line
+  assert "Traceback" not in proc.stderr and not (workdir / "hf").exists()
 
 
 def test_train_init_from_starts_a_run_from_an_hf_directory(tmp_path):

@@ -232,14 +232,14 @@ exec "{real}" "$@"
 
 def test_a_scheduler_that_does_not_answer_is_waited_out_never_resubmitted(
     cluster, dataset, tmp_path):
-  """sacct and squeue fail their first calls after the submission: the runs are unknown, not
-  failed; the driver (the command line, as a script runs it) waits, then exits 0 with each run
-  finished by its one job."""
+  """sacct fails every call and squeue its first calls after the submission: the runs are
+  unknown, not failed; the driver (the command line, as a script runs it) waits, then exits 0
+  with each run finished by its one job."""
   wrappers = tmp_path / "bin"
   wrappers.mkdir()
-  for name in ("sacct", "squeue"):
+  for name, fails in (("sacct", 10**6), ("squeue", 4)):
     script = wrappers / name
-    script.write_text(FLAKY.format(fails=4, counter=tmp_path / f"{name}.calls", name=name,
+    script.write_text(FLAKY.format(fails=fails, counter=tmp_path / f"{name}.calls", name=name,
                                    real=shutil.which(name)))
     script.chmod(0o755)
   c = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(0.7, 1.5))
@@ -315,3 +315,52 @@ def test_bad_sbatch_options_fail_before_submitting(dataset, tmp_path):
   with pytest.raises(ValueError, match=r"sweep.slurm.account="):
     sweep.run_sweep(c, tmp_path)
   assert not (tmp_path / slurm.SLURM_DIR).exists()
+
+
+def _held(dataset, **fields):
+  """A one-run sweep whose job stays PENDING until released (sbatch --hold)."""
+  c = _config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), **fields)
+  c.sweep.slurm.extra = {"hold": True}
+  return c
+
+
+def test_a_second_driver_on_one_sweep_refuses(cluster, dataset, tmp_path):
+  c = _held(dataset, wait=True)
+  config = config_lib.write_config_py(tmp_path / "sweep_config.py", c, "A held sweep.")
+  workdir = tmp_path / "sweep"
+  first = subprocess.Popen([sys.executable, "-m", "archscale.main", f"--config={config}",
+                            "--mode=sweep", f"--workdir={workdir}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    _wait_for("the first driver to submit", lambda: (workdir / slurm.SLURM_DIR / slurm.JOBS)
+              .exists())
+    with pytest.raises(io.WorkdirBusy, match=r"in use by pid"):
+      sweep.run_sweep(_held(dataset), workdir)
+  finally:
+    first.kill()
+    first.wait()
+    for ids in _jobs(workdir).values():
+      subprocess.run(["scancel", *ids], timeout=60)
+  assert len(_jobs(workdir)) == 1 and all(len(ids) == 1 for ids in _jobs(workdir).values())
+
+
+def test_a_driver_killed_between_submit_and_record_adopts_its_job(cluster, dataset, tmp_path):
+  """What a driver killed right after sbatch leaves: its intent and a live job, no record. The
+  next driver adopts the job instead of submitting the run again."""
+  c = _held(dataset)
+  workdir = (tmp_path / "sweep").resolve()
+  (run,) = sweep.plan(c)[0]
+  name = f"archscale-{c.name}-deadbeef"
+  io.write_json_atomic(workdir / slurm.SLURM_DIR / slurm.INTENT,
+                       {"job_name": name, "runs": [run.run_id]})
+  (job,) = slurm.sbatch(slurm.SweepConfig.from_config(c).slurm, workdir, name,
+                        [slurm.SlurmRun(str(workdir), run.run_id, "unused.py")])
+  try:
+    lines = []
+    result = sweep.run_sweep(c, workdir, progress=lines.append)
+    assert result["submitted"] == 0 and result["queued"] == 1
+    assert _jobs(workdir) == {run.run_id: [job]}
+    assert any(f"adopted job(s) {job}" in line for line in lines)
+    assert not (workdir / slurm.SLURM_DIR / slurm.INTENT).exists()
+  finally:
+    subprocess.run(["scancel", job], timeout=60)

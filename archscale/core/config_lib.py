@@ -110,6 +110,17 @@ def write_config_py(path: str | os.PathLike, config: Any, doc: str, *, base: str
   return path
 
 
+def command_line_overrides() -> dict[str, Any]:
+  """The `--config.a.b=v` overrides on this process's command line, by dotted key ({} when the
+  process did not start from archscale.main)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  if "config" not in flags.FLAGS or not flags.FLAGS.is_parsed():
+    return {}
+  return config_flags.get_override_values(flags.FLAGS["config"])
+
+
 def _docstring(doc: str) -> str:
   """`doc` as a module docstring: triple-quoted where that reads back as exactly `doc`, else its
   repr (a doc holding quotes or backslashes, e.g. from a folder's name, never becomes code)."""

@@ -32,8 +32,9 @@ import shutil
 from typing import Any
 
 import numpy as np
+from absl import logging
 
-from archscale.core import io, settings
+from archscale.core import config_lib, io, settings
 from archscale.model.arch import ArchSpec
 from archscale.model.hf_format import (  # noqa: F401 - the import side of the HF interface
   CONFIG_FILE,
@@ -141,6 +142,23 @@ def export(params: dict, spec: ArchSpec, out_dir: str | pathlib.Path, tokenizer:
   return out_dir
 
 
+def with_trained_arch(config: Any, arch: dict[str, Any], overrides: dict[str, Any]) -> Any:
+  """A copy of `config` whose model is the one the run trained (`arch`). A command-line
+  `--config.model.X` that disagrees is a ValueError naming it; other differences (a config
+  file without the run's overrides) give way to the trained values, with a log line."""
+  config = config.copy_and_resolve_references()
+  clash = [f"model.{k}={overrides[f'model.{k}']!r} (trained: {v!r})" for k, v in arch.items()
+           if f"model.{k}" in overrides and overrides[f"model.{k}"] != v]
+  settings.check(not clash, f"the run was trained with another architecture: {'; '.join(clash)}; "
+                 "drop those overrides (export reads the run's own)")
+  for key, value in arch.items():
+    if key in config.model and config.model[key] != value:
+      logging.info("export: model.%s=%r as the run was trained (the config says %r)", key, value,
+                   config.model[key])
+    config.model[key] = tuple(value) if isinstance(value, list) else value
+  return config
+
+
 def run_tokenizer(config: Any, workdir: pathlib.Path) -> Any:
   """The tokenizer a run trained with: its prepared dataset's, else `data.tokenizer`."""
   from archscale.data import tokenizer as tok_lib
@@ -162,7 +180,8 @@ def run_export(config: Any, workdir: pathlib.Path) -> None:
   workdir = pathlib.Path(workdir)
   e = settings.ExportConfig.from_config(config)
   tokenizer = run_tokenizer(config, workdir)
-  config = config.copy_and_resolve_references()
+  config = with_trained_arch(config, train_lib.trained_arch(workdir, config, e.step or None),
+                             config_lib.command_line_overrides())
   if not str(config.data.path).strip() and str(config.data.get("source", "")).strip():
     config.data.path = str(workdir / "data")
   state = train_lib.load_checkpoint(workdir, config, e.step or None)

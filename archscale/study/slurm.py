@@ -24,9 +24,11 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,6 +46,10 @@ STATUSES = ("planned", "queued", "running", "finished", "failed", "unknown")
 # A job whose state could not be read: squeue failed (the controller did not answer) and sacct
 # did not know it. Its run is "unknown": waited on, never resubmitted on that basis.
 NO_ANSWER = "NO_ANSWER"
+ASK_TRIES = 3        # a scheduler query is tried this often before it counts as unanswered
+ASK_BACKOFF_S = 1.0  # seconds before the second try (twice that before the third)
+INTENT = "submitting.json"
+DRIVER_LOCK = ".driver.lock"  # a submission in progress: its runs and the job name it uses
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -128,6 +134,8 @@ def train_as_task(config: Any, run: Run, workdir: pathlib.Path,
   log = "train.log" if rank == 0 else f"train.task{rank}.log"
   trainer = lambda c, d: runner.train_in_subprocess(c, d, log, on_start=on_start)
   outcome = runner.attempt(cfg, run_dir, trainer, "process" if rank == 0 and s.evaluate else None)
+  if outcome.busy:  # Another job of this run trains it: not an attempt of this one, not a failure.
+    return "busy"
   if outcome.status == "preempted":
     _requeue_if_running()
     return "preempted"
@@ -179,12 +187,18 @@ def _requeue_if_running() -> None:
 
 
 def _ask(cmd: list[str]) -> str | None:
-  """A scheduler command's output, or None when it failed (controller down, no accounting)."""
-  try:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-  except (OSError, subprocess.TimeoutExpired):
-    return None
-  return done.stdout if done.returncode == 0 else None
+  """A scheduler command's output, or None when it failed `ASK_TRIES` times in a row (controller
+  down, no accounting)."""
+  for attempt in range(ASK_TRIES):
+    if attempt:
+      time.sleep(ASK_BACKOFF_S * attempt)
+    try:
+      done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+      continue
+    if done.returncode == 0:
+      return done.stdout
+  return None
 
 
 def job_states(job_ids: Sequence[str]) -> dict[str, str]:
@@ -238,11 +252,14 @@ def reconcile(runs: Sequence[Run], workdir: pathlib.Path, jobs: dict[str, list[s
   """Each run's status (planned, queued, running, finished, failed, unknown), last job, and
   whether to submit it now."""
   rows = attempts.run_states(workdir)
-  states = job_states([ids[-1] for ids in jobs.values() if ids])
+  states = job_states([job for ids in jobs.values() for job in ids])
   out = {}
   for run in runs:
     ids = jobs.get(run.run_id, [])
-    job = ids[-1] if ids else ""
+    # The job that speaks for the run: an active one (any of its submissions), else the last.
+    job = next((j for j in reversed(ids) if states.get(j) in ACTIVE),
+               next((j for j in reversed(ids) if states.get(j) == NO_ANSWER),
+                    ids[-1] if ids else ""))
     state = states.get(job, "") if job else ""
     row = rows.get(run.run_id, {})
     if row.get("status") == "finished":
@@ -275,7 +292,11 @@ def status_table(runs: Sequence[Run], view: dict[str, dict[str, Any]]) -> str:
 
 def _submit(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
             data_path: pathlib.Path, jobs: dict[str, list[str]]) -> list[str]:
-  """Submits `runs` as one job array; records and returns their job ids."""
+  """Submits `runs` as one job array; records and returns their job ids.
+
+  The intent (runs, and the job name unique to this submission) is written before `sbatch`, so
+  a driver killed before it records the ids leaves what `_adopt` needs to find the jobs.
+  """
   s = SweepConfig.from_config(config)
   calls = []
   for run in runs:
@@ -284,14 +305,64 @@ def _submit(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
         planning.frozen_config(config, data_path, only=run.run_id),
         f"Sweep run {run.run_id} of the sweep in {workdir}.")
     calls.append(SlurmRun(str(workdir), run.run_id, str(path)))
-  ex = executor(s.slurm, workdir / SLURM_DIR, f"archscale-{config.name}")
+  name = f"archscale-{config.name}-{uuid.uuid4().hex[:8]}"
+  io.write_json_atomic(workdir / SLURM_DIR / INTENT,
+                       {"job_name": name, "runs": [r.run_id for r in runs]})
+  ids = sbatch(s.slurm, workdir, name, calls)
+  _record(workdir, jobs, [r.run_id for r in runs], ids)
+  return ids
+
+
+def sbatch(s: SlurmConfig, workdir: pathlib.Path, name: str,
+           calls: Sequence[SlurmRun]) -> list[str]:
+  """Submits `calls` as one job array named `name`; their job ids, in order."""
+  ex = executor(s, workdir / SLURM_DIR, name)
   with ex.batch():
     submitted = [ex.submit(call) for call in calls]
-  ids = [str(job.job_id) for job in submitted]
-  for run, job in zip(runs, ids, strict=True):
-    jobs.setdefault(run.run_id, []).append(job)
+  return [str(job.job_id) for job in submitted]
+
+
+def _record(workdir: pathlib.Path, jobs: dict[str, list[str]], run_ids: Sequence[str],
+            ids: Sequence[str]) -> None:
+  for run_id, job in zip(run_ids, ids, strict=True):
+    jobs.setdefault(run_id, []).append(job)
   io.write_json_atomic(workdir / SLURM_DIR / JOBS, jobs)
-  return ids
+  (workdir / SLURM_DIR / INTENT).unlink(missing_ok=True)
+
+
+def _adopt(workdir: pathlib.Path, jobs: dict[str, list[str]], say: Callable[[str], None]) -> bool:
+  """Records the jobs of a submission that a killed driver did not record (found by their
+  unique name). False when the scheduler could not tell: nothing may be submitted then."""
+  path = workdir / SLURM_DIR / INTENT
+  if not path.exists():
+    return True
+  intent = json.loads(path.read_text())
+  found = _jobs_named(intent["job_name"])
+  if found is None:
+    say("sweep: the scheduler did not answer whether an interrupted submission reached it; "
+        "submitting nothing until it does")
+    return False
+  index = lambda job: int(job.partition("_")[2] or 0)
+  ids = sorted(found, key=index)
+  if ids and len(ids) == len(intent["runs"]) and [index(j) for j in ids] == list(range(len(ids))):
+    say(f"sweep: adopted job(s) {', '.join(ids)} of an interrupted submission")
+    _record(workdir, jobs, intent["runs"], ids)
+  elif not ids:  # The driver stopped before sbatch: nothing was submitted.
+    path.unlink()
+  else:
+    raise io.ReportedError(f"sweep: the interrupted submission {intent['job_name']} has jobs "
+                           f"{ids} for {len(intent['runs'])} runs; cancel them (scancel --name="
+                           f"{intent['job_name']}) and delete {path}")
+  return True
+
+
+def _jobs_named(name: str) -> list[str] | None:
+  """Job ids (array tasks as A_i) named `name`, queued or ended; None when squeue failed."""
+  queue = _ask(["squeue", "-h", "-r", "-n", name, "-o", "%i"])
+  if queue is None:
+    return None
+  acct = _ask(["sacct", "-n", "-X", "-P", "-S", "now-30days", f"--name={name}", "-o", "JobID"])
+  return sorted({j for j in (queue + (acct or "")).split() if re.fullmatch(r"\d+(_\d+)?", j)})
 
 
 def _stuck(view: dict[str, dict[str, Any]]) -> str:
@@ -305,10 +376,22 @@ def submit_sweep(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
   """Reconciles and submits what is missing; with `sweep.wait` polls until no job is left."""
   s = SweepConfig.from_config(config)
   workdir = workdir.resolve()
+  (workdir / SLURM_DIR).mkdir(parents=True, exist_ok=True)
+  driver = io.WorkdirLock(workdir / SLURM_DIR, DRIVER_LOCK)
+  driver.acquire()  # One driver per sweep: a second stops here, naming the first.
+  try:
+    return _drive(config, s, workdir, runs, data_path, say)
+  finally:
+    driver.release()
+
+
+def _drive(config: Any, s: SweepConfig, workdir: pathlib.Path, runs: Sequence[Run],
+           data_path: pathlib.Path, say: Callable[[str], None]) -> dict[str, Any]:
   jobs = _load_jobs(workdir)
   submitted: list[str] = []
   said_unknown, seen, changed = 0, None, time.monotonic()
   while True:
+    may_submit = _adopt(workdir, jobs, say)
     view = reconcile(runs, workdir, jobs, s.max_attempts)
     now = {run_id: (v["status"], v["state"], v["job"]) for run_id, v in view.items()}
     if now != seen:
@@ -319,7 +402,7 @@ def submit_sweep(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
           f"sweep: no run changed status for {s.wait_s:g}s (sweep.wait_s) while waiting on "
           f"SLURM; jobs still queued or running: {_stuck(view)}. They stay in the queue; raise "
           "sweep.wait_s to wait longer, or rerun the sweep later to pick up where they are")
-    todo = [r for r in runs if view[r.run_id]["submit"]]
+    todo = [r for r in runs if view[r.run_id]["submit"]] if may_submit else []
     if todo:
       ids = _submit(config, workdir, todo, data_path, jobs)
       submitted += ids

@@ -260,6 +260,18 @@ class BatchSource:
 # ----------------------------------------------------------------------------- the run
 
 
+def trained_arch(workdir: str | pathlib.Path, config: Any, step: int | None = None) -> dict:
+  """The architecture (ArchSpec fields) a run's checkpoint (latest by default) was trained as."""
+  ckpt = checkpoint.Checkpoints(io.as_path(workdir, "--workdir") / "checkpoints", config.train)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"{workdir} holds no checkpoint")
+    return ckpt.restore_meta(step)["recipe"]["arch"]
+  finally:
+    ckpt.close()
+
+
 def load_checkpoint(workdir: str | pathlib.Path, config: Any, step: int | None = None) -> Any:
   """The train state saved in `workdir` (latest step by default), sharded for this config's mesh."""
   setup = build(config)
