@@ -26,7 +26,7 @@ MODES = {
 }
 
 # Modes whose every file goes through etils.epath, so that --workdir may be a URI (gs://...).
-URI_MODES = ("describe", "train", "sweep")
+URI_MODES = ("describe", "train", "sweep", "evaluate")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _MODE = flags.DEFINE_enum("mode", None, list(MODES), "What to run (default: the config's `mode`).")

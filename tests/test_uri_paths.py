@@ -28,6 +28,7 @@ from helpers import (
   tiny_config,
   untimed,
   wait_for,
+  write_tiny_tasks,
 )
 
 from archscale.core import io
@@ -261,8 +262,11 @@ def test_a_remote_lease_keeps_out_a_second_trainer(gcs, monkeypatch):
 def test_a_local_sweep_into_gcs_trains_and_derives_its_table(gcs, dataset, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setattr(io._Lease, "SETTLE_S", 0.1)
-  c = make_config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), tokens=16 * 128 * 8)
+  c = make_config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), tokens=16 * 128 * 8,
+                  evaluate=True)
   c.train.update(eval_every=0, checkpoint_every=4, log_every=1)
+  c.eval.update(tasks="tiny_mc", include_path=str(write_tiny_tasks(tmp_path.parent / f"{tmp_path.name}-tasks")),
+                device="cpu", bootstrap_iters=0)
   uri = _fresh(gcs) + "/sweep"
   (run,) = sweep.plan(c)[0]
   counts = sweep.run_sweep(c, uri)
@@ -273,6 +277,8 @@ def test_a_local_sweep_into_gcs_trains_and_derives_its_table(gcs, dataset, tmp_p
   run_dir = workdir / attempts.RUNS_DIR / run.run_id
   summary = json.loads((run_dir / "summary.json").read_text())
   assert row["steps"] == summary["steps"] == 8
+  evaluated = json.loads((run_dir / "eval.json").read_text())  # evaluated, its row says so
+  assert evaluated["step"] == 8 and row["eval_average"] == evaluated["average"]
   assert [r["step"] for r in metrics(run_dir)] == list(range(1, 9))
   assert "train: done" in (run_dir / "train.log").read_text()
   assert "def get_config" in (run_dir / sweep.RUN_CONFIG).read_text()

@@ -148,7 +148,7 @@ def eval_recipe(config: Any) -> dict[str, Any]:
 def read_eval(workdir: str | pathlib.Path) -> dict[str, Any] | None:
   """WORKDIR/eval.json, or None when there is none (or it is unreadable)."""
   try:
-    out = json.loads((pathlib.Path(workdir) / EVAL_FILE).read_text(encoding="utf-8"))
+    out = json.loads((io.as_path(workdir, "run folder") / EVAL_FILE).read_text(encoding="utf-8"))
   except (OSError, json.JSONDecodeError):
     return None
   return out if isinstance(out, dict) else None
@@ -199,10 +199,12 @@ def run_evaluate(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
 
   from archscale.interop import hf
 
-  workdir = pathlib.Path(workdir)
+  workdir = io.as_path(workdir, "--workdir")
   e = settings.EvalConfig.from_config(config)
   recipe = eval_recipe(config)
-  model_dir = pathlib.Path(e.model) if str(e.model).strip() else workdir / "hf"
+  # A run in a bucket is exported into this user's private local folder: lm-eval reads files.
+  local = workdir if io.is_local(workdir) else io.local_mirror(workdir)
+  model_dir = pathlib.Path(e.model) if str(e.model).strip() else local / "hf"
   step = None if str(e.model).strip() else (
       settings.ExportConfig.from_config(config).step or _latest_step(config, workdir))
   if str(e.model).strip() and not (model_dir / hf.CONFIG_FILE).exists():
@@ -215,7 +217,7 @@ def run_evaluate(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     print(json.dumps({"reused": str(workdir / EVAL_FILE), "step": step}))
     return prior
   if step is not None:
-    hf.run_export(config, workdir)
+    hf.run_export(config, workdir, out=model_dir)
   results = evaluate_dir(model_dir, e.task_names, include_path=e.include_path,
                          batch_size=e.batch_size, limit=e.limit, num_fewshot=e.num_fewshot,
                          device=e.device, dtype=e.dtype, bootstrap_iters=e.bootstrap_iters)

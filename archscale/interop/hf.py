@@ -165,19 +165,20 @@ def run_tokenizer(config: Any, workdir: pathlib.Path) -> Any:
 
   path = str(config.data.path).strip()
   if not path and str(config.data.get("source", "")).strip():
-    path = str(pathlib.Path(workdir) / "data")  # where --mode=train prepares it
+    path = str(io.as_path(workdir, "--workdir") / "data")  # where --mode=train prepares it
   if path:
     return tok_lib.load_tokenizer(path)
   return tok_lib.load_tokenizer(config.data.tokenizer, eos_token=config.data.eos_token)
 
 
-def run_export(config: Any, workdir: pathlib.Path) -> None:
-  """`--mode=export`: the run's checkpoint (`export.step`, 0 = latest) as WORKDIR/hf/."""
+def run_export(config: Any, workdir: pathlib.Path, out: pathlib.Path | None = None) -> None:
+  """`--mode=export`: the run's checkpoint (`export.step`, 0 = latest) as WORKDIR/hf/ (or the
+  local folder `out`: a run in a bucket is read from there and exported here)."""
   import jax
 
   from archscale.train import trainer as train_lib
 
-  workdir = pathlib.Path(workdir)
+  workdir = io.as_path(workdir, "--workdir")
   e = settings.ExportConfig.from_config(config)
   tokenizer = run_tokenizer(config, workdir)
   config = with_trained_arch(config, train_lib.trained_arch(workdir, config, e.step or None),
@@ -186,7 +187,7 @@ def run_export(config: Any, workdir: pathlib.Path) -> None:
     config.data.path = str(workdir / "data")
   state = train_lib.load_checkpoint(workdir, config, e.step or None)
   params = jax.device_get(state["params"])
-  out = export(params, ArchSpec.from_config(config), workdir / "hf", tokenizer, dtype=e.dtype,
-               max_shard_bytes=int(e.max_shard_mb * 10**6))
+  out = export(params, ArchSpec.from_config(config), out or workdir / "hf", tokenizer,
+               dtype=e.dtype, max_shard_bytes=int(e.max_shard_mb * 10**6))
   print(json.dumps({"exported": str(out), "step": int(jax.device_get(state["step"])),
                     "dtype": e.dtype}))

@@ -236,7 +236,8 @@ def run_evaluate(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   """`--mode=evaluate`: archscale.interop.evaluate's, then, for a run of a sweep, its sweep's
   results table rebuilt so that the run's row shows the evaluation."""
   summary = evaluate.run_evaluate(config, workdir)
-  run_dir = pathlib.Path(workdir).resolve()
+  run_dir = io.as_path(workdir, "--workdir")
+  run_dir = run_dir.resolve() if io.is_local(run_dir) else run_dir
   sweep_dir = run_dir.parent.parent
   if run_dir.parent.name == RUNS_DIR and (sweep_dir / RESULTS).exists():
     materialise(sweep_dir)
