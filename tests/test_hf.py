@@ -1,6 +1,8 @@
 """Export to and import from Hugging Face LLaMA directories, checked against transformers itself."""
 
+import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -152,6 +154,34 @@ def test_byte_tokenizer_loads_in_transformers_with_the_same_ids(tmp_path):
   assert tok.eos_token_id == ours.eos_id == 0
   assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 0
   assert json.loads((out / "config.json").read_text())["eos_token_id"] == 0
+
+
+def test_an_export_works_in_transformers_pipelines_as_they_are_used(tmp_path):
+  """Default generation runs past 20 tokens, batches pad, the EOS token's literal text in a
+  prompt is text (as archscale trained on it), and files follow the umask."""
+  spec = dataclasses.replace(_spec("gqa"), max_seq_len=64)
+  old = os.umask(0o022)
+  try:
+    out = hf.export(_random_params(spec, seed=1), spec, tmp_path / "hf", tok_lib.ByteTokenizer())
+  finally:
+    os.umask(old)
+  assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  text = "a <|endoftext|> b"
+  assert tok(text)["input_ids"] == tok_lib.ByteTokenizer().encode(text)
+  assert tok.pad_token_id == tok.eos_token_id == 0
+
+  generator = transformers.pipeline("text-generation", model=str(out), dtype=torch.float32)
+  prompts = ["the light", "and it was so, and"]
+  alone = [generator(p, return_full_text=False)[0]["generated_text"] for p in prompts]
+  assert all(len(tok(g)["input_ids"]) > 20 for g in alone), alone
+  model = generator.model  # a padded batch generates what each prompt does alone
+  with torch.no_grad():
+    batched = model.generate(**tok(prompts, return_tensors="pt", padding=True),
+                             max_new_tokens=20)[:, -20:]
+    for prompt, row in zip(prompts, batched, strict=True):
+      one = model.generate(**tok([prompt], return_tensors="pt"), max_new_tokens=20)[0, -20:]
+      assert torch.equal(row, one)
 
 
 def test_hf_tokenizer_is_copied_with_its_eos(tmp_path):

@@ -5,11 +5,13 @@
   config.json                   LlamaForCausalLM: explicit head_dim, GQA, rope scaling, tying, dtype
   model.safetensors             the weights (above `export.max_shard_mb`: model-0000i-of-0000n
                                 .safetensors and model.safetensors.index.json)
-  generation_config.json        the EOS id, greedy by default
+  generation_config.json        the EOS id (also the pad id), greedy, max_length = the context
   tokenizer.json, tokenizer_config.json, special_tokens_map.json
                                 the run's tokenizer (adding no BOS, as in training); the byte
                                 tokenizer as an equivalent byte-level one (ids 1..255 = those
-                                bytes, id 0 = EOS)
+                                bytes, id 0 = EOS); pad = EOS, padding on the left, and the
+                                EOS token's literal text encoded as text (split_special_tokens),
+                                as in training
 
 The directory loads with `AutoModelForCausalLM` / `AutoTokenizer` (and vLLM, SGLang,
 lm-evaluation-harness). The mapping is exact: every archscale weight is a transpose or reshape of
@@ -27,6 +29,7 @@ the result.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 from typing import Any
@@ -100,9 +103,12 @@ def write_tokenizer(tokenizer: Any, out_dir: pathlib.Path, max_len: int) -> dict
     raw["post_processor"] = None
     (out_dir / "tokenizer.json").write_text(json.dumps(raw, ensure_ascii=False))
     eos_token = tokenizer.eos_token
-  special = {"eos_token": eos_token}
+  # Padding with EOS on the left (a decoder generates after the prompt); the EOS token's literal
+  # text in a prompt stays text, as archscale's tokenizers encode it in training.
+  special = {"eos_token": eos_token, "pad_token": eos_token}
   (out_dir / "tokenizer_config.json").write_text(json.dumps({
       "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": max_len,
+      "padding_side": "left", "split_special_tokens": True,
       "clean_up_tokenization_spaces": False}, indent=2) + "\n")
   (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
   return {"eos_token_id": tokenizer.eos_id}
@@ -135,11 +141,21 @@ def export(params: dict, spec: ArchSpec, out_dir: str | pathlib.Path, tokenizer:
   ids = {} if tokenizer is None else write_tokenizer(tokenizer, tmp, spec.max_seq_len)
   config = llama_config(spec, dtype, eos_token_id=ids.get("eos_token_id"))
   (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-  generation = {"eos_token_id": ids.get("eos_token_id"), "do_sample": False}
+  generation = {"eos_token_id": ids.get("eos_token_id"), "pad_token_id": ids.get("eos_token_id"),
+                "do_sample": False, "max_length": spec.max_seq_len}
   (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+  mode = 0o666 & ~_umask()  # safetensors writes 0600; every file follows the umask instead
+  for path in tmp.iterdir():
+    path.chmod(mode)
   shutil.rmtree(out_dir, ignore_errors=True)
   tmp.rename(out_dir)
   return out_dir
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def with_trained_arch(config: Any, arch: dict[str, Any], overrides: dict[str, Any]) -> Any:
