@@ -251,8 +251,10 @@ def reconcile(runs: Sequence[Run], workdir: pathlib.Path, jobs: dict[str, list[s
               max_attempts: int) -> dict[str, dict[str, Any]]:
   """Each run's status (planned, queued, running, finished, failed, unknown), last job, and
   whether to submit it now."""
-  rows = attempts.run_states(workdir)
+  # The scheduler first, the rows second: a job writes its row before it ends, so a job that
+  # has left the queue by now has its row visible below.
   states = job_states([job for ids in jobs.values() for job in ids])
+  rows = attempts.run_states(workdir)
   out = {}
   for run in runs:
     ids = jobs.get(run.run_id, [])
