@@ -37,7 +37,7 @@ REQUIRED = ("arch", "batch_size", "input_len", "output_len", "prefill_s", "step_
 
 
 def test_decode_bench_end_to_end(tmp_path):
-  rows = DB.run_decode_bench(_bench_config(), tmp_path)
+  rows = DB.run_decode_bench(_bench_config(profile=True), tmp_path)
   written = json.loads((tmp_path / "decode_bench.json").read_text())
   assert written == json.loads(json.dumps(rows))
   assert [r["batch_size"] for r in written] == [1, 2]
@@ -54,6 +54,8 @@ def test_decode_bench_end_to_end(tmp_path):
   assert json.loads((tmp_path / "decode_bench_provenance.json").read_text())["platform"] == "cpu"
   assert not (tmp_path / "calibration.json").exists()
   assert not (tmp_path / "decode_bench.partial.json").exists()
+  for batch in (1, 2):  # bench.profile: one trace per point, of its timed decode bursts
+    assert len(list((tmp_path / "profile" / f"demo-b{batch}").rglob("*.xplane.pb"))) == 1
 
 
 def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):

@@ -4,6 +4,7 @@ Runs that need 8 devices or 2 processes start subprocesses (the device count is 
 starts). A persistent compilation cache shared by all of them keeps the repeated compiles cheap.
 """
 
+import gzip
 import json
 import os
 import pathlib
@@ -494,3 +495,20 @@ def test_z_loss_is_added_to_the_objective(corpus):
   # Freshly initialised logits are near zero, so logsumexp is about log(256).
   assert float(z) == pytest.approx(1e-2 * np.log(256) ** 2, rel=0.01)
   assert float(total) == pytest.approx(float(ce) + float(z), rel=1e-6)
+
+
+def test_profile_steps_trace_the_chosen_steps_and_not_the_compile(dataset, tmp_path):
+  config = tiny_config(dataset, steps=6, eval_every=0, checkpoint_every=0)
+  config.train.profile_steps = "3:5"
+  train.train(config, tmp_path / "run")
+  traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  (perfetto,) = (tmp_path / "run" / "profile").rglob("perfetto_trace.json.gz")
+  events = json.loads(gzip.decompress(perfetto.read_bytes()))["traceEvents"]
+  starts = sorted(e["ts"] for e in events if e.get("name") == "PjitFunction(jit(step))")
+  calls = 1 + sum(b - a > 100 for a, b in zip(starts, starts[1:], strict=False))  # nested events per call
+  assert calls == 2  # steps 3 and 4
+  assert not [e for e in events if "compile" in str(e.get("name", "")).lower()]
+  config.train.profile_steps = "1:3"
+  with pytest.raises(ValueError, match=r"train.profile_steps='1:3' must be 'a:b' with 2 <= a < b"):
+    train.train(config, tmp_path / "other")

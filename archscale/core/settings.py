@@ -59,6 +59,9 @@ class TrainConfig(Section):
   # A directory for JAX's persistent compilation cache ("" = off): reruns, resumed runs and other
   # runs of the same shape (a sweep's seeds) load their compiled steps instead of compiling.
   compilation_cache: str = bookkeeping("")
+  # "a:b": a jax.profiler trace of steps a..b-1 (numbered as logged) in WORKDIR/profile/; a >= 2,
+  # so the first step (which compiles) stays out. "" = off.
+  profile_steps: str = bookkeeping("")
 
   def __post_init__(self):
     self._positive_ints("steps", "global_batch_size", "grad_accum", "log_every",
@@ -73,6 +76,7 @@ class TrainConfig(Section):
     self._in_range("b2", 0, 1, high_open=True)
     self._non_negative_ints(
         "loss_chunk", meaning="positions per chunk of the fused head + loss; 0 = full logits")
+    parse_step_range(self.profile_steps, "train.profile_steps")
     check(self.global_batch_size % self.grad_accum == 0,
           f"train.global_batch_size={self.global_batch_size} must be divisible by "
           f"train.grad_accum={self.grad_accum}")
@@ -82,6 +86,19 @@ class TrainConfig(Section):
       except ImportError as e:
         raise ValueError("train.tensorboard=True needs the tensorboard package; install it or "
                          "set train.tensorboard=False") from e
+
+
+def parse_step_range(value: str, field: str) -> tuple[int, int] | None:
+  """(a, b) of "a:b" with 2 <= a < b (the first step compiles), or None for ""."""
+  if not str(value).strip():
+    return None
+  try:
+    a, b = (int(p) for p in str(value).split(":"))
+  except ValueError:
+    a, b = 0, 0
+  check(2 <= a < b, f"{field}={value!r} must be 'a:b' with 2 <= a < b, e.g. '10:13' for steps "
+        "10, 11 and 12 (the first step compiles and is never traced)")
+  return a, b
 
 
 # -------------------------------------------------------------------------------------- data
@@ -498,6 +515,8 @@ class BenchConfig(Section):
                                # xla | dpa | cudnn | splash
   decode_attention: str = "auto"  # decode-step kernel: auto (xla) | xla | dpa | cudnn | pallas
   accelerator: str = "auto"    # costmodel.ACCELERATORS key; auto = from the device kind; "" = none
+  profile: bool = False        # a jax.profiler trace of each point's first timed decode bursts
+                               # (compiled and warmed up before) in WORKDIR/profile/<arch>-b<batch>
 
   def __post_init__(self):
     object.__setattr__(self, "batch_sizes", _batch_sizes(self.batch_sizes))

@@ -19,6 +19,7 @@ generation program of `archscale.serve.generate`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -98,7 +99,8 @@ def _device_memory() -> tuple[int | None, int | None]:
 def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], input_len: int,
                        output_len: int, repeats: int, options: model_lib.ModelOptions,
                        decode_attention: str | None = None, accelerator: str | None = None,
-                       seed: int = 0) -> list[dict[str, Any]]:
+                       seed: int = 0, profile_dir: pathlib.Path | None = None
+                       ) -> list[dict[str, Any]]:
   """Harness rows for one architecture over `batch_sizes` (ascending; see the module doc).
 
   A batch that runs out of device memory gets an `error` row, and so do the larger ones after
@@ -140,8 +142,9 @@ def bench_architecture(name: str, spec: ArchSpec, batch_sizes: Sequence[int], in
                                    f"device limit {bytes_limit / 1e9:.1f} GB"})
       continue
     try:
+      trace = None if profile_dir is None else profile_dir / f"{name}-b{batch}"
       row.update(_bench_batch(spec, params, prefill_options, decode_options, sampler, batch,
-                              input_len, output_len, repeats, burst, n_bursts, seed))
+                              input_len, output_len, repeats, burst, n_bursts, seed, trace))
     except Exception as err:  # One failed point must not cost the rows measured before it.
       first_line = (str(err).splitlines() or [""])[0][:300]
       if isinstance(err, jax.errors.JaxRuntimeError) and _is_oom(err):
@@ -187,7 +190,7 @@ def prefill_attention_chunk(spec: ArchSpec, batch: int, prompt_len: int) -> int:
 
 
 def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, input_len,
-                 output_len, repeats, burst, n_bursts, seed) -> dict[str, Any]:
+                 output_len, repeats, burst, n_bursts, seed, trace=None) -> dict[str, Any]:
   """Compiles and times one (architecture, batch) point; see the module doc for the method."""
   if prefill_options.attention == "xla":
     prefill_options = dataclasses.replace(
@@ -224,10 +227,12 @@ def _bench_batch(spec, params, prefill_options, decode_options, sampler, batch, 
     (tokens_BO, _, cache), t = run(0)
     prefill_s.append(t)
     tok_B = tokens_BO[:, 0]
-    for i in range(n_bursts):  # The first burst ever run is a warm-up, not a sample.
-      (cache, tok_B), t = _timed(burst_fn, params, cache, tok_B)
-      if repeat or i or n_bursts == 1:
-        step_s.append(t / burst)
+    with (jax.profiler.trace(str(trace), create_perfetto_trace=True) if trace and repeat == 0
+          else contextlib.nullcontext()):
+      for i in range(n_bursts):  # The first burst ever run is a warm-up, not a sample.
+        (cache, tok_B), t = _timed(burst_fn, params, cache, tok_B)
+        if repeat or i or n_bursts == 1:
+          step_s.append(t / burst)
     del tokens_BO, cache, tok_B
     total_s.append(run(output_len)[1])
 
@@ -264,8 +269,8 @@ def _check_lengths(specs: dict[str, ArchSpec], bench: settings.BenchConfig) -> N
 
 
 def bench_archs(specs: dict[str, ArchSpec], bench: settings.BenchConfig, seed: int = 0,
-                on_rows: Callable[[list[dict[str, Any]]], None] | None = None
-                ) -> list[dict[str, Any]]:
+                on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+                profile_dir: pathlib.Path | None = None) -> list[dict[str, Any]]:
   """Checks the lengths, then runs `bench_architecture` for every architecture.
 
   `on_rows(rows)` receives all rows so far after each architecture (e.g. to save them, so an
@@ -285,7 +290,7 @@ def bench_archs(specs: dict[str, ArchSpec], bench: settings.BenchConfig, seed: i
   for name, spec in specs.items():
     for row in bench_architecture(name, spec, bench.batch_sizes, bench.input_len,
                                   bench.output_len, bench.repeats, options, decode_attn, acc,
-                                  seed):
+                                  seed, profile_dir if bench.profile else None):
       rows.append({**row, "device_kind": device.device_kind})
     if on_rows is not None:
       on_rows(rows)
@@ -336,7 +341,8 @@ def run_decode_bench(config: Any, workdir: pathlib.Path) -> list[dict[str, Any]]
   # the table of an earlier complete one.
   partial = workdir / "decode_bench.partial.json"
   rows = bench_archs(specs, bench, int(config.seed),
-                     on_rows=lambda rows: io.write_json_atomic(partial, rows))
+                     on_rows=lambda rows: io.write_json_atomic(partial, rows),
+                     profile_dir=workdir / "profile")
   io.write_json_atomic(workdir / "decode_bench.json", rows)
   partial.unlink(missing_ok=True)
   io.write_json_atomic(workdir / "decode_bench_provenance.json", io.provenance(config))

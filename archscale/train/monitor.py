@@ -20,6 +20,41 @@ from absl import logging
 from archscale.core import io
 
 
+class StepProfiler:
+  """A jax.profiler trace of steps a..b-1 (`train.profile_steps="a:b"`) in `directory`.
+
+  `before(n)` is called before step n runs and `after(n, out)` once it was dispatched; the trace
+  stops when step b-1's outputs are ready, so it holds whole steps.
+  """
+
+  def __init__(self, steps: tuple[int, int] | None, directory: Any, first_step: int):
+    if steps is not None and steps[0] <= first_step:  # this session compiles at first_step
+      steps = (first_step + 1, steps[1]) if first_step + 1 < steps[1] else None
+    self.steps, self.directory, self.active = steps, directory, False
+
+  def before(self, n: int) -> None:
+    if self.steps is not None and n == self.steps[0]:
+      import jax
+
+      jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+      self.active = True
+      logging.info("profile: tracing steps %d..%d into %s", *self.steps, self.directory)
+
+  def after(self, n: int, outputs: Any) -> None:
+    if self.active and (n == self.steps[1] - 1):
+      self.stop(outputs)
+
+  def stop(self, outputs: Any = None) -> None:
+    if self.active:
+      import jax
+
+      jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("profile: trace written to %s (TensorBoard's profile plugin or Perfetto)",
+                   self.directory)
+
+
 class StepClock:
   """Steady-state timing between step boundaries; totals live in `meta` (the checkpoint's JSON).
 

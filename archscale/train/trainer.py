@@ -516,8 +516,13 @@ class _Session:
     """
     preempt.arm()
     pending = None  # (step number after it, device metrics) of the step in flight
+    profiler = monitor.StepProfiler(
+        settings.parse_step_range(self.t.profile_steps, "train.profile_steps"),
+        self.workdir / "profile", first_step=step + 1)
     while step < self.t.steps and not preempt.requested(step):
+      profiler.before(step + 1)
       state, device_metrics = self.step_fn(state, self.train_batches(step))
+      profiler.after(step + 1, device_metrics)
       if pending is not None:
         self.finish_step(*pending, log=_is_log_step(pending[0], self.t))
       step += 1
@@ -527,6 +532,7 @@ class _Session:
         pending = None
     if pending is not None:
       self.finish_step(*pending, log=True)
+    profiler.stop(state)  # a run that ended (or stopped) inside the range
     return state, step < self.t.steps
 
   def boundary(self, step: int, device_metrics: Any, state: Any) -> None:
