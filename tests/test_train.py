@@ -506,7 +506,8 @@ def test_profile_steps_trace_the_chosen_steps_and_not_the_compile(dataset, tmp_p
   (perfetto,) = (tmp_path / "run" / "profile").rglob("perfetto_trace.json.gz")
   events = json.loads(gzip.decompress(perfetto.read_bytes()))["traceEvents"]
   starts = sorted(e["ts"] for e in events if e.get("name") == "PjitFunction(jit(step))")
-  calls = 1 + sum(b - a > 100 for a, b in zip(starts, starts[1:], strict=False))  # nested events per call
+  # Each call shows as two nested events: count the gaps between calls.
+  calls = 1 + sum(b - a > 100 for a, b in zip(starts, starts[1:], strict=False))
   assert calls == 2  # steps 3 and 4
   assert not [e for e in events if "compile" in str(e.get("name", "")).lower()]
   config.train.profile_steps = "1:3"

@@ -265,8 +265,8 @@ def test_a_local_sweep_into_gcs_trains_and_derives_its_table(gcs, dataset, tmp_p
   c = make_config(dataset, scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,), tokens=16 * 128 * 8,
                   evaluate=True)
   c.train.update(eval_every=0, checkpoint_every=4, log_every=1)
-  c.eval.update(tasks="tiny_mc", include_path=str(write_tiny_tasks(tmp_path.parent / f"{tmp_path.name}-tasks")),
-                device="cpu", bootstrap_iters=0)
+  tasks = write_tiny_tasks(tmp_path.parent / f"{tmp_path.name}-tasks")
+  c.eval.update(tasks="tiny_mc", include_path=str(tasks), device="cpu", bootstrap_iters=0)
   uri = _fresh(gcs) + "/sweep"
   (run,) = sweep.plan(c)[0]
   counts = sweep.run_sweep(c, uri)
