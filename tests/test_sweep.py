@@ -14,7 +14,7 @@ import pytest
 from helpers import make_config
 
 from archscale.core import config_lib, exits, io
-from archscale.study import attempts, sweep
+from archscale.study import attempts, progress, sweep
 from archscale.train import trainer as train
 
 
@@ -382,3 +382,39 @@ def test_each_run_keeps_its_own_rows_and_the_table_is_derived_from_them(dataset,
   assert trainer.calls == [] and counts["finished"] == len(runs)
   assert table.read_bytes() == full
   assert attempts.run_states(tmp_path)[victim]["status"] == "finished"
+
+
+def test_progress_counts_through_a_failed_run_and_a_resumed_sweep(dataset, tmp_path):
+  c = make_config(dataset)
+  runs, _ = sweep.plan(c)
+  lines = []
+  sweep.run_sweep(c, tmp_path, trainer=FakeTrainer(crash=[runs[1].run_id]), progress=lines.append)
+  n, planned = len(runs), sum(r.tokens for r in runs)
+  last = [x for x in lines if "; ETA" in x][-1]
+  assert f"{n - 1} finished, 1 failed;" in last and last.endswith("ETA 00:00:00"), last
+  first = next(x for x in lines if "finished: loss" in x)
+  assert f"1 finished, {n - 1} queued; {runs[0].tokens / 1e3:.3g}k of " in first
+  tokens = progress.SweepProgress(runs, c.data.seq_len, print).line(
+      {r.run_id: "finished" for r in runs})
+  assert tokens.startswith(f"{n} finished; ")
+
+  # The resumed sweep retrains the failed run only; the runs finished before count as done and
+  # stay out of the ETA's rate.
+  lines.clear()
+  trainer = FakeTrainer()
+  sweep.run_sweep(c, tmp_path, trainer=trainer, progress=lines.append)
+  assert trainer.calls == [runs[1].run_id]
+  (line,) = [x for x in lines if "finished: loss" in x]
+  assert f"{n} finished;" in line and line.endswith("ETA 00:00:00")
+
+
+def test_the_eta_weighs_runs_by_their_flops(dataset):
+  runs, _ = sweep.plan(make_config(dataset))
+  small, big = sorted(runs, key=lambda r: progress.run_flops(r, 128))[::len(runs) - 1]
+  p = progress.SweepProgress([small, big], 128, print)
+  p.line({small.run_id: "queued", big.run_id: "queued"})
+  p.start -= 10.0  # the small run took 10 s
+  eta = p.line({small.run_id: "finished", big.run_id: "queued"}).split("ETA ")[1]
+  h, m, s = (int(v) for v in eta.split(":"))
+  ratio = progress.run_flops(big, 128) / progress.run_flops(small, 128)
+  assert ratio > 1.5 and abs(3600 * h + 60 * m + s - 10 * ratio) <= 1.5

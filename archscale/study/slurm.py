@@ -37,6 +37,7 @@ from archscale.core.exits import EXIT_PREEMPTED
 from archscale.core.settings import SlurmConfig, SweepConfig
 from archscale.study import attempts, planning, runner
 from archscale.study.planning import Run
+from archscale.study.progress import SweepProgress
 
 JOBS = "jobs.json"
 SLURM_DIR = "slurm"
@@ -390,6 +391,7 @@ def submit_sweep(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
 def _drive(config: Any, s: SweepConfig, workdir: pathlib.Path, runs: Sequence[Run],
            data_path: pathlib.Path, say: Callable[[str], None]) -> dict[str, Any]:
   jobs = _load_jobs(workdir)
+  progress = SweepProgress(runs, int(config.data.seq_len), say)
   submitted: list[str] = []
   said_unknown, seen, changed = 0, None, time.monotonic()
   while True:
@@ -416,6 +418,7 @@ def _drive(config: Any, s: SweepConfig, workdir: pathlib.Path, runs: Sequence[Ru
       say(f"sweep: the scheduler did not answer for {unknown} job(s) (squeue failed); "
           + ("waiting" if s.wait else "their runs are unknown, not resubmitted"))
     said_unknown = unknown
+    progress.update({run_id: v["status"] for run_id, v in view.items()})
     if not s.wait or not active:
       break
     time.sleep(s.poll_s)

@@ -49,7 +49,6 @@ import os
 import pathlib
 import shlex
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,6 +75,7 @@ from archscale.study.planning import (  # noqa: F401 - the sweep's plan, as test
   run_id,
   selected,
 )
+from archscale.study.progress import SweepProgress
 from archscale.study.runner import Trainer
 
 LAUNCH_COMMANDS = "launch_commands.sh"
@@ -143,16 +143,22 @@ def _train_here(config: Any, s: SweepConfig, workdir: pathlib.Path, selected: Se
   missed = lambda run, status, error: counts["unfinished"].append(
       {"run_id": run.run_id, "status": status, "error": error.strip().splitlines()[0][:200]
        if error.strip() else ""})
-  start, trained = time.time(), 0
+  progress = SweepProgress(selected, int(config.data.seq_len), say)
+  before = _latest(run_rows(workdir, [r.run_id for r in selected]))
+  status = {r.run_id: "finished" if before.get(r.run_id, {}).get("status") == "finished"
+            else "queued" for r in selected}
+  progress.line(status)  # the runs finished before this session do not enter the ETA
   for i, run in enumerate(selected, 1):
     tag = f"sweep: [{i}/{len(selected)}] {run.run_id}"
     prior = _latest(run_rows(workdir, [run.run_id])).get(run.run_id, {})
     if prior.get("status") == "finished":
       counts["finished"] += 1
+      status[run.run_id] = "finished"
       continue
     if prior and not s.retry_failed:
       say(f"{tag} {prior['status']} before; not retried (sweep.retry_failed=False)")
       counts["failed"] += 1
+      status[run.run_id] = "failed"
       missed(run, prior["status"], prior.get("error") or "")
       continue
     say(f"sweep: [{i}/{len(selected)}] training {run.run_id} (N={run.spec.params_nonembed:,}, "
@@ -160,9 +166,7 @@ def _train_here(config: Any, s: SweepConfig, workdir: pathlib.Path, selected: Se
         f"seed {run.seed}, {run.tokens:,} tokens)")
     row = runner.execute(run, config, workdir, data_path, trainer)
     materialise(workdir)
-    trained += 1
-    elapsed = time.time() - start
-    eta = elapsed / trained * (len(selected) - i)
+    status[run.run_id] = "failed" if row is None or row["status"] != "finished" else "finished"
     if row is None:
       counts["skipped"] += 1
       missed(run, "held", "another process is training it")
@@ -170,7 +174,7 @@ def _train_here(config: Any, s: SweepConfig, workdir: pathlib.Path, selected: Se
     elif row["status"] == "finished":
       counts["finished"] += 1
       say(f"{tag} finished: loss {row['loss']:.4f} ({row['loss_source']}) in "
-          f"{row['wall_s']:.0f}s; {elapsed:.0f}s so far, ETA {_clock(eta)}")
+          f"{row['wall_s']:.0f}s; {progress.line(status)}")
     elif row["status"] == "preempted":  # SIGTERM: the whole sweep stops, to be rerun.
       say(f"{tag} stopped by SIGTERM and checkpointed; the sweep stops (exit "
           f"{EXIT_PREEMPTED}); rerun it to resume")
@@ -178,12 +182,9 @@ def _train_here(config: Any, s: SweepConfig, workdir: pathlib.Path, selected: Se
     else:
       counts["failed"] += 1
       missed(run, row["status"], row["error"])
-      say(f"{tag} {row['status']}: {counts['unfinished'][-1]['error']} (recorded; continuing)")
+      say(f"{tag} {row['status']}: {counts['unfinished'][-1]['error']} (recorded; continuing); "
+          f"{progress.line(status)}")
   return counts
-
-
-def _clock(seconds: float) -> str:
-  return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
 
 
 def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None,
