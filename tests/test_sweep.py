@@ -392,6 +392,7 @@ def test_progress_counts_through_a_failed_run_and_a_resumed_sweep(dataset, tmp_p
   n, planned = len(runs), sum(r.tokens for r in runs)
   last = [x for x in lines if "; ETA" in x][-1]
   assert f"{n - 1} finished, 1 failed;" in last and last.endswith("ETA 00:00:00"), last
+  assert f"of {planned / 1e3:.3g}k tokens" in last
   first = next(x for x in lines if "finished: loss" in x)
   assert f"1 finished, {n - 1} queued; {runs[0].tokens / 1e3:.3g}k of " in first
   tokens = progress.SweepProgress(runs, c.data.seq_len, print).line(

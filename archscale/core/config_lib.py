@@ -82,6 +82,7 @@ def make_config(arch: str = "demo") -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict(settings.ExportConfig.defaults())
   c.eval = ml_collections.ConfigDict(settings.EvalConfig.defaults())
   c.pipeline = ml_collections.ConfigDict(settings.PipelineConfig.defaults())
+  c.metrics = ml_collections.ConfigDict(settings.MetricsConfig.defaults())
   return c
 
 

@@ -101,6 +101,33 @@ def parse_step_range(value: str, field: str) -> tuple[int, int] | None:
   return a, b
 
 
+# ---------------------------------------------------------------------------------- tracking
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig(Section):
+  """`metrics.*`: experiment tracking in Weights & Biases (the `wandb` extra); off without a
+  project. A sweep's runs, fit and search share one group (default: the sweep's name)."""
+
+  SECTION: ClassVar[str] = "metrics"
+
+  wandb_project: str = ""
+  wandb_entity: str = ""
+  wandb_group: str = ""
+  wandb_mode: str = "online"   # online | offline (files only, `wandb sync` later) | disabled
+
+  def __post_init__(self):
+    self._one_of("wandb_mode", WANDB_MODES)
+    if self.wandb_project:
+      try:
+        import wandb  # noqa: F401
+      except ImportError as e:
+        raise ValueError("metrics.wandb_project is set but wandb is not installed: pip install "
+                         "-e '.[wandb]', or leave metrics.wandb_project empty") from e
+
+
 # -------------------------------------------------------------------------------------- data
 
 

@@ -11,7 +11,7 @@ import pathlib
 import ml_collections
 from absl import logging
 
-from archscale.core import io, settings
+from archscale.core import io, settings, tracking
 from archscale.study import fitting, plots, verdict
 from archscale.study import table as table_lib
 
@@ -43,5 +43,11 @@ def run_fit(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
              plots=[pathlib.Path(p).name for p in plots.fit_figures(result, workdir)],
              provenance=io.provenance(config))
   io.write_json_atomic(workdir / "fit.json", doc)
+  tracker = tracking.Tracker.start(config, workdir, name=f"{config.name}-fit", job="fit",
+                                   run_config=doc["settings"], group=str(config.name))
+  if tracker is not None:
+    tracker.log_files({"params": result.law.params, "verdict": result.verdict,
+                       "optimum": result.optimum}, [workdir / p for p in doc["plots"]])
+    tracker.close()
   logging.info("fit: wrote %s: params %s, optimum %s", workdir / "fit.json", result.law.params,
                result.optimum)

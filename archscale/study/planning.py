@@ -237,6 +237,8 @@ def run_config(config: Any, run: Run, data_path: str | os.PathLike) -> ml_collec
       run.tokens, int(config.train.global_batch_size) * int(config.data.seq_len))
   c.data.path = str(data_path)
   c.sweep.only = ""
+  if "metrics" in c and not c.metrics.wandb_group:  # the sweep's runs share one W&B group
+    c.metrics.wandb_group = str(config.name)
   return c
 
 

@@ -9,7 +9,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 from archscale.study.planning import Run
 
-
 _ORDER = ("finished", "failed", "running", "queued", "planned", "unknown")
 
 

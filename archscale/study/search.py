@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from archscale.core import config_lib, io
+from archscale.core import config_lib, io, tracking
 from archscale.core.settings import SearchConfig
 from archscale.model.arch import FIXED_FIELDS, ArchSpec, steps_for_tokens
 from archscale.serve import throughput
@@ -308,6 +308,13 @@ def run_search(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     if cand is not None:
       write_arch_config(workdir / f"{name}.py", name, cand, config, budget, units, source.name)
   _log_summary(result, units)
+  tracker = tracking.Tracker.start(config, workdir, name=f"{config.name}-search", job="search",
+                                   run_config=dataclasses.asdict(SearchConfig.from_config(config)),
+                                   group=str(config.name))
+  if tracker is not None:
+    tracker.log_files({k: out.get(k) for k in ("target", "panda", "surefire", "baseline")},
+                      [workdir / PARETO_PNG])
+    tracker.close()
   return out
 
 

@@ -1,8 +1,9 @@
 """What a training run watches while it runs: step timing and MFU, preemption, metric logs.
 
-`StepClock` turns step boundaries into steady-state step times, tokens/s and MFU, keeping its
-running totals in the checkpoint's meta so they survive restarts. `Preemption` says when to
-checkpoint and stop. `MetricsLog` writes metrics.jsonl, the console line and TensorBoard.
+`StepProfiler` traces chosen steps (`train.profile_steps`). `StepClock` turns step boundaries
+into steady-state step times, tokens/s and MFU, keeping its running totals in the checkpoint's
+meta so they survive restarts. `Preemption` says when to checkpoint and stop. `MetricsLog`
+writes metrics.jsonl, the console line, TensorBoard and (through core.tracking) W&B.
 """
 
 from __future__ import annotations
@@ -165,8 +166,10 @@ class MetricsLog:
 
   FLUSH_S = 10.0
 
-  def __init__(self, workdir: Any, total_steps: int, is_main: bool, tensorboard: bool):
+  def __init__(self, workdir: Any, total_steps: int, is_main: bool, tensorboard: bool,
+               tracker: Any = None):
     self.path = workdir / "metrics.jsonl"
+    self.tracker = tracker  # a core.tracking.Tracker (W&B) or None
     self.total_steps = total_steps
     self.is_main = is_main
     self.start = time.time()
@@ -200,6 +203,8 @@ class MetricsLog:
         self.flush()
     if self._tb is not None:
       self._tb.scalars(row["step"], row)
+    if self.tracker is not None:
+      self.tracker.log(row["step"], row)
     step_s, rate, mfu = row.get("step_time_s"), row.get("tokens_per_sec"), row.get("mfu")
     eta = (self.total_steps - row["step"]) * step_s if step_s else None
     eval_loss = row.get("eval_loss")
@@ -221,6 +226,8 @@ class MetricsLog:
     self.flush()
     if self._tb is not None:
       self._tb.close()
+    if self.tracker is not None:
+      self.tracker.close()
 
 
 def format_duration(seconds: float | None) -> str:

@@ -53,7 +53,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from archscale.core import exits, hardware, io, settings
+from archscale.core import exits, hardware, io, settings, tracking
 from archscale.core.settings import DataConfig, TrainConfig
 from archscale.model import hf_format, sharding
 from archscale.model import transformer as model_lib
@@ -345,7 +345,11 @@ def _train_session(config, workdir, setup, preempt, step_callback, wall_start) -
                f"{n_total - setup.spec.params_embedding:,}", f"{setup.spec.params_nonembed:,}")
   is_main = jax.process_index() == 0
   ckpt = checkpoint.Checkpoints(workdir / "checkpoints", t)
-  log = monitor.MetricsLog(workdir, t.steps, is_main, t.tensorboard)
+  tracker = tracking.Tracker.start(
+      config, workdir, name=str(config.name), job="train",
+      run_config={"name": str(config.name), **json.loads(json.dumps(recipe, default=str))}
+  ) if is_main else None
+  log = monitor.MetricsLog(workdir, t.steps, is_main, t.tensorboard, tracker)
   try:
     state, meta = _restore_or_init(config, t, setup, ckpt, log, recipe)
     if is_main:
