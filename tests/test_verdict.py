@@ -106,3 +106,25 @@ def test_t_intervals_cover_planted_parameters_at_their_nominal_rate():
     hits_z.append([e <= z for e in err])
   assert 0.84 <= np.mean(hits_t) <= 0.96, np.mean(hits_t, axis=0)
   assert np.mean(hits_z) < np.mean(hits_t)
+
+
+def test_a_ranking_no_better_than_chance_is_a_reason():
+  v = fitting.fit(simulated_rows(2, effect=1), form="multiplicative", terms="width", bootstrap=0,
+                  log_warnings=False).verdict
+  sigma = v["tests"]["pooled_sigma"]
+  good = {"mse": sigma**2, "spearman": 0.8, "spearman_interval": [0.5, 0.95], "test_scale": 1e8}
+  chance = dict(good, spearman=0.2, spearman_interval=[-0.3, 0.6])
+  assert verdict.decide(v["tests"], {"d_over_sqrt_n": True}, [good])["supported"]
+  bad = verdict.decide(v["tests"], {"d_over_sqrt_n": True}, [good, chance])
+  assert not bad["supported"] and "no better than chance" in bad["reasons"][0]
+  assert [r["spearman"] for r in bad["tests"]["rank_correlations"]] == [0.8, 0.2]
+
+
+def test_the_spearman_interval_separates_a_ranking_from_noise():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=40)
+  lo, hi = fitting.spearman_interval(x, x + 0.3 * rng.normal(size=40), 0.95)
+  assert 0.7 < lo < hi <= 1.0
+  lo, hi = fitting.spearman_interval(x, rng.normal(size=40), 0.95)
+  assert lo < 0 < hi
+  assert fitting.spearman_interval(x[:3], x[:3], 0.95) is None

@@ -368,6 +368,24 @@ def _resolve_l_opt(l_opt: Any, table: table_lib.Table, cfg: settings.FitConfig,
   return law_lib.Law("chinchilla", params).l_opt(table.n, table.d), params, source
 
 
+def spearman_interval(predicted: Any, measured: Any, level: float, seed: int = 0,
+                      n_boot: int = 2000) -> list[float] | None:
+  """Percentile bootstrap interval of the Spearman correlation, resampling the rows; None with
+  fewer than 4 rows or when most resamples have no ranking to correlate."""
+  p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+  if len(p) < 4:
+    return None
+  i_BR = np.random.default_rng(seed).integers(0, len(p), (n_boot, len(p)))
+  rp, rm = stats.rankdata(p[i_BR], axis=1), stats.rankdata(m[i_BR], axis=1)
+  rp, rm = rp - rp.mean(axis=1, keepdims=True), rm - rm.mean(axis=1, keepdims=True)
+  denom = np.sqrt(np.sum(rp**2, axis=1) * np.sum(rm**2, axis=1))
+  rho = np.where(denom > 0, np.sum(rp * rm, axis=1) / np.where(denom > 0, denom, 1.0), np.nan)
+  if np.isnan(rho).mean() > 0.5:
+    return None
+  q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+  return [float(v) for v in np.nanpercentile(rho, q)]
+
+
 def prediction_metrics(predicted: Any, measured: Any) -> dict[str, float]:
   """MSE, R^2 and Spearman rank correlation (average ranks for ties) of predicted vs measured."""
   p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
@@ -675,6 +693,7 @@ def evaluate_progressive(rows: Sequence[Mapping[str, Any]],
     pred = law.predict(test.n, test.d, test.x, test.r, l_opt=test_l_opt)
     metrics = prediction_metrics(pred, test.loss)
     steps.append(dict(step, mse=metrics["mse"], r2=metrics["r2"], spearman=metrics["spearman"],
+                      spearman_interval=spearman_interval(pred, test.loss, cfg.level, seed),
                       params=dict(law.params), warnings=result.diagnostics["warnings"]))
     logging.info("progressive: %s -> %.3g: %s", step["train_scales"], step["test_scale"],
                  {k: steps[-1][k] for k in ("mse", "r2", "spearman")})

@@ -312,7 +312,10 @@ def _fit_diagnostics(fit: dict[str, Any]) -> list[str]:
             f"{tests['noise_ratio']:.2g}x between budgets (equal-variance p = "
             f"{fmt(tests.get('equal_variance_p'), '.2g')})"
             + (f"; progressive error {tests['out_of_sample_over_noise']:.2g}x the noise"
-               if "out_of_sample_over_noise" in tests else "") + ".", ""]
+               if "out_of_sample_over_noise" in tests else "")
+            + "".join(f"; rank correlation at N={r['test_scale']:.3g}: {r['spearman']:.2f} "
+                      f"[{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]"
+                      for r in tests.get("rank_correlations", [])) + ".", ""]
   if diag:
     out += _noise_lines(diag)
     named = ", ".join(f"{k} {'yes' if ok else '**no**'}"

@@ -15,6 +15,10 @@ are weighed together, so one budget whose shapes happen to be alike does not out
                   seed replicates): F-tests, combined likewise. Passes unless p < LACK_OF_FIT_LEVEL.
   out_of_sample   the progressive protocol's RMSE at its largest step over the noise, when the
                   fit stage ran it. Passes at <= MAX_OUT_OF_SAMPLE.
+  rank            the progressive protocol's Spearman correlation of predicted and measured
+                  losses at each step (the paper's extrapolation tasks), with a bootstrap
+                  interval over the held-out rows. Passes unless the largest step's interval
+                  reaches down to zero: a ranking no better than chance.
   equal_variance  Bartlett's test that the budgets share one noise level: reported, not gated.
 The rows must also identify at least one fitted term; one they do not identify while another is
 becomes a caveat. Without seed replicates (`sweep.seeds`) nothing can be tested, and the verdict
@@ -136,7 +140,8 @@ def decide(tests: Mapping[str, Any], identifiable: Mapping[str, bool],
     return {"supported": False, "reasons": reasons, "caveats": caveats, "tests": tests}
   if tests["shape_effect_p"] > LEVEL:
     reasons.append(f"the shapes' losses do not differ beyond each budget's seed noise (combined "
-                   f"over {len(tests['budgets'])} budgets: p = {tests['shape_effect_p']:.2g})")
+                   f"over {len(tests['budgets'])} budget{'s' * (len(tests['budgets']) != 1)}: "
+                   f"p = {tests['shape_effect_p']:.2g})")
   if tests["explained"] < MIN_EXPLAINED:
     reasons.append(f"the law's shape term explains {tests['explained']:.0%} of the variation "
                    f"between shapes (at least {MIN_EXPLAINED:.0%} needed)")
@@ -151,4 +156,12 @@ def decide(tests: Mapping[str, Any], identifiable: Mapping[str, bool],
     if ratio > MAX_OUT_OF_SAMPLE:
       reasons.append(f"predicting its largest scale from the smaller ones, the law errs by "
                      f"{ratio:.1f}x the seed noise (progressive protocol)")
+    ranked = [s for s in steps if s.get("spearman_interval")]
+    tests["rank_correlations"] = [{"test_scale": s.get("test_scale"), "spearman": s["spearman"],
+                                   "interval": s["spearman_interval"]} for s in ranked]
+    if ranked and ranked[-1]["spearman_interval"][0] <= 0:
+      lo, hi = ranked[-1]["spearman_interval"]
+      reasons.append(f"predicting its largest scale from the smaller ones, the law ranks the "
+                     f"held-out shapes no better than chance (Spearman {ranked[-1]['spearman']:.2f}"
+                     f", interval [{lo:.2f}, {hi:.2f}])")
   return {"supported": not reasons, "reasons": reasons, "caveats": caveats, "tests": tests}
