@@ -208,3 +208,16 @@ def test_sweep_with_unloadable_eval_task_fails_before_training(dataset, tmp_path
   config.eval.update(tasks="tiny_mc", model=str(tmp_path))
   with pytest.raises(ValueError, match="leave eval.model empty"):
     sweep.run_sweep(config, tmp_path / "sweep")
+
+
+def test_an_evaluation_attaches_to_the_training_it_evaluated(tmp_path):
+  row = {"run_id": "r", "status": "finished", "steps": 8, "trained": "abc"}
+  done = {"tasks": {}, "average": 0.5, "average_of": [], "step": 8, "recipe": {}}
+  (tmp_path / evaluate.EVAL_FILE).write_text(json.dumps({**done, "trained": "abc"}))
+  assert evaluate.attach(row, tmp_path)["eval_average"] == 0.5
+  (tmp_path / evaluate.EVAL_FILE).write_text(json.dumps({**done, "trained": "other"}))
+  assert "eval" not in evaluate.attach(row, tmp_path)  # another training of this folder
+  (tmp_path / evaluate.EVAL_FILE).write_text(json.dumps(dict(done, step=4, trained="abc")))
+  assert "eval" not in evaluate.attach(row, tmp_path)  # an earlier checkpoint
+  (tmp_path / evaluate.EVAL_FILE).write_text(json.dumps(done))  # written before fingerprints
+  assert evaluate.attach(row, tmp_path)["eval_average"] == 0.5

@@ -118,6 +118,11 @@ def write_json_atomic(path: PathLike, obj: Any, indent: int = 2) -> None:
   write_text_atomic(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
 
 
+def digest(obj: Any) -> str:
+  """A short content fingerprint of a JSON-able value (key order does not matter)."""
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def temporary_name(path: Any) -> Any:
   """A sibling `.<name>.tmp-<host>-<pid>-<random>` of `path`: unique across the hosts and
   processes that share a filesystem, and matched by the `.*.tmp-*` clean-ups."""

@@ -176,6 +176,9 @@ def attach(row: dict[str, Any], run_dir: pathlib.Path) -> dict[str, Any]:
   found = read_eval(run_dir) if row.get("status") == "finished" else None
   if not found or found.get("step") is None or found.get("step") != row.get("steps"):
     return row
+  if found.get("trained") and row.get("trained") and found["trained"] != row["trained"]:
+    return row  # evaluated from another training of this folder (an eval.json without the
+    # fingerprint predates it and attaches by step, as before)
   keep = ("tasks", "average", "average_of", "step", "recipe")
   return {**row, "eval": {k: found.get(k) for k in keep}, "eval_average": found.get("average")}
 
@@ -213,7 +216,13 @@ def run_evaluate(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
     raise ValueError(f"{workdir} has neither hf/ nor checkpoints/: train the run first, or "
                      "set eval.model to an exported directory")
   prior = read_eval(workdir)
-  if step is not None and prior and prior.get("step") == step and prior.get("recipe") == recipe:
+  trained = None
+  if step is not None:  # which training the numbers belong to, so rows attach by it
+    from archscale.train import trainer as train_lib
+
+    trained = io.digest(train_lib.trained_recipe(workdir, config, step))
+  if (step is not None and prior and prior.get("step") == step and prior.get("recipe") == recipe
+      and prior.get("trained") == trained):
     print(json.dumps({"reused": str(workdir / EVAL_FILE), "step": step}))
     return prior
   if step is not None:
@@ -221,7 +230,8 @@ def run_evaluate(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   results = evaluate_dir(model_dir, e.task_names, include_path=e.include_path,
                          batch_size=e.batch_size, limit=e.limit, num_fewshot=e.num_fewshot,
                          device=e.device, dtype=e.dtype, bootstrap_iters=e.bootstrap_iters)
-  summary = {**summarize(results), "step": step, "recipe": recipe, "model": str(model_dir),
+  summary = {**summarize(results), "step": step, "recipe": recipe, "trained": trained,
+             "model": str(model_dir),
              "num_fewshot": e.num_fewshot, "limit": e.limit,
              "lm_eval_version": lm_eval.__version__}
   io.write_json_atomic(workdir / EVAL_FILE, summary)

@@ -197,8 +197,9 @@ def run_export(config: Any, workdir: pathlib.Path, out: pathlib.Path | None = No
   workdir = io.as_path(workdir, "--workdir")
   e = settings.ExportConfig.from_config(config)
   tokenizer = run_tokenizer(config, workdir)
-  config = with_trained_arch(config, train_lib.trained_arch(workdir, config, e.step or None),
-                             config_lib.command_line_overrides())
+  config = with_trained_arch(
+      config, train_lib.trained_recipe(workdir, config, e.step or None)["arch"],
+      config_lib.command_line_overrides())
   if not str(config.data.path).strip() and str(config.data.get("source", "")).strip():
     config.data.path = str(workdir / "data")
   state = train_lib.load_checkpoint(workdir, config, e.step or None)

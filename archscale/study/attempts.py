@@ -88,17 +88,19 @@ def run_states(workdir: pathlib.Path) -> dict[str, dict[str, Any]]:
 def materialise(workdir: pathlib.Path) -> pathlib.Path:
   """Rebuilds `results.jsonl` from the runs' attempt files and eval.json; returns its path.
 
-  Replaced atomically, and rebuilt again if attempts landed meanwhile (no row is left out).
+  Replaced atomically, and rebuilt again if attempts or evaluations landed meanwhile (no row
+  is left out or stale).
   """
   path = workdir / RESULTS
   read = lambda: [evaluate.attach(r, workdir / RUNS_DIR / r["run_id"]) for r in run_rows(workdir)]
-  rows = read()
+  text = lambda: "".join(json.dumps(r, default=str) + "\n" for r in read())
+  table = text()
   for _ in range(5):
-    io.write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
-    again = read()
-    if len(again) == len(rows):
+    io.write_text_atomic(path, table)
+    again = text()
+    if again == table:  # by content: an attempt or an evaluation that landed meanwhile counts
       break
-    rows = again
+    table = again
   return path
 
 
@@ -132,6 +134,7 @@ def finished_row(run: Run, summary: dict[str, Any], run_config: Any, loss: str,
       "eval_loss": eval_loss,
       "final_train_loss": train_loss,
       "steps": summary.get("steps"),
+      "trained": io.digest(summary["recipe"]) if summary.get("recipe") else None,
       "seq_len": summary.get("seq_len"),
       "global_batch_size": summary.get("global_batch_size"),
       "train_wall_s": summary.get("wall_s"),

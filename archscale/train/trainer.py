@@ -260,14 +260,15 @@ class BatchSource:
 # ----------------------------------------------------------------------------- the run
 
 
-def trained_arch(workdir: str | pathlib.Path, config: Any, step: int | None = None) -> dict:
-  """The architecture (ArchSpec fields) a run's checkpoint (latest by default) was trained as."""
+def trained_recipe(workdir: str | pathlib.Path, config: Any, step: int | None = None) -> dict:
+  """The recipe (`run_recipe`: arch, training fields, seed) of a run's checkpoint (latest by
+  default)."""
   ckpt = checkpoint.Checkpoints(io.as_path(workdir, "--workdir") / "checkpoints", config.train)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise ValueError(f"{workdir} holds no checkpoint")
-    return ckpt.restore_meta(step)["recipe"]["arch"]
+    return ckpt.restore_meta(step)["recipe"]
   finally:
     ckpt.close()
 
