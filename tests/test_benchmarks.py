@@ -90,3 +90,20 @@ def test_gpu_suite_checks_hold_measurements_against_the_targets():
   assert checks["train_ok"] is False and checks["decode_ok"] is False
   missing = gpu_suite.checks({"train": {"error": "timed out after 170 s"}})
   assert missing["train_ok"] is None and missing["decode_ok"] is None and missing["ratio"] == []
+
+
+def test_step_traffic_measures_what_a_step_moves_against_its_floor():
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import step_traffic
+  from archscale.model.arch import ArchSpec
+
+  spec = ArchSpec(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, d_ff=192,
+                  vocab_size=512, tie_embeddings=True, max_seq_len=4096)
+  short, long = (step_traffic.decode_traffic(spec, 8, n, "float32") for n in (1280, 2560))
+  assert short["floor_bytes"] == long["floor_bytes"] and short["bytes_over_floor"] >= 1.0
+  # Today's decode step reads the whole allocated cache: twice the allocation, more bytes.
+  assert long["bytes"] > short["bytes"] * 1.3
+  none, full = (step_traffic.train_traffic(spec, remat, batch=2, seq_len=64)
+                for remat in ("none", "full"))
+  assert 0.9 < none["flops_over_model"] < 1.5  # the model's FLOPs, counted over every layer
+  assert full["flops"] > none["flops"] * 1.15  # full remat runs the forward pass again
