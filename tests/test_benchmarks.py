@@ -95,6 +95,7 @@ def test_gpu_suite_checks_hold_measurements_against_the_targets():
 def test_step_traffic_measures_what_a_step_moves_against_its_floor():
   sys.path.insert(0, str(REPO / "benchmarks"))
   import step_traffic
+
   from archscale.model.arch import ArchSpec
 
   spec = ArchSpec(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, d_ff=192,
