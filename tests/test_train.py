@@ -513,3 +513,25 @@ def test_profile_steps_trace_the_chosen_steps_and_not_the_compile(dataset, tmp_p
   config.train.profile_steps = "1:3"
   with pytest.raises(ValueError, match=r"train.profile_steps='1:3' must be 'a:b' with 2 <= a < b"):
     train.train(config, tmp_path / "other")
+
+
+def test_the_checkpoints_own_metrics_row_survives_a_crash_after_the_commit(dataset, tmp_path):
+  """A crash between a checkpoint's commit and the write of that step's row: the resumed run
+  puts the row back from the checkpoint, so metrics.jsonl is whole up to the checkpoint."""
+  config = tiny_config(dataset, steps=8, eval_every=0, checkpoint_every=4,
+                       async_checkpoint=False)
+  workdir = tmp_path / "run"
+
+  def crash(step, metrics):
+    if step == 6:
+      raise KeyboardInterrupt("simulated crash")
+
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, workdir, step_callback=crash)
+  before = {r["step"]: r for r in metrics(workdir)}
+  (workdir / "metrics.jsonl").write_text(  # what the crash would have lost: row 4 and after
+      "".join(json.dumps(before[s]) + "\n" for s in range(1, 4)))
+  train.train(config, workdir)
+  rows = metrics(workdir)
+  assert [r["step"] for r in rows] == list(range(1, 9))
+  assert rows[3]["loss"] == before[4]["loss"] and rows[3]["lr"] == before[4]["lr"]

@@ -178,15 +178,19 @@ class MetricsLog:
     self._pending = False
     self._flushed = time.time()
 
-  def truncate(self, last_step: int) -> None:
-    """Drops rows past `last_step` (written before an interruption; those steps are rerun)."""
-    if not (self.is_main and self.path.exists()):
+  def truncate(self, last_step: int, last_row: dict[str, Any] | None = None) -> None:
+    """Drops rows past `last_step` (written before an interruption; those steps are rerun) and
+    puts back `last_row`, the checkpoint's own row, when an interruption cost it."""
+    if not self.is_main:
       return
-    rows = list(io.read_jsonl(self.path))
+    rows = list(io.read_jsonl(self.path)) if self.path.exists() else []
     kept = [r for r in rows if r.get("step", 0) <= last_step]
+    if last_row and last_row.get("step") == last_step and not any(
+        r.get("step") == last_step for r in kept):
+      kept.append(last_row)
     if self._rows is not None:
       self._rows = kept
-    if len(kept) != len(rows):
+    if kept != rows:
       io.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, row: dict[str, Any]) -> None:

@@ -454,7 +454,7 @@ def _restore_or_init(config, t, setup, ckpt, log, recipe) -> tuple[Any, dict[str
                  meta["steps_requested"][-1], t.steps, latest)
     meta["steps_requested"].append(t.steps)
   state = ckpt.restore(latest, setup.abstract_state)
-  log.truncate(latest)
+  log.truncate(latest, meta.get("last_row"))
   logging.info("train: resumed from the checkpoint at step %d", latest)
   return state, meta
 
@@ -544,7 +544,10 @@ class _Session:
     """A step whose state is needed: checkpoint, then eval, then log."""
     m = self.finish_step(step, device_metrics, log=False)
     saved = self.ckpt.should_save(step) and step < self.t.steps
-    if saved:
+    if saved:  # The rows up to this step become durable with the checkpoint: those before it
+      # are flushed first, its own travels in the checkpoint's meta for a resume to restore.
+      self.log.flush()
+      self.meta["last_row"] = self._row(step, m, None)
       # Before the eval: an eval that fails must not cost the checkpoint. Its metadata keeps
       # the previous eval loss; the final summary's comes from the eval at the last step.
       self.save(step, state)
@@ -579,6 +582,9 @@ class _Session:
     return m
 
   def _log(self, step: int, m: dict[str, float], eval_loss: float | None) -> None:
+    self.log.write(self._row(step, m, eval_loss))
+
+  def _row(self, step: int, m: dict[str, float], eval_loss: float | None) -> dict[str, Any]:
     row = {"step": step, "loss": m["loss"], "grad_norm": m["grad_norm"], "lr": m["lr"]}
     if self.t.z_loss:
       row["z_loss"] = m["z_loss"]
@@ -587,7 +593,7 @@ class _Session:
                tokens=step * self.setup.tokens_per_step)
     if eval_loss is not None:
       row["eval_loss"] = eval_loss
-    self.log.write(row)
+    return row
 
   def evaluate(self, params: Any) -> float:
     losses = [self.eval_fn(params, self.eval_batches(i)) for i in range(self.t.eval_batches)]
