@@ -403,3 +403,17 @@ def test_documents_and_keys_do_not_depend_on_where_files_are_cut(tmp_path, name,
   # Keys name the unit's file and range: they change when the file or the recipe does.
   assert [u.key for u in sources.plan_units(files, text_docs, 700, salt="t")] != [
       u.key for u in cut]
+
+
+def test_a_source_changed_in_place_is_detected_and_the_dataset_has_a_fingerprint(tmp_path):
+  src = tmp_path / "c.jsonl"
+  corpora.write_jsonl(src, corpora.docs(60, words=20))
+  info = prepare.prepare(str(src), tmp_path / "ds", "byte", eval_fraction=0.1)
+  assert data.fingerprint(info) == info["fingerprint"]
+  again = prepare.prepare(str(src), tmp_path / "ds", "byte", eval_fraction=0.1)  # unchanged: reused
+  assert again["fingerprint"] == info["fingerprint"]
+  corpora.write_jsonl(src, corpora.docs(60, words=21))  # the same file, other text
+  with pytest.raises(ValueError, match=r"prepared from source files that have changed since"):
+    prepare.prepare(str(src), tmp_path / "ds", "byte", eval_fraction=0.1)
+  other = prepare.prepare(str(src), tmp_path / "ds2", "byte", eval_fraction=0.1)
+  assert other["fingerprint"] != info["fingerprint"]

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import pathlib
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -419,3 +420,28 @@ def test_the_eta_weighs_runs_by_their_flops(dataset):
   h, m, s = (int(v) for v in eta.split(":"))
   ratio = progress.run_flops(big, 128) / progress.run_flops(small, 128)
   assert ratio > 1.5 and abs(3600 * h + 60 * m + s - 10 * ratio) <= 1.5
+
+
+def test_a_sweep_on_another_corpus_prepared_in_the_same_path_is_refused(tmp_path):
+  """Finished rows trained on corpus A are not reused once data.path holds corpus B."""
+  from archscale.data import prepare
+
+  def corpus(text):
+    (tmp_path / "c.txt").write_text("\n\n".join(f"{text} {i}" for i in range(400)))
+    shutil.rmtree(tmp_path / "data", ignore_errors=True)
+    prepare.prepare(str(tmp_path / "c.txt"), tmp_path / "data", "byte", text_docs="paragraph",
+                    eval_fraction=0.05)
+
+  corpus("and the light was good, and it was so")
+  c = make_config(tmp_path / "data", scales="50k:2:16", d_over_sqrt_n=(0.2,), r=(1.5,),
+                  isolation="none")
+  c.train.update(eval_every=0, checkpoint_every=0)
+  assert sweep.run_sweep(c, tmp_path / "sweep")["finished"] == 1
+  corpus("in the beginning was a different text altogether")
+  with pytest.raises(ValueError, match=r"1 finished run\(s\) of this sweep .* trained on another "
+                     r"dataset"):
+    sweep.run_sweep(c, tmp_path / "sweep")
+  (row,) = io.read_jsonl(tmp_path / "sweep" / attempts.RESULTS)
+  run_dir = tmp_path / "sweep" / attempts.RUNS_DIR / row["run_id"]
+  with pytest.raises(ValueError, match="was trained on another dataset"):  # and the trainer too
+    train.train(config_lib.load_config_file(run_dir / sweep.RUN_CONFIG), run_dir)

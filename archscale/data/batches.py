@@ -62,6 +62,14 @@ def dataset_info(path: str | os.PathLike) -> dict[str, Any]:
   return info
 
 
+def fingerprint(info: dict[str, Any]) -> str:
+  """What identifies a prepared dataset's content: metadata.json's `fingerprint` (its recipe and
+  the shards' hashes), or for a dataset prepared before fingerprints, a digest of its recipe,
+  shard index and token counts."""
+  return info.get("fingerprint") or io.digest(
+      {k: info.get(k) for k in ("recipe", "shards", "tokens", "source_files")})
+
+
 def local_copy(path: Any) -> pathlib.Path:
   """A prepared dataset as a local folder, which the loader can memory-map: `path` itself, or for
   a URI (gs://...) a copy under $ARCHSCALE_DATA_CACHE (default ~/.cache/archscale/data).

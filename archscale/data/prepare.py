@@ -93,7 +93,7 @@ def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
                  out_dir, existing["tokens"]["train"], existing["tokens"]["eval"])
     return existing
 
-  plan = sources.plan_units(files, text_docs, unit_bytes, _digest(recipe))
+  plan = sources.plan_units(files, text_docs, unit_bytes, _digest(_without_stats(recipe)))
   shards = out_dir / data.SHARDS_DIR
   shards.mkdir(parents=True, exist_ok=True)
   if part[1] == 1:
@@ -134,6 +134,8 @@ def _recipe(files: list[pathlib.Path] | None, tokenizer: str, text_field: str, t
   recipe: dict[str, Any] = dict(
       source=sources.KJV if files is None else [str(p) for p in files], text_field=text_field,
       text_docs=text_docs, eval_fraction=float(eval_fraction), seed=int(seed), tokenizer=tokenizer)
+  if files is not None:  # a source file changed in place is a different corpus
+    recipe["source_stats"] = [[p.stat().st_size, p.stat().st_mtime_ns] for p in files]
   tok: tok_lib.Tokenizer | None = None
   if tokenizer == "bpe":
     if bpe_vocab_size <= 257:
@@ -175,13 +177,26 @@ def _existing_dataset(out_dir: pathlib.Path, recipe: dict) -> dict | None:
     raise ValueError(
         f"data.path={str(out_dir)!r} exists and is not a prepared dataset; choose an empty or "
         "new data.path")
-  if found.get("format") not in data.FORMATS or found.get("recipe") != recipe:
-    changed = sorted(k for k in set(recipe) | set(found.get("recipe", {}))
-                     if recipe.get(k) != found.get("recipe", {}).get(k))
+  had = found.get("recipe", {})
+  if "source_stats" not in had or not (out_dir / data.METADATA).exists():
+    # Prepared before source files were checked, or still in progress (a unit's key holds its
+    # file's size and time, so the units of a changed file are redone).
+    recipe, had = _without_stats(recipe), _without_stats(had)
+  if found.get("format") not in data.FORMATS or had != recipe:
+    changed = sorted(k for k in set(recipe) | set(had) if recipe.get(k) != had.get(k))
+    if changed == ["source_stats"]:
+      raise ValueError(
+          f"data.path={str(out_dir)!r} was prepared from source files that have changed since "
+          "(size or modification time); prepare into a new data.path, or delete this one to "
+          "prepare it again")
     raise ValueError(
         f"data.path={str(out_dir)!r} holds a dataset prepared differently (differs in "
         f"{changed or ['format']}); choose another data.path or delete it")
   return found if (out_dir / data.METADATA).exists() else None
+
+
+def _without_stats(recipe: dict) -> dict:
+  return {k: v for k, v in recipe.items() if k != "source_stats"}
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
@@ -556,8 +571,11 @@ def _finalize(out_dir: pathlib.Path, recipe: dict, plan: Sequence[sources.Unit],
     shutil.rmtree(out_dir, ignore_errors=True)  # A recipe that cannot work: nothing to keep.
     raise
   tokens = {split: sum(part[2] for part in index[split]) for split in data.SPLITS}
+  content = {"recipe": recipe, "shards": index,
+             "sha256": [records[u.key].get("sha256") for u in plan]}
   metadata = dict(
-      format=data.FORMAT, recipe=recipe, **info, tokens=tokens, docs=docs, shards=index,
+      format=data.FORMAT, recipe=recipe, fingerprint=io.digest(content), **info, tokens=tokens,
+      docs=docs, shards=index,
       units=len(plan), seconds=round(sum(r["seconds"] for r in records.values()), 3),
       created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       code_revision=io.code_revision())

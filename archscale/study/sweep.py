@@ -58,7 +58,7 @@ from archscale.core import config_lib, io
 from archscale.core.exits import EXIT_PREEMPTED
 from archscale.core.settings import SweepConfig
 from archscale.interop import evaluate
-from archscale.study import planning, runner, slurm
+from archscale.study import attempts, planning, runner, slurm
 from archscale.study.attempts import RUNS_DIR, materialise, run_rows
 from archscale.study.attempts import latest as _latest
 from archscale.study.planning import (  # noqa: F401 - the sweep's plan, as tests and tools read it
@@ -117,6 +117,19 @@ def emit_commands(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
   io.write_text_atomic(path, "\n".join(lines) + "\n")
   path.chmod(0o755)
   return path
+
+
+def _check_rows_data(workdir: Any, fingerprint: str, data_path: Any) -> None:
+  """Refuses a sweep whose finished runs trained on another dataset than `data_path` holds now
+  (another corpus prepared into the same folder): their rows would be reused as if they had not."""
+  other = sorted(rid for rid, row in attempts.run_states(workdir).items()
+                 if row.get("status") == "finished"
+                 and row.get("data_fingerprint") not in (None, fingerprint))
+  if other:
+    raise ValueError(
+        f"{len(other)} finished run(s) of this sweep (e.g. {other[0]}) trained on another dataset "
+        f"than data.path={str(data_path)!r} holds now (fingerprint {fingerprint}); point data.path "
+        "back at that dataset, or run the sweep in a new --workdir")
 
 
 def prepared_data_path(config: Any, workdir: pathlib.Path) -> pathlib.Path:
@@ -220,6 +233,7 @@ def run_sweep(config: Any, workdir: pathlib.Path, trainer: Trainer | None = None
       f"{len(dropped)} grid points dropped (see {workdir / PLAN})")
 
   data_path = prepared_data_path(config, workdir)
+  _check_rows_data(workdir, data_lib.fingerprint(data_lib.dataset_info(data_path)), data_path)
   if s.launch == "emit":
     path = emit_commands(config, workdir, runs, data_path)
     say(f"sweep: wrote {len(runs)} launch commands to {path}")

@@ -336,7 +336,7 @@ def _train_session(config, workdir, setup, preempt, step_callback, wall_start) -
   """Restore or initialise, compile, run the loop, then write the summary."""
   t = TrainConfig.from_config(config)
   recipe = run_recipe(config, setup.spec)
-  finished = _finished_summary(workdir, t, recipe)
+  finished = _finished_summary(workdir, t, recipe, _data_fingerprint(setup))
   if finished is not None:
     logging.info("train: %s already finished %d steps; returning its summary", workdir, t.steps)
     return finished
@@ -413,14 +413,30 @@ def _check_same_run(saved: dict[str, Any] | None, recipe: dict[str, Any], where:
         "in a new --workdir")
 
 
-def _finished_summary(workdir: pathlib.Path, t: TrainConfig,
-                      recipe: dict[str, Any]) -> dict | None:
-  """The summary of a run already trained to `t.steps` under this recipe (None: train on)."""
+def _data_fingerprint(setup: Setup) -> str | None:
+  from archscale.data import batches as data_lib
+
+  return data_lib.fingerprint(setup.data_info) if setup.data_info else None
+
+
+def _check_same_data(saved: str | None, now: str | None, where: str) -> None:
+  """Refuses to continue (or reuse) a run on another dataset than it trained on."""
+  settings.check(
+      saved is None or now is None or saved == now,
+      f"{where} was trained on another dataset (fingerprint {saved}) than data.path holds now "
+      f"({now}): point data.path at that dataset, or train in a new --workdir")
+
+
+def _finished_summary(workdir: pathlib.Path, t: TrainConfig, recipe: dict[str, Any],
+                      data: str | None) -> dict | None:
+  """The summary of a run already trained to `t.steps` under this recipe and on this dataset
+  (None: train on)."""
   path = workdir / "summary.json"
   if not path.exists():
     return None
   summary = json.loads(path.read_text())
   _check_same_run(summary.get("recipe"), recipe, f"{workdir} (summary.json)")
+  _check_same_data(summary.get("data_fingerprint"), data, f"{workdir} (summary.json)")
   return summary if summary.get("steps") == t.steps else None
 
 
@@ -430,7 +446,8 @@ def _restore_or_init(config, t, setup, ckpt, log, recipe) -> tuple[Any, dict[str
   if latest is None:
     log.truncate(0)  # rows of an earlier attempt that failed before its first checkpoint
     meta = {"recipe": recipe, "steps_requested": [t.steps], "tail_losses": {}, "train_s": 0.0,
-            "timed_steps": 0, "timed_peak_flop": 0.0, "wall_s": 0.0, "eval_loss": None}
+            "timed_steps": 0, "timed_peak_flop": 0.0, "wall_s": 0.0, "eval_loss": None,
+            "data_fingerprint": _data_fingerprint(setup)}
     init_start = time.time()
     state = init_state(setup, config.seed)
     if t.init_from:
@@ -445,7 +462,10 @@ def _restore_or_init(config, t, setup, ckpt, log, recipe) -> tuple[Any, dict[str
     logging.warning("train: the checkpoint at step %d records no recipe; only its spec is checked",
                     latest)
     meta.update(recipe=dict(recipe, arch=meta["arch"]), steps_requested=[t.steps])
-  _check_same_run(meta["recipe"], recipe, f"the checkpoint at step {latest} in {ckpt.directory}")
+  where = f"the checkpoint at step {latest} in {ckpt.directory}"
+  _check_same_run(meta["recipe"], recipe, where)
+  _check_same_data(meta.get("data_fingerprint"), _data_fingerprint(setup), where)
+  meta.setdefault("data_fingerprint", _data_fingerprint(setup))
   settings.check(t.steps >= latest,
          f"train.steps={t.steps} is below the checkpoint's step {latest}; a run can be extended, "
          "not shortened: raise train.steps or train in a new --workdir")
@@ -614,6 +634,7 @@ class _Session:
         "status": "finished",
         "arch": spec.to_dict(),
         "recipe": meta["recipe"],
+        "data_fingerprint": meta.get("data_fingerprint"),
         "params_nonembed": spec.params_nonembed,
         "params_total": n_total,
         "steps": final_step,
