@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from archscale.core import config_lib
+from archscale.study import diagnostics, fitting, law, solver
 from archscale.study import fit as fit_stage
-from archscale.study import fitting, law, solver
 
 # Epoch's Chinchilla estimate stands in for L_opt(N, D) of the synthetic tables.
 CHINCHILLA = dict(E=1.817, A=482.0, B=2085.0, alpha=0.3478, beta=0.3658)
@@ -157,12 +157,13 @@ def test_joint_form_is_the_bilinear_generalisation():
 
 
 def test_prediction_metrics_hand_checked():
-  m = fitting.prediction_metrics([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 5.0])
+  m = diagnostics.prediction_metrics([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 5.0])
   assert m["n"] == 4
   assert m["mse"] == pytest.approx(0.75)  # (0 + 1 + 1 + 1) / 4
   assert m["r2"] == pytest.approx(1 - 3 / 8.75)  # SS_tot around the mean 2.75 is 8.75
   assert m["spearman"] == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
-  ties = fitting.prediction_metrics([1.0, 1.0, 2.0], [1.0, 2.0, 3.0])  # average ranks 1.5, 1.5, 3
+  # Average ranks 1.5, 1.5, 3 for the tie.
+  ties = diagnostics.prediction_metrics([1.0, 1.0, 2.0], [1.0, 2.0, 3.0])
   assert ties["spearman"] == pytest.approx(np.corrcoef([1.5, 1.5, 3], [1, 2, 3])[0, 1])
 
 
@@ -179,7 +180,7 @@ def test_progressive_protocol_fits_smaller_scales_and_scores_the_next():
     pred = fitted.predict([r["params_nonembed"] for r in test], [r["tokens"] for r in test],
                           [r["d_model"] / np.sqrt(r["params_nonembed"]) for r in test],
                           [r["mlp_attn_ratio"] for r in test])
-    want = fitting.prediction_metrics(pred, [r["loss"] for r in test])
+    want = diagnostics.prediction_metrics(pred, [r["loss"] for r in test])
     for k in ("mse", "r2", "spearman"):
       assert step[k] == pytest.approx(want[k], rel=1e-12)
     assert step["mse"] < 3 * SIGMA**2  # The planted law extrapolates.

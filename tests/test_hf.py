@@ -24,6 +24,7 @@ from archscale.model import hf_format
 from archscale.model import transformer as model_lib
 from archscale.model.arch import ArchSpec
 from archscale.serve import generate
+from archscale.train import recipe as recipe_lib
 from archscale.train import trainer as train
 
 _BASE = dict(n_layers=2, d_ff=96, vocab_size=256, max_seq_len=64, norm_eps=1e-5)
@@ -326,11 +327,11 @@ def test_train_init_from_starts_a_run_from_an_hf_directory(tmp_path):
                       eval_batches=0, checkpoint_every=1, init_from=str(source))
   summary = train.train(config, tmp_path / "run")
   assert summary["arch"] == spec.to_dict()
-  assert train.run_recipe(hf_format.with_init_from(config), spec)["init_from"] == str(source)
+  assert recipe_lib.run_recipe(hf_format.with_init_from(config), spec)["init_from"] == str(source)
   state = train.load_checkpoint(tmp_path / "run", hf_format.with_init_from(config))
   for got, want in zip(jax.tree.leaves(state["params"]),
                        jax.tree.leaves(hf.load_params(source, spec)), strict=True):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
 
   scratch = config_lib.make_config("demo")  # runs from scratch keep recipes without the key
-  assert "init_from" not in train.run_recipe(scratch, ArchSpec.from_config(scratch))
+  assert "init_from" not in recipe_lib.run_recipe(scratch, ArchSpec.from_config(scratch))

@@ -123,8 +123,8 @@ def test_a_ranking_no_better_than_chance_is_a_reason():
 def test_the_spearman_interval_separates_a_ranking_from_noise():
   rng = np.random.default_rng(0)
   x = rng.normal(size=40)
-  lo, hi = fitting.spearman_interval(x, x + 0.3 * rng.normal(size=40), 0.95)
+  lo, hi = diagnostics.spearman_interval(x, x + 0.3 * rng.normal(size=40), 0.95)
   assert 0.7 < lo < hi <= 1.0
-  lo, hi = fitting.spearman_interval(x, rng.normal(size=40), 0.95)
+  lo, hi = diagnostics.spearman_interval(x, rng.normal(size=40), 0.95)
   assert lo < 0 < hi
-  assert fitting.spearman_interval(x[:3], x[:3], 0.95) is None
+  assert diagnostics.spearman_interval(x[:3], x[:3], 0.95) is None

@@ -53,7 +53,7 @@ class TrainConfig(Section):
   async_checkpoint: bool = bookkeeping(True)  # write checkpoints in the background
   tensorboard: bool = bookkeeping(False)
   # A local HF LLaMA directory to start from (weights and model section; fresh optimiser state).
-  # Part of a run's identity through `train.run_recipe`, which records it only when set, so
+  # Part of a run's identity through `train.recipe.run_recipe`, which records it only when set, so
   # runs from scratch keep their ids.
   init_from: str = bookkeeping("")
   # A directory for JAX's persistent compilation cache ("" = off): reruns, resumed runs and other

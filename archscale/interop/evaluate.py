@@ -218,9 +218,9 @@ def run_evaluate(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   prior = read_eval(workdir)
   trained = None
   if step is not None:  # which training the numbers belong to, so rows attach by it
-    from archscale.train import trainer as train_lib
+    from archscale.train import recipe as recipe_lib
 
-    trained = io.digest(train_lib.trained_recipe(workdir, config, step))
+    trained = io.digest(recipe_lib.trained_recipe(workdir, config, step))
   if (step is not None and prior and prior.get("step") == step and prior.get("recipe") == recipe
       and prior.get("trained") == trained):
     print(json.dumps({"reused": str(workdir / EVAL_FILE), "step": step}))

@@ -192,13 +192,14 @@ def run_export(config: Any, workdir: pathlib.Path, out: pathlib.Path | None = No
   local folder `out`: a run in a bucket is read from there and exported here)."""
   import jax
 
+  from archscale.train import recipe as recipe_lib
   from archscale.train import trainer as train_lib
 
   workdir = io.as_path(workdir, "--workdir")
   e = settings.ExportConfig.from_config(config)
   tokenizer = run_tokenizer(config, workdir)
   config = with_trained_arch(
-      config, train_lib.trained_recipe(workdir, config, e.step or None)["arch"],
+      config, recipe_lib.trained_recipe(workdir, config, e.step or None)["arch"],
       config_lib.command_line_overrides())
   if not str(config.data.path).strip() and str(config.data.get("source", "")).strip():
     config.data.path = str(workdir / "data")

@@ -14,7 +14,9 @@ module computes
     budget's shapes differ beyond it;
   - the optimum of each identified regressor, reported only where the fitted law has a minimum
     inside the rows' range: closed-form (x* = a2 / a1, r* = b2 / b1) when both terms are positive,
-    otherwise found on a grid over the rows' box, or none, with the reason.
+    otherwise found on a grid over the rows' box, or none, with the reason;
+  - how well predictions match measurements (MSE, R^2, Spearman, and a bootstrap interval of the
+    Spearman correlation), in sample and in the progressive protocol.
 """
 
 from __future__ import annotations
@@ -436,3 +438,36 @@ def pick_statements(law: law_lib.Law, doc: Mapping[str, Any],
                       "uncertainty" if within else "outside that interval"))
       c["within_uncertainty"] = within
   return out, lines
+
+
+def spearman_interval(predicted: Any, measured: Any, level: float, seed: int = 0,
+                      n_boot: int = 2000) -> list[float] | None:
+  """Percentile bootstrap interval of the Spearman correlation, resampling the rows; None with
+  fewer than 4 rows or when most resamples have no ranking to correlate."""
+  p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+  if len(p) < 4:
+    return None
+  i_BR = np.random.default_rng(seed).integers(0, len(p), (n_boot, len(p)))
+  rp, rm = stats.rankdata(p[i_BR], axis=1), stats.rankdata(m[i_BR], axis=1)
+  rp, rm = rp - rp.mean(axis=1, keepdims=True), rm - rm.mean(axis=1, keepdims=True)
+  denom = np.sqrt(np.sum(rp**2, axis=1) * np.sum(rm**2, axis=1))
+  rho = np.where(denom > 0, np.sum(rp * rm, axis=1) / np.where(denom > 0, denom, 1.0), np.nan)
+  if np.isnan(rho).mean() > 0.5:
+    return None
+  q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+  return [float(v) for v in np.nanpercentile(rho, q)]
+
+
+def prediction_metrics(predicted: Any, measured: Any) -> dict[str, float]:
+  """MSE, R^2 and Spearman rank correlation (average ranks for ties) of predicted vs measured."""
+  p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+  if p.shape != m.shape or p.ndim != 1:
+    raise ValueError(f"predicted {p.shape} and measured {m.shape} must be 1-D of equal length")
+  n = len(m)
+  mse = float(np.mean((p - m) ** 2)) if n else math.nan
+  ss_tot = float(np.sum((m - m.mean()) ** 2)) if n else 0.0
+  r2 = 1.0 - float(np.sum((p - m) ** 2)) / ss_tot if ss_tot > 0 else math.nan
+  rp, rm = stats.rankdata(p), stats.rankdata(m)
+  denom = np.std(rp) * np.std(rm) if n > 1 else 0.0
+  spearman = float(np.mean((rp - rp.mean()) * (rm - rm.mean())) / denom) if denom > 0 else math.nan
+  return dict(n=n, mse=mse, r2=r2, spearman=spearman)

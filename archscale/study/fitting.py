@@ -13,7 +13,7 @@ Public API:
       config: settings.FitConfig (the `fit.*` section); options override its fields
   evaluate_progressive(rows, config=None, *, l_opt=None, seed=0, **options) -> list[dict]
       fit on the smaller scales, predict the next: train_scales, test_scale, mse, r2, spearman
-  prediction_metrics(predicted, measured) -> {"n", "mse", "r2", "spearman"}
+  diagnostics.prediction_metrics(predicted, measured) -> {"n", "mse", "r2", "spearman"}
   FitResult: law, objective, intervals, stderr, optimum, diagnostics, starts, metrics, samples,
       timings, per_start (each start's objective, status, iterations),
       predict_interval(n, d, x, r) -> (2, ...) bounds, to_json()
@@ -48,7 +48,6 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from scipy import stats
 
 from archscale.core import settings
 from archscale.study import diagnostics as diagnostics_lib
@@ -368,39 +367,6 @@ def _resolve_l_opt(l_opt: Any, table: table_lib.Table, cfg: settings.FitConfig,
   return law_lib.Law("chinchilla", params).l_opt(table.n, table.d), params, source
 
 
-def spearman_interval(predicted: Any, measured: Any, level: float, seed: int = 0,
-                      n_boot: int = 2000) -> list[float] | None:
-  """Percentile bootstrap interval of the Spearman correlation, resampling the rows; None with
-  fewer than 4 rows or when most resamples have no ranking to correlate."""
-  p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
-  if len(p) < 4:
-    return None
-  i_BR = np.random.default_rng(seed).integers(0, len(p), (n_boot, len(p)))
-  rp, rm = stats.rankdata(p[i_BR], axis=1), stats.rankdata(m[i_BR], axis=1)
-  rp, rm = rp - rp.mean(axis=1, keepdims=True), rm - rm.mean(axis=1, keepdims=True)
-  denom = np.sqrt(np.sum(rp**2, axis=1) * np.sum(rm**2, axis=1))
-  rho = np.where(denom > 0, np.sum(rp * rm, axis=1) / np.where(denom > 0, denom, 1.0), np.nan)
-  if np.isnan(rho).mean() > 0.5:
-    return None
-  q = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
-  return [float(v) for v in np.nanpercentile(rho, q)]
-
-
-def prediction_metrics(predicted: Any, measured: Any) -> dict[str, float]:
-  """MSE, R^2 and Spearman rank correlation (average ranks for ties) of predicted vs measured."""
-  p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
-  if p.shape != m.shape or p.ndim != 1:
-    raise ValueError(f"predicted {p.shape} and measured {m.shape} must be 1-D of equal length")
-  n = len(m)
-  mse = float(np.mean((p - m) ** 2)) if n else math.nan
-  ss_tot = float(np.sum((m - m.mean()) ** 2)) if n else 0.0
-  r2 = 1.0 - float(np.sum((p - m) ** 2)) / ss_tot if ss_tot > 0 else math.nan
-  rp, rm = stats.rankdata(p), stats.rankdata(m)
-  denom = np.std(rp) * np.std(rm) if n > 1 else 0.0
-  spearman = float(np.mean((rp - rp.mean()) * (rm - rm.mean())) / denom) if denom > 0 else math.nan
-  return dict(n=n, mse=mse, r2=r2, spearman=spearman)
-
-
 
 
 @dataclasses.dataclass
@@ -579,7 +545,8 @@ def _assemble(law: law_lib.Law, cfg: settings.FitConfig, table: table_lib.Table,
       law=law, objective=sol.objective, settings=_settings_doc(cfg), l_opt=l_opt_desc,
       intervals=intervals,
       stderr=diagnostics_lib.reported_stderr(form, free, sol.theta, se_P), optimum=optimum,
-      starts=sol.starts, metrics=dict(in_sample=prediction_metrics(pred, table.loss)),
+      starts=sol.starts,
+      metrics=dict(in_sample=diagnostics_lib.prediction_metrics(pred, table.loss)),
       rows_used=_rows_used(form, table, pred, l_opt_R), rows_excluded=table.excluded,
       l_opt_groups=[], samples=samples, timings=sol.timings, per_start=sol.per_start,
       diagnostics=diag, covariance=dict(params=list(free), matrix=cov_PP,
@@ -691,9 +658,10 @@ def evaluate_progressive(rows: Sequence[Mapping[str, Any]],
     if cfg.form != "chinchilla" and not law.has_chinchilla:
       test_l_opt = table_lib.empirical_l_opt(test)
     pred = law.predict(test.n, test.d, test.x, test.r, l_opt=test_l_opt)
-    metrics = prediction_metrics(pred, test.loss)
+    metrics = diagnostics_lib.prediction_metrics(pred, test.loss)
+    ranks = diagnostics_lib.spearman_interval(pred, test.loss, cfg.level, seed)
     steps.append(dict(step, mse=metrics["mse"], r2=metrics["r2"], spearman=metrics["spearman"],
-                      spearman_interval=spearman_interval(pred, test.loss, cfg.level, seed),
+                      spearman_interval=ranks,
                       params=dict(law.params), warnings=result.diagnostics["warnings"]))
     logging.info("progressive: %s -> %.3g: %s", step["train_scales"], step["test_scale"],
                  {k: steps[-1][k] for k in ("mse", "r2", "spearman")})

@@ -1,4 +1,5 @@
 """Pretraining: the optimizer and jitted step (`step`), the fused chunked loss, orbax checkpoints,
-step timing, preemption and metric logs (`monitor`), and the resumable loop (`trainer`, the
-`--mode=train` entry point). Imports `core`, `model` and `data`.
+step timing, profiling, preemption and metric logs (`monitor`), what a run was trained as and
+the checks that keep it so (`recipe`), and the resumable loop (`trainer`, the `--mode=train`
+entry point). Imports `core`, `model` and `data`.
 """

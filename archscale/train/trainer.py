@@ -59,6 +59,7 @@ from archscale.model import hf_format, sharding
 from archscale.model import transformer as model_lib
 from archscale.model.arch import ArchSpec
 from archscale.train import checkpoint, monitor
+from archscale.train import recipe as recipe_lib
 from archscale.train import step as step_lib
 
 FINAL_LOSS_FRACTION = 0.02  # final_train_loss = mean loss over the last 2% of steps (at least 1)
@@ -260,19 +261,6 @@ class BatchSource:
 # ----------------------------------------------------------------------------- the run
 
 
-def trained_recipe(workdir: str | pathlib.Path, config: Any, step: int | None = None) -> dict:
-  """The recipe (`run_recipe`: arch, training fields, seed) of a run's checkpoint (latest by
-  default)."""
-  ckpt = checkpoint.Checkpoints(io.as_path(workdir, "--workdir") / "checkpoints", config.train)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise ValueError(f"{workdir} holds no checkpoint")
-    return ckpt.restore_meta(step)["recipe"]
-  finally:
-    ckpt.close()
-
-
 def load_checkpoint(workdir: str | pathlib.Path, config: Any, step: int | None = None) -> Any:
   """The train state saved in `workdir` (latest step by default), sharded for this config's mesh."""
   setup = build(config)
@@ -335,8 +323,9 @@ def use_compilation_cache(path: str) -> None:
 def _train_session(config, workdir, setup, preempt, step_callback, wall_start) -> dict[str, Any]:
   """Restore or initialise, compile, run the loop, then write the summary."""
   t = TrainConfig.from_config(config)
-  recipe = run_recipe(config, setup.spec)
-  finished = _finished_summary(workdir, t, recipe, _data_fingerprint(setup))
+  recipe = recipe_lib.run_recipe(config, setup.spec)
+  data = recipe_lib.data_fingerprint(setup.data_info)
+  finished = recipe_lib.finished_summary(workdir, t, recipe, data)
   if finished is not None:
     logging.info("train: %s already finished %d steps; returning its summary", workdir, t.steps)
     return finished
@@ -381,65 +370,6 @@ def _train_session(config, workdir, setup, preempt, step_callback, wall_start) -
 # -------------------------------------------------------------------- restore or initialise
 
 
-def run_recipe(config: Any, spec: ArchSpec) -> dict[str, Any]:
-  """What a run's checkpoints were trained under: its spec, recipe (`settings`) and seed."""
-  init_from = TrainConfig.from_config(config).init_from.strip()
-  return {"arch": spec.to_dict(), **settings.training_recipe(config), "seed": int(config.seed),
-          **({"init_from": init_from} if init_from else {})}
-
-
-def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-  """"section.field: saved -> now" for every field that differs (nested one level)."""
-  changes = []
-  for section in sorted(set(saved) | set(now)):
-    a, b = saved.get(section), now.get(section)
-    if isinstance(a, dict) and isinstance(b, dict):
-      changes += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                  for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    elif a != b:
-      changes.append(f"{section}: {a!r} -> {b!r}")
-  return changes
-
-
-def _check_same_run(saved: dict[str, Any] | None, recipe: dict[str, Any], where: str) -> None:
-  """Refuses to continue a run whose recipe changed; JSON round trips count as equal."""
-  if saved is None:
-    return
-  changes = recipe_changes(saved, json.loads(json.dumps(recipe, default=str)))
-  if changes:
-    raise ValueError(
-        f"{where} was trained under another recipe; changed: {'; '.join(changes)}. Restore "
-        "those values to resume it (only train.steps may change, to extend the run), or train "
-        "in a new --workdir")
-
-
-def _data_fingerprint(setup: Setup) -> str | None:
-  from archscale.data import batches as data_lib
-
-  return data_lib.fingerprint(setup.data_info) if setup.data_info else None
-
-
-def _check_same_data(saved: str | None, now: str | None, where: str) -> None:
-  """Refuses to continue (or reuse) a run on another dataset than it trained on."""
-  settings.check(
-      saved is None or now is None or saved == now,
-      f"{where} was trained on another dataset (fingerprint {saved}) than data.path holds now "
-      f"({now}): point data.path at that dataset, or train in a new --workdir")
-
-
-def _finished_summary(workdir: pathlib.Path, t: TrainConfig, recipe: dict[str, Any],
-                      data: str | None) -> dict | None:
-  """The summary of a run already trained to `t.steps` under this recipe and on this dataset
-  (None: train on)."""
-  path = workdir / "summary.json"
-  if not path.exists():
-    return None
-  summary = json.loads(path.read_text())
-  _check_same_run(summary.get("recipe"), recipe, f"{workdir} (summary.json)")
-  _check_same_data(summary.get("data_fingerprint"), data, f"{workdir} (summary.json)")
-  return summary if summary.get("steps") == t.steps else None
-
-
 def _restore_or_init(config, t, setup, ckpt, log, recipe) -> tuple[Any, dict[str, Any]]:
   """The state and running totals to start from: the latest checkpoint's, or fresh ones."""
   latest = ckpt.latest_step()
@@ -447,7 +377,7 @@ def _restore_or_init(config, t, setup, ckpt, log, recipe) -> tuple[Any, dict[str
     log.truncate(0)  # rows of an earlier attempt that failed before its first checkpoint
     meta = {"recipe": recipe, "steps_requested": [t.steps], "tail_losses": {}, "train_s": 0.0,
             "timed_steps": 0, "timed_peak_flop": 0.0, "wall_s": 0.0, "eval_loss": None,
-            "data_fingerprint": _data_fingerprint(setup)}
+            "data_fingerprint": recipe_lib.data_fingerprint(setup.data_info)}
     init_start = time.time()
     state = init_state(setup, config.seed)
     if t.init_from:
@@ -463,9 +393,10 @@ def _restore_or_init(config, t, setup, ckpt, log, recipe) -> tuple[Any, dict[str
                     latest)
     meta.update(recipe=dict(recipe, arch=meta["arch"]), steps_requested=[t.steps])
   where = f"the checkpoint at step {latest} in {ckpt.directory}"
-  _check_same_run(meta["recipe"], recipe, where)
-  _check_same_data(meta.get("data_fingerprint"), _data_fingerprint(setup), where)
-  meta.setdefault("data_fingerprint", _data_fingerprint(setup))
+  recipe_lib.check_same_run(meta["recipe"], recipe, where)
+  data = recipe_lib.data_fingerprint(setup.data_info)
+  recipe_lib.check_same_data(meta.get("data_fingerprint"), data, where)
+  meta.setdefault("data_fingerprint", data)
   settings.check(t.steps >= latest,
          f"train.steps={t.steps} is below the checkpoint's step {latest}; a run can be extended, "
          "not shortened: raise train.steps or train in a new --workdir")
