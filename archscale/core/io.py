@@ -126,19 +126,21 @@ def digest(obj: Any) -> str:
 def temporary_name(path: Any) -> Any:
   """A sibling `.<name>.tmp-<host>-<pid>-<random>` of `path`: unique across the hosts and
   processes that share a filesystem, and matched by the `.*.tmp-*` clean-ups."""
-  host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32]
-  return path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  return path.with_name(f".{path.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def dead_temporaries(path: Any) -> list[Any]:
   """`temporary_name`s of `path` left by processes of this host that are gone."""
-  host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32]
-  out = []
+  host, out = _host_tag(), []
   for tmp in path.parent.glob(f".{path.name}.tmp-{host}-*"):
     pid = tmp.name[len(f".{path.name}.tmp-{host}-"):].split("-")[0]
     if pid.isdigit() and not _alive(pid):
       out.append(tmp)
   return out
+
+
+def _host_tag() -> str:
+  return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32]
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

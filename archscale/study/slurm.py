@@ -49,8 +49,8 @@ STATUSES = ("planned", "queued", "running", "finished", "failed", "unknown")
 NO_ANSWER = "NO_ANSWER"
 ASK_TRIES = 3        # a scheduler query is tried this often before it counts as unanswered
 ASK_BACKOFF_S = 1.0  # seconds before the second try (twice that before the third)
-INTENT = "submitting.json"
-DRIVER_LOCK = ".driver.lock"  # a submission in progress: its runs and the job name it uses
+INTENT = "submitting.json"    # a submission in progress: its runs and the job name it uses
+DRIVER_LOCK = ".driver.lock"  # held by the one driver of a sweep
 
 
 # ------------------------------------------------------------------------------------ the job
