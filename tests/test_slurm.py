@@ -364,3 +364,30 @@ def test_a_driver_killed_between_submit_and_record_adopts_its_job(cluster, datas
     assert not (workdir / slurm.SLURM_DIR / slurm.INTENT).exists()
   finally:
     subprocess.run(["scancel", job], timeout=60)
+
+
+def test_verify_trains_the_picks_as_slurm_jobs(cluster, dataset, tmp_path):
+  """--mode=verify with sweep.launch=slurm: the picks and the baseline run as jobs, which the
+  verification waits for before it judges them; Panda and the baseline coincide here, so their
+  run is submitted once."""
+  from test_verify import _doc
+
+  from archscale.study import verify
+
+  c = _config(dataset, seeds=(0,))
+  c.data.seq_len = 32
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  steps = 3 * c.train.global_batch_size * c.data.seq_len
+  doc = {**_doc(), "budget": {"n_nonembed": 12_000, "tokens": steps}}
+  doc["surefire"].update(d_model=24, d_ff=16)
+  (workdir / "search.json").write_text(json.dumps(doc))
+  out = verify.run_verify(c, workdir)
+  assert {e["name"] for e in out["picks"]} == {"panda", "surefire", "baseline"}
+  vdir = workdir / verify.VERIFY_DIR
+  jobs = _jobs(vdir)
+  assert len(jobs) == 2 and all(len(ids) == 1 for ids in jobs.values())
+  rows = _finished_rows(vdir)
+  assert len(rows) == 2 and all(r["slurm_job_id"] for r in rows)
+  picks = {e["name"]: e for e in out["picks"]}
+  assert picks["panda"]["measured_losses"] == picks["baseline"]["measured_losses"]

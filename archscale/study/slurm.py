@@ -63,6 +63,7 @@ class SlurmRun:
   workdir: str
   run_id: str
   config_path: str
+  run: Run | None = None  # the run itself (verify's runs are not in the sweep's plan)
 
   def __post_init__(self):
     self._child = None
@@ -76,7 +77,7 @@ class SlurmRun:
   def __call__(self) -> str:
     """Trains the run (resuming its checkpoint); task 0 records the row. Returns the status."""
     config = config_lib.load_config_file(self.config_path)
-    (run,) = [r for r in planning.plan(config)[0] if r.run_id == self.run_id]
+    run = self.run or next(r for r in planning.plan(config)[0] if r.run_id == self.run_id)
     status = train_as_task(config, run, pathlib.Path(self.workdir),
                            on_start=lambda child: setattr(self, "_child", child))
     if status == "failed":
@@ -307,7 +308,7 @@ def _submit(config: Any, workdir: pathlib.Path, runs: Sequence[Run],
         workdir / attempts.RUNS_DIR / run.run_id / planning.SWEEP_CONFIG,
         planning.frozen_config(config, data_path, only=run.run_id),
         f"Sweep run {run.run_id} of the sweep in {workdir}.")
-    calls.append(SlurmRun(str(workdir), run.run_id, str(path)))
+    calls.append(SlurmRun(str(workdir), run.run_id, str(path), run))
   name = f"archscale-{config.name}-{uuid.uuid4().hex[:8]}"
   io.write_json_atomic(workdir / SLURM_DIR / INTENT,
                        {"job_name": name, "runs": [r.run_id for r in runs]})

@@ -2,8 +2,9 @@
 
 The paper checks its picks by training them. This mode reads WORKDIR/search.json, trains Panda,
 Surefire and the baseline (when the target named one) at the search's budget (D tokens) once per
-`sweep.seeds` seed, through the sweep's own run-and-record path (runs in WORKDIR/verify/runs,
-rows in WORKDIR/verify/results.jsonl; a rerun trains only what is missing), and writes
+`sweep.seeds` seed, through the sweep's own run-and-record path, here or, with
+`sweep.launch=slurm`, as SLURM jobs it waits for (runs in WORKDIR/verify/runs, rows in
+WORKDIR/verify/results.jsonl; a rerun trains only what is missing), and writes
 WORKDIR/verify.json, a list of
 
   name, spec, predicted_loss and predicted_interval (the search's, as losses), measured_losses,
@@ -129,6 +130,18 @@ def judge(doc: dict[str, Any], measured: dict[str, list[float]]) -> list[dict[st
   return out
 
 
+def _train_here(config: Any, runs: dict[str, list[Run]], vdir: pathlib.Path,
+                data_path: Any) -> None:
+  trainer = runner.train_in_subprocess if SweepConfig.from_config(config).isolation == \
+      "process" else runner.train_in_process
+  total = sum(len(v) for v in runs.values())
+  for name, pick_runs in runs.items():
+    for i, run in enumerate(pick_runs, 1):
+      logging.info("verify: %s, seed %d (%d of %d for this pick, %d runs in all)", name,
+                   run.seed, i, len(pick_runs), total)
+      runner.execute(run, config, vdir, data_path, trainer)
+
+
 def run_verify(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   """`--mode=verify`: trains the picks (see the module docstring) and writes verify.json."""
   from archscale.study import sweep
@@ -138,14 +151,18 @@ def run_verify(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
   runs = plan_runs(config, doc)
   vdir = workdir / VERIFY_DIR
   data_path = sweep.prepared_data_path(config, workdir)
-  trainer = runner.train_in_subprocess if SweepConfig.from_config(config).isolation == \
-      "process" else runner.train_in_process
-  total, measured = sum(len(v) for v in runs.values()), {}
+  if SweepConfig.from_config(config).launch == "slurm":  # as jobs, waited for
+    from archscale.study import slurm
+
+    waiting = config.copy_and_resolve_references()
+    waiting.sweep.wait = True
+    unique = {r.run_id: r for rs in runs.values() for r in rs}  # picks may coincide
+    slurm.submit_sweep(waiting, vdir, list(unique.values()), data_path,
+                       lambda line: logging.info("verify: %s", line))
+  else:
+    _train_here(config, runs, vdir, data_path)
+  measured = {}
   for name, pick_runs in runs.items():
-    for i, run in enumerate(pick_runs, 1):
-      logging.info("verify: %s, seed %d (%d of %d for this pick, %d runs in all)", name,
-                   run.seed, i, len(pick_runs), total)
-      runner.execute(run, config, vdir, data_path, trainer)
     rows = attempts.run_states(vdir)
     measured[name] = [float(rows[r.run_id]["loss"]) for r in pick_runs
                       if rows.get(r.run_id, {}).get("status") == "finished"]
