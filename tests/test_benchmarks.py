@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -108,3 +110,15 @@ def test_step_traffic_measures_what_a_step_moves_against_its_floor():
                 for remat in ("none", "full"))
   assert 0.9 < none["flops_over_model"] < 1.5  # the model's FLOPs, counted over every layer
   assert full["flops"] > none["flops"] * 1.15  # full remat runs the forward pass again
+
+
+def test_seed_noise_reports_the_spread_of_seeds_per_budget(tmp_path):
+  out = run_script(tmp_path, str(REPO / "benchmarks" / "seed_noise.py"), "--tokens=1e4,2e4",
+                   "--seeds=2")
+  budgets = out["budgets"]
+  assert [b["tokens"] for b in budgets] == [1e4, 2e4]
+  for b in budgets:
+    assert len(b["losses"]) == 2 and b["losses"][0] != b["losses"][1]  # seeds differ
+    assert b["std"] == pytest.approx(abs(b["losses"][0] - b["losses"][1]) / 2**0.5)
+    assert b["wall_s"] > 0
+  assert out["std_vs_tokens_loglog_slope"] is not None
