@@ -93,7 +93,7 @@ def prepare(source: str, out_dir: str | os.PathLike, tokenizer: str = "byte", *,
                  out_dir, existing["tokens"]["train"], existing["tokens"]["eval"])
     return existing
 
-  plan = sources.plan_units(files, text_docs, unit_bytes, _digest(_without_stats(recipe)))
+  plan = sources.plan_units(files, text_docs, unit_bytes, io.digest(_without_stats(recipe)))
   shards = out_dir / data.SHARDS_DIR
   shards.mkdir(parents=True, exist_ok=True)
   if part[1] == 1:
@@ -149,10 +149,6 @@ def _recipe(files: list[pathlib.Path] | None, tokenizer: str, text_field: str, t
       # The file's content, not where it lies, decides the tokens.
       recipe.update(tokenizer=tok.kind, eos_token=tok.eos_token, tokenizer_sha256=_sha256(tok.path))
   return json.loads(json.dumps(recipe)), tok
-
-
-def _digest(obj: Any) -> str:
-  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _sha256(path: pathlib.Path) -> str:

@@ -161,9 +161,8 @@ def run_verify(config: Any, workdir: pathlib.Path) -> dict[str, Any]:
                        lambda line: logging.info("verify: %s", line))
   else:
     _train_here(config, runs, vdir, data_path)
-  measured = {}
+  measured, rows = {}, attempts.run_states(vdir)
   for name, pick_runs in runs.items():
-    rows = attempts.run_states(vdir)
     measured[name] = [float(rows[r.run_id]["loss"]) for r in pick_runs
                       if rows.get(r.run_id, {}).get("status") == "finished"]
     if not measured[name]:
